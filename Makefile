@@ -1,0 +1,45 @@
+# optiserve — every target sets up what it needs in .venv (created on first use).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HOST   ?= 127.0.0.1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+PYTEST_ARGS ?= -n 2
+
+.PHONY: serve test lint typecheck unit bench models clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime pyproject.toml
+	$(PY) -m pip install -q -e '.[test]'
+	bash bench/install-perf-analyzer.sh $(VENV) >/dev/null
+	touch $@
+
+model_repo/example/1/model.onnx: | $(VENV)/.runtime
+	$(PY) model_repo/make_example.py
+
+models: model_repo/example/1/model.onnx
+
+serve: $(VENV)/.runtime models
+	$(VENV)/bin/optiserve serve --model-repository model_repo --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check server optimizers tests bench model_repo/make_example.py
+	$(VENV)/bin/ruff format --check server optimizers tests bench model_repo/make_example.py
+
+typecheck: $(VENV)/.test
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.test models lint typecheck
+	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.test
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out

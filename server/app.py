@@ -1,0 +1,131 @@
+"""The composition root: builds repository, model manager, data plane, HTTP and gRPC servers, and runs
+them on one event loop. Nothing else wires components together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from server.dataplane import DataPlane
+from server.http.app import create_http_app
+from server.models import ModelManager
+from server.repository import Repository
+from server.rpc.service import create_grpc_server
+from server.settings import Settings
+
+log = logging.getLogger("optiserve")
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the composition root owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class OptiServe:
+    """One server process: everything it serves and how it starts and stops."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.repository = Repository(settings.model_repository)
+        self.models = ModelManager(self.repository, settings)
+        self.dataplane = DataPlane(self.models)
+        self.http_app = create_http_app(self.dataplane, settings)
+        self.grpc_server = create_grpc_server(self.dataplane, settings)
+        self._stop = asyncio.Event()
+        self.http_port = 0
+        self.grpc_port = 0
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and return."""
+        settings = self.settings
+        http_socket = _bind(settings.host, settings.http_port)
+        self.http_port = http_socket.getsockname()[1]
+        self.grpc_port = self.grpc_server.add_insecure_port(f"{_grpc_host(settings.host)}:{settings.grpc_port}")
+        if settings.grpc_port and self.grpc_port != settings.grpc_port:
+            raise OSError(f"gRPC port {settings.grpc_port} on {settings.host} is not available")
+        await self.grpc_server.start()
+        http_server = _UvicornServer(
+            uvicorn.Config(
+                self.http_app,
+                log_level=settings.log_level,
+                access_log=settings.access_log,
+                lifespan="off",
+                timeout_graceful_shutdown=int(settings.exit_timeout_s) or None,
+                timeout_keep_alive=30,
+            )
+        )
+        self._install_signal_handlers()
+        log.info(
+            "listening: http=%s:%d grpc=%s:%d repository=%s",
+            settings.host,
+            self.http_port,
+            settings.host,
+            self.grpc_port,
+            self.repository.root,
+        )
+        loading = asyncio.create_task(self.models.load_all())
+        serving = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+        await self._stop.wait()
+        await self._shutdown(http_server, serving, loading)
+
+    def request_stop(self) -> None:
+        """Begin a graceful drain (signal handler)."""
+        if not self._stop.is_set():
+            log.info("shutting down: readiness off, draining for up to %.0fs", self.settings.exit_timeout_s)
+            self.dataplane.shutting_down = True
+            self._stop.set()
+
+    async def _shutdown(
+        self, http_server: uvicorn.Server, serving: asyncio.Task[None], loading: asyncio.Task[None]
+    ) -> None:
+        http_server.should_exit = True
+        grace = self.settings.exit_timeout_s
+        await asyncio.gather(self.grpc_server.stop(grace), serving, return_exceptions=True)
+        loading.cancel()
+        await self.models.close(timeout_s=grace)
+        log.info("stopped")
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _grpc_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def serve(settings: Settings) -> None:
+    """Run the server in this process until it is told to stop."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (uvicorn[standard] brings it on Linux/macOS)
+        asyncio.run(_run(settings))
+    else:
+        uvloop.run(_run(settings))
+
+
+async def _run(settings: Settings) -> None:
+    # Built inside the running loop: grpc.aio binds its server to the loop current at creation.
+    await OptiServe(settings).run()

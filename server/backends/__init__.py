@@ -1,0 +1,1 @@
+"""Runtimes that execute models. Heavy runtimes are imported lazily inside their modules."""

@@ -1,0 +1,72 @@
+"""The lifecycle every backend shares: load -> infer* -> unload.
+
+The public methods enforce the lifecycle; subclasses fill the ``*_impl`` hooks, so a backend cannot
+be run before it is loaded or after it is unloaded whatever the subclass does.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from enum import Enum
+
+import numpy as np
+
+from server.errors import InternalError, ModelNotReady
+
+Tensors = dict[str, np.ndarray]
+
+
+class Lifecycle(Enum):
+    """Where a backend instance is in its life."""
+
+    CREATED = "created"
+    LOADED = "loaded"
+    UNLOADED = "unloaded"
+
+
+class Backend(ABC):
+    """One instance of a model on one device. ``infer`` may be called from worker threads."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._state = Lifecycle.CREATED
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> Lifecycle:
+        """Current lifecycle stage."""
+        return self._state
+
+    def load(self) -> None:
+        """Create the runtime session; only once."""
+        with self._lock:
+            if self._state is not Lifecycle.CREATED:
+                raise InternalError(f"{self.name}: load() called in state {self._state.value}")
+            self.load_impl()
+            self._state = Lifecycle.LOADED
+
+    def infer(self, inputs: Tensors) -> Tensors:
+        """Run one (possibly batched) execution; the inputs were validated by the caller."""
+        if self._state is not Lifecycle.LOADED:
+            raise ModelNotReady(f"{self.name}: backend is {self._state.value}, not loaded")
+        return self.infer_impl(inputs)
+
+    def unload(self) -> None:
+        """Release the runtime session; safe to call more than once."""
+        with self._lock:
+            if self._state is Lifecycle.LOADED:
+                self.unload_impl()
+            self._state = Lifecycle.UNLOADED
+
+    @abstractmethod
+    def load_impl(self) -> None:
+        """Create the runtime objects."""
+
+    @abstractmethod
+    def infer_impl(self, inputs: Tensors) -> Tensors:
+        """Compute every output of the model for ``inputs``."""
+
+    @abstractmethod
+    def unload_impl(self) -> None:
+        """Drop the runtime objects."""

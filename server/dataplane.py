@@ -1,0 +1,109 @@
+"""The one place both protocols call: HTTP and gRPC handlers only decode, call a DataPlane method, and
+encode. Everything here speaks plain Python objects (dicts in Triton's JSON shapes, numpy arrays)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server import __version__
+from server.config import config_to_json
+from server.errors import ModelNotFound
+from server.inference import InferenceRequest, InferenceResponse
+from server.models import ModelManager, ModelVersion
+from server.repository import check_model_name
+
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+]
+
+
+class DataPlane:
+    """Protocol-neutral server operations."""
+
+    def __init__(self, models: ModelManager) -> None:
+        self.models = models
+        self.shutting_down = False
+
+    # ---- health and metadata ---------------------------------------------------------------------
+    def live(self) -> bool:
+        """The process is up and its event loop answers."""
+        return True
+
+    def ready(self) -> bool:
+        """Ready to take traffic: models loaded and not draining."""
+        return not self.shutting_down and self.models.server_ready()
+
+    def server_metadata(self) -> dict[str, Any]:
+        """Name, version and the protocol extensions implemented."""
+        return {"name": "optiserve", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether this model (version) serves requests now."""
+        return not self.shutting_down and self.models.is_ready(name, version)
+
+    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        """V2 model metadata: versions, platform, and input/output tensors with -1 for any size."""
+        served = self.models.get(name, version)
+        batch = [-1] if served.max_batch_size > 0 else []
+        versions = [str(v.version) for v in self.models.served_versions() if v.name == name]
+        return {
+            "name": name,
+            "versions": sorted(versions, key=int),
+            "platform": served.config.platform,
+            "inputs": [
+                {"name": t.name, "datatype": t.datatype.name, "shape": batch + list(t.dims)} for t in served.inputs
+            ],
+            "outputs": [
+                {"name": t.name, "datatype": t.datatype.name, "shape": batch + list(t.dims)} for t in served.outputs
+            ],
+        }
+
+    def model_config(self, name: str, version: str = "") -> Any:
+        """The completed config as a ModelConfig message (gRPC) ..."""
+        return self.models.get(name, version).config
+
+    def model_config_json(self, name: str, version: str = "") -> dict[str, Any]:
+        """... and as Triton's JSON (HTTP)."""
+        return config_to_json(self.model_config(name, version))
+
+    # ---- inference -------------------------------------------------------------------------------
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Run one request through the model's batcher."""
+        served: ModelVersion = self.models.get(request.model_name, request.model_version)
+        return await served.infer(request)
+
+    # ---- statistics ------------------------------------------------------------------------------
+    def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+        """Triton's statistics for every served version, one model, or one version."""
+        versions = self.models.served_versions()
+        if name:
+            if version:
+                versions = [self.models.get(name, version)]
+            else:
+                versions = [v for v in versions if v.name == name]
+                if not versions:
+                    self.models.get(name)  # raises the right 404/503
+        stats = [v.stats.to_json(v.name, str(v.version)) for v in sorted(versions, key=lambda v: (v.name, v.version))]
+        return {"model_stats": stats}
+
+    # ---- repository ------------------------------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Every model in the repository with its state and the reason of any failure."""
+        rows = self.models.index()
+        return [row for row in rows if row["state"] == "READY"] if ready_only else rows
+
+    async def load_model(self, name: str, config_json: str | None = None) -> None:
+        """Load (or reload) a model from the repository, optionally with a config given inline."""
+        check_model_name(name)
+        if name not in self.models.repository.model_names():
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        await self.models.load(name, config_json)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving a model (its files stay on disk)."""
+        check_model_name(name)
+        await self.models.unload(name)

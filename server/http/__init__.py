@@ -1,0 +1,1 @@
+"""The HTTP edge: KServe V2 REST plus Triton's extensions, on FastAPI/uvicorn."""

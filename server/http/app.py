@@ -1,0 +1,185 @@
+"""FastAPI routes for KServe V2 / Triton HTTP. Handlers decode, call the DataPlane, encode: nothing else."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import tensors
+from server.dataplane import DataPlane
+from server.errors import InternalError, InvalidInput, PayloadTooLarge, ServerError, wire_status
+from server.http.codec import (
+    HEADER_LENGTH,
+    decode_request,
+    decompress,
+    dumps,
+    encode_response,
+    parse_json_object,
+)
+from server.settings import Settings
+
+JSON = "application/json"
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON reply encoded with orjson."""
+    return Response(dumps(value), status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(error: ServerError) -> Response:
+    """The protocol's error body ``{"error": ...}`` with the status from the one error table."""
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return json_response({"error": error.message}, wire_status(error).http_status, headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) anything over ``limit`` before or after decompression."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return decompress(body, request.headers.get("content-encoding", ""), limit)
+
+
+def create_http_app(dataplane: DataPlane, settings: Settings) -> FastAPI:
+    """Build the FastAPI application around one DataPlane."""
+    app = FastAPI(title="optiserve", version=dataplane.server_metadata()["version"], docs_url="/docs")
+    limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
+    _install_error_handlers(app)
+    _add_health_routes(app, dataplane)
+    _add_model_routes(app, dataplane)
+    _add_infer_routes(app, dataplane, settings, limits)
+    _add_repository_routes(app, dataplane, settings)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServerError)
+    async def server_error(_: Request, exc: ServerError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return error_response(InvalidInput(f"{where}: {first.get('msg', 'invalid request')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return json_response({"error": str(exc.detail)}, exc.status_code, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> Response:
+        return error_response(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
+def _add_health_routes(app: FastAPI, dataplane: DataPlane) -> None:
+    @app.get("/v2/health/live", tags=["health"])
+    async def live() -> Response:
+        return json_response({"live": dataplane.live()})
+
+    @app.get("/v2/health/ready", tags=["health"])
+    async def ready() -> Response:
+        is_ready = dataplane.ready()
+        return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+    @app.get("/v2", tags=["metadata"])
+    async def server_metadata() -> Response:
+        return json_response(dataplane.server_metadata())
+
+
+def _add_model_routes(app: FastAPI, dataplane: DataPlane) -> None:
+    @app.get("/v2/models/stats", tags=["statistics"])
+    async def all_stats() -> Response:
+        return json_response(dataplane.statistics())
+
+    for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
+        app.add_api_route(prefix, _metadata_handler(dataplane), methods=["GET"], tags=["metadata"])
+        app.add_api_route(f"{prefix}/ready", _ready_handler(dataplane), methods=["GET"], tags=["health"])
+        app.add_api_route(f"{prefix}/config", _config_handler(dataplane), methods=["GET"], tags=["metadata"])
+        app.add_api_route(f"{prefix}/stats", _stats_handler(dataplane), methods=["GET"], tags=["statistics"])
+
+
+def _metadata_handler(dataplane: DataPlane) -> Any:
+    async def model_metadata(model_name: str, model_version: str = "") -> Response:
+        return json_response(dataplane.model_metadata(model_name, model_version))
+
+    return model_metadata
+
+
+def _ready_handler(dataplane: DataPlane) -> Any:
+    async def model_ready(model_name: str, model_version: str = "") -> Response:
+        is_ready = dataplane.model_ready(model_name, model_version)
+        return json_response({"name": model_name, "ready": is_ready}, 200 if is_ready else 503)
+
+    return model_ready
+
+
+def _config_handler(dataplane: DataPlane) -> Any:
+    async def model_config(model_name: str, model_version: str = "") -> Response:
+        return json_response(dataplane.model_config_json(model_name, model_version))
+
+    return model_config
+
+
+def _stats_handler(dataplane: DataPlane) -> Any:
+    async def model_stats(model_name: str, model_version: str = "") -> Response:
+        return json_response(dataplane.statistics(model_name, model_version))
+
+    return model_stats
+
+
+def _add_infer_routes(app: FastAPI, dataplane: DataPlane, settings: Settings, limits: tensors.Limits) -> None:
+    async def infer(request: Request, model_name: str, model_version: str = "") -> Response:
+        body = await read_body(request, settings.max_request_bytes)
+        decoded = decode_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
+        response = await dataplane.infer(decoded)
+        content, header_length = encode_response(response, decoded)
+        if header_length is None:
+            return Response(content, media_type=JSON)
+        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+    for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer"):
+        app.add_api_route(path, infer, methods=["POST"], tags=["inference"])
+
+
+def _add_repository_routes(app: FastAPI, dataplane: DataPlane, settings: Settings) -> None:
+    @app.post("/v2/repository/index", tags=["repository"])
+    async def repository_index(request: Request) -> Response:
+        body = await read_body(request, settings.max_request_bytes)
+        options = parse_json_object(body) if body.strip() else {}
+        return json_response(dataplane.repository_index(bool(options.get("ready", False))))
+
+    @app.post("/v2/repository/models/{model_name}/load", tags=["repository"])
+    async def load(request: Request, model_name: str) -> Response:
+        body = await read_body(request, settings.max_request_bytes)
+        options = parse_json_object(body) if body.strip() else {}
+        parameters = options.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput("parameters: must be a JSON object")
+        if any(key.startswith("file:") for key in parameters):
+            raise InvalidInput("parameters: uploading model files through load is not supported yet")
+        config = parameters.get("config")
+        if config is not None and not isinstance(config, str):
+            raise InvalidInput("parameters.config: must be a JSON string")
+        await dataplane.load_model(model_name, config)
+        return json_response({})
+
+    @app.post("/v2/repository/models/{model_name}/unload", tags=["repository"])
+    async def unload(request: Request, model_name: str) -> Response:
+        await dataplane.unload_model(model_name)
+        return json_response({})

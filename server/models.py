@@ -1,0 +1,355 @@
+"""Loaded models: one :class:`ModelVersion` per served version (backends + batcher + stats), and the
+:class:`ModelManager` that loads, swaps and unloads them and reports their states."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import onnx
+from tritonclient.grpc import model_config_pb2 as mc
+
+from server import datatypes
+from server.backends.base import Backend
+from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
+from server.batching import Batcher
+from server.config import LoadedConfig, TensorSpec, complete_config, read_config, tensor_specs
+from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError
+from server.inference import InferenceRequest, InferenceResponse, OutputTensor
+from server.repository import Repository, select_versions
+from server.settings import Settings
+from server.stats import ModelStats
+from server.validation import check_requested_outputs, prepare_inputs
+
+log = logging.getLogger("optiserve.models")
+
+
+class ModelState(str, Enum):
+    """Triton's model states, as the repository index reports them."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ModelVersion:
+    """One served version: what it accepts, the instances that run it, and its statistics."""
+
+    name: str
+    version: int
+    config: Any
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    backends: list[Backend]
+    batcher: Batcher
+    stats: ModelStats
+
+    @property
+    def max_batch_size(self) -> int:
+        """The config's max_batch_size (0: the model takes no batch dimension)."""
+        return int(self.config.max_batch_size)
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Validate, queue, wait, and pick the requested outputs."""
+        started = time.monotonic_ns()
+        ok = False
+        try:
+            prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
+            names = check_requested_outputs(request, self.outputs)
+            results = await self.batcher.submit(prepared.tensors, prepared.samples, prepared.key)
+            outputs = [OutputTensor(n, datatypes.of_array(results[n]), results[n]) for n in names]
+            ok = True
+            return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
+        finally:
+            self.stats.record_request(ok, time.monotonic_ns() - started)
+
+    def close(self, timeout_s: float) -> None:
+        """Drain the queue, then release every instance."""
+        self.batcher.close(timeout_s)
+        for backend in self.backends:
+            backend.unload()
+
+
+@dataclass
+class VersionStatus:
+    """The state the index reports for one version."""
+
+    state: ModelState
+    reason: str = ""
+
+
+@dataclass
+class ModelEntry:
+    """Everything the manager knows about one model name."""
+
+    name: str
+    served: dict[int, ModelVersion] = field(default_factory=dict)
+    status: dict[int, VersionStatus] = field(default_factory=dict)
+    model_status: VersionStatus = field(default_factory=lambda: VersionStatus(ModelState.UNAVAILABLE))
+    wanted: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ModelManager:
+    """Loads models from the repository, serves them, and swaps versions atomically."""
+
+    def __init__(self, repository: Repository, settings: Settings) -> None:
+        self.repository = repository
+        self.settings = settings
+        self._entries: dict[str, ModelEntry] = {}
+        self._startup_done = False
+
+    # ---- queries -------------------------------------------------------------------------------
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The version to serve a request: a given one, or the highest ready one."""
+        entry = self._entries.get(name)
+        if entry is None or (not entry.served and entry.model_status.state is not ModelState.LOADING):
+            raise ModelNotFound(f"model {name!r} is not loaded" + self._reason_suffix(entry))
+        if not entry.served:
+            raise ModelNotReady(f"model {name!r} is still loading", retry_after_s=1)
+        if not version:
+            return entry.served[max(entry.served)]
+        if not version.isdigit():
+            raise InvalidInput(f"model version {version!r} must be a positive integer")
+        served = entry.served.get(int(version))
+        if served is None:
+            status = entry.status.get(int(version))
+            if status is not None and status.state is ModelState.LOADING:
+                raise ModelNotReady(f"model {name!r} version {version} is still loading", retry_after_s=1)
+            raise ModelNotFound(f"model {name!r} has no ready version {version}; ready: {sorted(entry.served)}")
+        return served
+
+    @staticmethod
+    def _reason_suffix(entry: ModelEntry | None) -> str:
+        if entry is not None and entry.model_status.reason:
+            return f" ({entry.model_status.reason})"
+        return ""
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether a request for this model (version) would be served now."""
+        try:
+            self.get(name, version)
+        except ServerError:
+            return False
+        return True
+
+    def server_ready(self) -> bool:
+        """Ready once start-up loading is done and every model meant to be loaded serves a version
+        (Triton's strict readiness). An explicit unload takes a model out of the count."""
+        if not self._startup_done:
+            return False
+        return all(entry.served for entry in self._entries.values() if entry.wanted)
+
+    def served_versions(self) -> list[ModelVersion]:
+        """Every version currently served, for statistics."""
+        return [v for entry in self._entries.values() for v in entry.served.values()]
+
+    def index(self) -> list[dict[str, str]]:
+        """Triton's repository index: every model on disk or known, with its state and reason."""
+        names = sorted(set(self.repository.model_names()) | set(self._entries))
+        rows: list[dict[str, str]] = []
+        for name in names:
+            entry = self._entries.get(name)
+            if entry is None or not entry.status:
+                status = entry.model_status if entry else VersionStatus(ModelState.UNAVAILABLE, "not loaded")
+                rows.append({"name": name, "version": "", "state": status.state.value, "reason": status.reason})
+                continue
+            for version, vstatus in sorted(entry.status.items()):
+                rows.append(
+                    {
+                        "name": name,
+                        "version": str(version),
+                        "state": vstatus.state.value,
+                        "reason": vstatus.reason,
+                    }
+                )
+        return rows
+
+    # ---- changes -------------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        """Load every model of the repository (concurrently); failures are recorded, not raised."""
+        names = self.repository.model_names()
+        for name in names:
+            self._entry(name).wanted = True
+        results = await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("model %s failed to load: %s", name, result)
+        self._startup_done = True
+
+    async def load(self, name: str, config_text: str | None = None) -> None:
+        """(Re)load a model from the repository. The old versions serve until the new ones are ready;
+        on failure they keep serving and the index shows the reason."""
+        entry = self._entry(name)
+        async with entry.lock:
+            entry.wanted = True
+            entry.model_status = VersionStatus(ModelState.LOADING, "loading")
+            try:
+                built = await asyncio.to_thread(self._build_all, name, config_text, entry)
+            except ServerError as exc:
+                self._mark_failed(entry, exc.message)
+                raise
+            except Exception as exc:
+                self._mark_failed(entry, f"load failed: {exc}")
+                raise LoadFailed(f"model {name!r}: {exc}") from exc
+            old = entry.served
+            entry.served = built
+            entry.status = {v: VersionStatus(ModelState.READY) for v in built}
+            entry.model_status = VersionStatus(ModelState.READY)
+            log.info("model %s ready, versions %s", name, sorted(built))
+        await self._retire(old)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model; its files stay in the repository."""
+        entry = self._entries.get(name)
+        if entry is None:
+            self.repository.model_dir(name)  # 404 for a name that is nowhere
+            entry = self._entry(name)
+        async with entry.lock:
+            old, entry.served = entry.served, {}
+            entry.wanted = False
+            for version in old:
+                entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, "unloaded")
+            entry.model_status = VersionStatus(ModelState.UNAVAILABLE, "unloaded")
+        await self._retire(old)
+        log.info("model %s unloaded", name)
+
+    async def close(self, timeout_s: float) -> None:
+        """Drain and release every model (shutdown)."""
+        versions = self.served_versions()
+        for entry in self._entries.values():
+            entry.served = {}
+        await asyncio.gather(*(asyncio.to_thread(v.close, timeout_s) for v in versions))
+
+    async def _retire(self, versions: dict[int, ModelVersion]) -> None:
+        """Let in-flight requests of replaced versions finish, then release them."""
+        if versions:
+            await asyncio.gather(*(asyncio.to_thread(v.close, self.settings.exit_timeout_s) for v in versions.values()))
+
+    @staticmethod
+    def _mark_failed(entry: ModelEntry, reason: str) -> None:
+        """Record a failed load: versions still serving stay READY, the rest become UNAVAILABLE."""
+        entry.model_status = VersionStatus(ModelState.READY if entry.served else ModelState.UNAVAILABLE, reason)
+        for version in list(entry.status):
+            if version not in entry.served:
+                entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, reason)
+        log.warning("model %s failed to load: %s", entry.name, reason)
+
+    def _entry(self, name: str) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries[name] = ModelEntry(name)
+        return entry
+
+    # ---- building (runs in a worker thread) ------------------------------------------------------
+    def _build_all(self, name: str, config_text: str | None, entry: ModelEntry) -> dict[int, ModelVersion]:
+        model_dir = self.repository.model_dir(name)
+        from server.config import parse_config
+
+        loaded = parse_config(config_text, "json") if config_text else read_config(model_dir)
+        versions = select_versions(loaded.config.version_policy, self.repository.versions(name))
+        if not versions:
+            raise LoadFailed(f"model {name!r} has no numeric version folder with a model file")
+        built: dict[int, ModelVersion] = {}
+        try:
+            for version in versions:
+                entry.status.setdefault(version, VersionStatus(ModelState.LOADING, "loading"))
+                built[version] = self._build_version(name, version, loaded)
+        except BaseException:
+            for done in built.values():
+                done.close(0)
+            raise
+        return built
+
+    def _build_version(self, name: str, version: int, loaded: LoadedConfig) -> ModelVersion:
+        started = time.monotonic()
+        version_dir = self.repository.version_dir(name, version)
+        filename = loaded.config.default_model_filename or "model.onnx"
+        model_path = version_dir / filename
+        if not model_path.is_file():
+            raise LoadFailed(f"model {name!r} version {version}: {filename} is missing")
+        try:
+            graph = onnx.load(str(model_path), load_external_data=False)
+        except Exception as exc:
+            raise LoadFailed(f"model {name!r} version {version}: not a valid ONNX file ({exc})") from None
+        config = complete_config(loaded, name, graph, self.settings.default_max_batch_size)
+        backends = self._make_backends(f"{name}:{version}", model_path, config)
+        stats = ModelStats()
+        batching = config.max_batch_size if config.HasField("dynamic_batching") else 0
+        queue_size = config.dynamic_batching.default_queue_policy.max_queue_size or self.settings.default_max_queue_size
+        batcher = Batcher(
+            f"{name}:{version}",
+            [b.infer for b in backends],
+            max_batch_size=batching,
+            max_queue_size=queue_size,
+            stats=stats,
+        )
+        batcher.start()
+        log.info(
+            "model %s version %s loaded in %.2fs (%d instance(s))",
+            name,
+            version,
+            time.monotonic() - started,
+            len(backends),
+        )
+        return ModelVersion(
+            name,
+            version,
+            config,
+            tensor_specs(config, inputs=True),
+            tensor_specs(config, inputs=False),
+            backends,
+            batcher,
+            stats,
+        )
+
+    def _make_backends(self, label: str, model_path: Path, config: Any) -> list[Backend]:
+        plan = instance_plan(config, self.settings)
+        backends: list[Backend] = []
+        try:
+            for index, session_config in enumerate(plan):
+                backend: Backend = OnnxRuntimeBackend(f"{label}#{index}", model_path, session_config)
+                backend.load()
+                backends.append(backend)
+        except BaseException:
+            for backend in backends:
+                backend.unload()
+            raise
+        return backends
+
+
+def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
+    """One session config per instance of the model's instance groups. CPU threads are split so that
+    instances x intra-op threads <= cores unless ``intra_op_threads`` is set."""
+    kinds: list[bool] = []  # True = GPU instance
+    for group in config.instance_group:
+        count = group.count or 1
+        gpu = _group_wants_gpu(group, settings)
+        kinds.extend([gpu] * count)
+    cpu_instances = max(1, sum(1 for gpu in kinds if not gpu))
+    threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // cpu_instances)
+    return [
+        SessionConfig(
+            intra_op_threads=threads,
+            inter_op_threads=settings.inter_op_threads,
+            graph_optimization_level=settings.graph_optimization_level,
+            providers=choose_providers(settings.execution_providers, gpu=gpu),
+        )
+        for gpu in kinds
+    ]
+
+
+def _group_wants_gpu(group: Any, settings: Settings) -> bool:
+    """KIND_GPU needs a GPU provider (clear failure otherwise); KIND_AUTO uses one when present."""
+    has_gpu = any(p in GPU_PROVIDERS for p in choose_providers(settings.execution_providers, gpu=True))
+    if group.kind == mc.ModelInstanceGroup.KIND_GPU and not has_gpu:
+        raise LoadFailed("instance_group kind KIND_GPU, but no GPU execution provider (CUDA/TensorRT) is available")
+    return group.kind in (mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_AUTO) and has_gpu

@@ -1,0 +1,88 @@
+"""gRPC messages <-> InferenceRequest/InferenceResponse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import service_pb2 as pb
+
+from server import datatypes, tensors
+from server.errors import InvalidInput, PayloadTooLarge
+from server.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
+
+# Which typed ``InferTensorContents`` field carries each datatype (FP16/BF16 travel only as raw bytes).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameter_value(param: Any) -> Any:
+    """The Python value of an InferParameter / ModelRepositoryParameter oneof."""
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind else None
+
+
+def decode_request(message: Any, limits: tensors.Limits) -> InferenceRequest:
+    """Decode a ModelInferRequest; raw contents become numpy arrays without copying."""
+    if not message.inputs:
+        raise InvalidInput("inputs: must be a non-empty list of tensors")
+    if len(message.inputs) > limits.max_tensors or len(message.outputs) > limits.max_tensors:
+        raise PayloadTooLarge(f"a request may carry at most {limits.max_tensors} inputs and outputs")
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs")
+    inputs = [_decode_input(tensor, raw[i] if raw else None, limits) for i, tensor in enumerate(message.inputs)]
+    outputs = [RequestedOutput(o.name) for o in message.outputs]
+    parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
+    return InferenceRequest(message.model_name, message.model_version, inputs, outputs, message.id, parameters)
+
+
+def _decode_input(tensor: Any, raw: bytes | None, limits: tensors.Limits) -> InputTensor:
+    field = f"input {tensor.name!r}"
+    if not tensor.name:
+        raise InvalidInput("inputs: every tensor needs a name")
+    dtype = datatypes.by_name(tensor.datatype, field=f"{field} datatype")
+    shape = list(tensor.shape)
+    if raw is not None:
+        return InputTensor(tensor.name, dtype, tensors.from_raw(raw, dtype, shape, field, limits))
+    contents_field = _CONTENTS_FIELD.get(dtype.name)
+    if contents_field is None:
+        raise InvalidInput(f"{field}: {dtype.name} data must be sent in raw_input_contents")
+    values = getattr(tensor.contents, contents_field)
+    count = tensors.check_shape(shape, field, limits)
+    tensors.check_count(len(values), count, field, limits)
+    if dtype.name == "BYTES":
+        array = np.empty(len(values), dtype=object)
+        array[:] = list(values)
+    else:
+        array = np.array(values, dtype=dtype.numpy)
+    return InputTensor(tensor.name, dtype, array.reshape(shape))
+
+
+def encode_response(response: InferenceResponse) -> Any:
+    """A ModelInferResponse carrying every output in raw_output_contents, as Triton does."""
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    for out in response.outputs:
+        message.outputs.add(name=out.name, datatype=out.datatype.name, shape=out.array.shape)
+        message.raw_output_contents.append(tensors.to_raw(out.array))
+    return message
+
+
+def from_json(data: Any, message: Any) -> Any:
+    """Fill a protobuf message from the dict the DataPlane returns (Triton's JSON shapes)."""
+    return json_format.ParseDict(data, message, ignore_unknown_fields=True)

@@ -1,0 +1,146 @@
+"""GRPCInferenceService and grpc.health.v1 handlers: decode, call the DataPlane, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from server import tensors
+from server.dataplane import DataPlane
+from server.errors import InternalError, InvalidInput, ServerError, wire_status
+from server.rpc.codec import decode_request, encode_response, from_json, parameter_value
+from server.settings import Settings
+
+T = TypeVar("T")
+Handler = Callable[..., Awaitable[T]]
+
+
+def translate_errors(handler: Handler[T]) -> Handler[T]:
+    """Turn ServerError (and anything unexpected) into a gRPC status from the one error table."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await handler(self, request, context)
+        except ServerError as exc:
+            await _abort(context, exc)
+        except Exception as exc:  # never leak a traceback to the client, never die
+            await _abort(context, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ServerError) -> None:
+    if error.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(error.retry_after_s)))),))
+    await context.abort(wire_status(error).grpc_code, error.message)
+
+
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Triton's GRPCInferenceService over one DataPlane. Unlisted RPCs answer UNIMPLEMENTED."""
+
+    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
+        self.dataplane = dataplane
+        self.limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
+
+    @translate_errors
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    @translate_errors
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    @translate_errors
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
+
+    @translate_errors
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return from_json(self.dataplane.server_metadata(), pb.ServerMetadataResponse())
+
+    @translate_errors
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        return from_json(self.dataplane.model_metadata(request.name, request.version), pb.ModelMetadataResponse())
+
+    @translate_errors
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        return pb.ModelConfigResponse(config=self.dataplane.model_config(request.name, request.version))
+
+    @translate_errors
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        return from_json(self.dataplane.statistics(request.name, request.version), pb.ModelStatisticsResponse())
+
+    @translate_errors
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        response = await self.dataplane.infer(decode_request(request, self.limits))
+        return encode_response(response)
+
+    @translate_errors
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        rows = self.dataplane.repository_index(request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows])
+
+    @translate_errors
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
+        if any(key.startswith("file:") for key in parameters):
+            raise InvalidInput("parameters: uploading model files through load is not supported yet")
+        config = parameters.get("config")
+        if config is not None and not isinstance(config, str):
+            raise InvalidInput("parameters.config: must be a string_param holding JSON")
+        await self.dataplane.load_model(request.model_name, config)
+        return pb.RepositoryModelLoadResponse()
+
+    @translate_errors
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        await self.dataplane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1: service "" is the server's readiness, a model name is that model's readiness."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    def _status(self, service: str) -> Any:
+        ready = self.dataplane.ready() if not service else self.dataplane.model_ready(service)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        return health_pb2.HealthCheckResponse(status=self._status(request.service))
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await asyncio.sleep(0.5)
+
+
+def create_grpc_server(dataplane: DataPlane, settings: Settings) -> grpc.aio.Server:
+    """A grpc.aio server with both services and the configured message size limits."""
+    limit = settings.max_grpc_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(dataplane, settings), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthService(dataplane), server)
+    return server

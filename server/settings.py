@@ -1,0 +1,76 @@
+"""Server settings: every field is a CLI flag (``--http-port``) and an environment variable
+(``OPTISERVE_HTTP_PORT``). The field docstrings are the help text, so the two cannot drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the composition root needs to build a server."""
+
+    model_config = SettingsConfigDict(env_prefix="OPTISERVE_", use_attribute_docstrings=True, extra="ignore")
+
+    model_repository: Path = Path("model_repo")
+    """Folder holding models in Triton's layout: <model>/<version>/model.onnx plus an optional config."""
+
+    host: str = "127.0.0.1"
+    """Address both listeners bind to; use 0.0.0.0 inside a container."""
+
+    http_port: int = Field(8000, ge=0, le=65535)
+    """HTTP (KServe V2 REST) port; 0 picks a free one."""
+
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """gRPC (KServe V2 / Triton GRPCInferenceService) port; 0 picks a free one."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level of log lines printed."""
+
+    access_log: bool = False
+    """Log one line per HTTP request (off by default: it costs throughput)."""
+
+    max_request_bytes: int = Field(64 * MIB, gt=0)
+    """Largest HTTP request body accepted, also after gzip/deflate decompression (413 beyond)."""
+
+    max_grpc_message_bytes: int = Field(64 * MIB, gt=0)
+    """Largest gRPC message received or sent (RESOURCE_EXHAUSTED beyond)."""
+
+    max_tensor_elements: int = Field(1 << 26, gt=0)
+    """Largest element count of one input tensor, checked before any allocation (413 beyond)."""
+
+    max_tensor_rank: int = Field(16, gt=0)
+    """Largest number of dimensions of one input tensor."""
+
+    max_inputs: int = Field(256, gt=0)
+    """Largest number of input or requested output tensors in one request."""
+
+    default_max_batch_size: int = Field(32, ge=0)
+    """max_batch_size given to a model whose config leaves it unset and whose graph has a dynamic
+    first dimension on every input and output (Triton's --backend-config default-max-batch-size)."""
+
+    default_max_queue_size: int = Field(256, ge=0)
+    """Requests a model may hold queued before new ones get 503 + Retry-After (0 = unbounded); a
+    model's dynamic_batching.default_queue_policy.max_queue_size overrides it."""
+
+    intra_op_threads: int = Field(0, ge=0)
+    """onnxruntime intra-op threads per model instance; 0 splits the machine's cores between the
+    instances of a model so that instances x threads <= cores."""
+
+    inter_op_threads: int = Field(1, ge=1)
+    """onnxruntime inter-op threads per instance (parallel branches of a graph)."""
+
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    """onnxruntime graph optimization level for every session."""
+
+    execution_providers: list[str] = Field(default_factory=list)
+    """onnxruntime execution providers in order of preference; empty picks TensorRT, CUDA, then CPU
+    among those installed."""
+
+    exit_timeout_s: float = Field(30.0, ge=0)
+    """On SIGTERM/SIGINT, how long in-flight and queued requests may take to finish before exit."""

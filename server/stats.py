@@ -1,0 +1,108 @@
+"""Per-model-version statistics in Triton's shape (``/v2/models/{m}/stats``, gRPC ModelStatistics).
+
+Updated from worker threads and the event loop, so every update takes one short lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Duration:
+    """A count and a total in nanoseconds, Triton's ``StatisticDuration``."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        """Record ``count`` events taking ``ns`` nanoseconds in all."""
+        self.count += count
+        self.ns += ns
+
+    def to_json(self) -> dict[str, int]:
+        """Triton's JSON form."""
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class BatchDurations:
+    """Compute durations of executions of one batch size."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+class ModelStats:
+    """Counters for one served model version."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self.batches: dict[int, BatchDurations] = {}
+
+    def record_execution(
+        self, batch_size: int, queue_ns: list[int], input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        """One execution of ``batch_size`` samples serving ``len(queue_ns)`` requests. As in Triton, each
+        request is charged the whole batch's compute time."""
+        requests = len(queue_ns)
+        with self._lock:
+            self.inference_count += batch_size
+            self.execution_count += 1
+            self.last_inference_ms = int(time.time() * 1000)
+            self.queue.add(sum(queue_ns), requests)
+            self.compute_input.add(input_ns * requests, requests)
+            self.compute_infer.add(infer_ns * requests, requests)
+            self.compute_output.add(output_ns * requests, requests)
+            durations = self.batches.setdefault(batch_size, BatchDurations())
+            durations.compute_input.add(input_ns)
+            durations.compute_infer.add(infer_ns)
+            durations.compute_output.add(output_ns)
+
+    def record_request(self, ok: bool, duration_ns: int) -> None:
+        """One request finished, end to end inside the server."""
+        with self._lock:
+            (self.success if ok else self.fail).add(duration_ns)
+
+    def to_json(self, name: str, version: str) -> dict[str, Any]:
+        """Triton's ``ModelStatistics`` JSON."""
+        with self._lock:
+            return {
+                "name": name,
+                "version": version,
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {
+                    "success": self.success.to_json(),
+                    "fail": self.fail.to_json(),
+                    "queue": self.queue.to_json(),
+                    "compute_input": self.compute_input.to_json(),
+                    "compute_infer": self.compute_infer.to_json(),
+                    "compute_output": self.compute_output.to_json(),
+                    "cache_hit": Duration().to_json(),
+                    "cache_miss": Duration().to_json(),
+                },
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": d.compute_input.to_json(),
+                        "compute_infer": d.compute_infer.to_json(),
+                        "compute_output": d.compute_output.to_json(),
+                    }
+                    for size, d in sorted(self.batches.items())
+                ],
+            }
