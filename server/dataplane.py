@@ -71,6 +71,10 @@ class DataPlane:
         return config_to_json(self.model_config(name, version))
 
     # ---- inference -------------------------------------------------------------------------------
+    def check_model(self, name: str, version: str = "") -> None:
+        """Fail fast (404/503) for a model that cannot serve, before the body is decoded."""
+        self.models.get(name, version)
+
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Run one request through the model's batcher."""
         served: ModelVersion = self.models.get(request.model_name, request.model_version)

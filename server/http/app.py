@@ -145,6 +145,7 @@ def _stats_handler(dataplane: DataPlane) -> Any:
 
 def _add_infer_routes(app: FastAPI, dataplane: DataPlane, settings: Settings, limits: tensors.Limits) -> None:
     async def infer(request: Request, model_name: str, model_version: str = "") -> Response:
+        dataplane.check_model(model_name, model_version)
         body = await read_body(request, settings.max_request_bytes)
         decoded = decode_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
         response = await dataplane.infer(decoded)

@@ -82,6 +82,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     @translate_errors
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        self.dataplane.check_model(request.model_name, request.model_version)
         response = await self.dataplane.infer(decode_request(request, self.limits))
         return encode_response(response)
 
