@@ -59,7 +59,7 @@ class OptiServe:
                 log_level=settings.log_level,
                 access_log=settings.access_log,
                 lifespan="off",
-                timeout_graceful_shutdown=int(settings.exit_timeout_s) or None,
+                timeout_graceful_shutdown=int(settings.exit_timeout_s) + 2,
                 timeout_keep_alive=30,
             )
         )
@@ -87,11 +87,18 @@ class OptiServe:
     async def _shutdown(
         self, http_server: uvicorn.Server, serving: asyncio.Task[None], loading: asyncio.Task[None]
     ) -> None:
-        http_server.should_exit = True
+        """Drain: listeners close at once, accepted requests finish until the deadline; whatever is still
+        queued then gets 503 (not a dropped connection), and the process exits 0."""
+        loop = asyncio.get_running_loop()
         grace = self.settings.exit_timeout_s
-        await asyncio.gather(self.grpc_server.stop(grace), serving, return_exceptions=True)
+        deadline = loop.time() + grace
+        http_server.should_exit = True
+        grpc_stopped = asyncio.ensure_future(self.grpc_server.stop(grace + 2))
         loading.cancel()
-        await self.models.close(timeout_s=grace)
+        while self.models.pending() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self.models.close(timeout_s=max(0.0, deadline - loop.time()))
+        await asyncio.gather(grpc_stopped, serving, return_exceptions=True)
         log.info("stopped")
 
     def _install_signal_handlers(self) -> None:

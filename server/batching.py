@@ -1,12 +1,14 @@
-"""The dynamic batcher: one bounded queue per model version, pulled by one worker thread per instance.
+"""The dynamic batcher: bounded priority queues per model version, pulled by one worker thread per instance.
 
-Design choices (see README, "Batching"):
-- No idle wait. A free worker takes whatever compatible requests are queued and runs them at once, so
-  at low load a request never waits for a batch window. Batches form naturally while every worker is
-  busy: requests that arrive meanwhile are queued and leave together.
-- Requests join a batch only with requests whose non-batch dims and datatypes match, never beyond
-  ``max_batch_size`` samples; outputs are split back by each request's sample count.
-- A full queue rejects at once (503 + Retry-After) instead of growing latency without bound.
+Design choices (README, "Batching"):
+- No idle wait. When no instance is busy, a free worker takes whatever compatible requests are queued and
+  runs them at once: at low load a request never waits for a batch window. Under load (another instance
+  is busy) a worker whose batch is below the target size may wait up to ``max_queue_delay_microseconds``
+  for more; with one instance, batches form simply because requests queue while it computes.
+- Requests join a batch only with requests whose non-batch dims match, never beyond ``max_batch_size``
+  samples (or the largest ``preferred_batch_size``); outputs are split back by each request's samples.
+- Full queues reject at once (503 + Retry-After); queue timeouts reject (503 / DEADLINE_EXCEEDED) or
+  demote (Triton's DELAY); cancelled requests are dropped before they run.
 - Workers are threads: onnxruntime releases the GIL while it computes.
 """
 
@@ -19,14 +21,76 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from server.errors import ServerError, ServerUnavailable
+from server.errors import DeadlineExceeded, InvalidInput, ServerUnavailable
 from server.stats import ModelStats
 
 Tensors = dict[str, np.ndarray]
 Runner = Callable[[Tensors], Tensors]
+
+
+class BatcherClosed(ServerUnavailable):
+    """The version is being replaced or unloaded; the caller may retry on the current version."""
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy for one priority level."""
+
+    max_queue_size: int = 0
+    timeout_ns: int = 0
+    reject_on_timeout: bool = True
+    allow_timeout_override: bool = False
+
+    def deadline_ns(self, request_timeout_us: int | None) -> int:
+        """How long a request may wait (0 = forever); a request may shorten but not extend the default."""
+        timeout = self.timeout_ns
+        if request_timeout_us and self.allow_timeout_override:
+            requested = request_timeout_us * 1000
+            timeout = min(timeout, requested) if timeout else requested
+        return timeout
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model batches and queues (Triton's dynamic_batching block)."""
+
+    max_queue_delay_ns: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    priority_levels: int = 0
+    default_priority: int = 0
+    default_queue: QueuePolicy = field(default_factory=QueuePolicy)
+    level_queues: dict[int, QueuePolicy] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Any, default_max_queue_size: int) -> BatchPolicy:
+        """Read the policy from a ModelConfig message."""
+        dynamic = config.dynamic_batching
+
+        def policy(message: Any) -> QueuePolicy:
+            return QueuePolicy(
+                max_queue_size=int(message.max_queue_size) or default_max_queue_size,
+                timeout_ns=int(message.default_timeout_microseconds) * 1000,
+                reject_on_timeout=message.timeout_action == 0,  # 0 = REJECT, 1 = DELAY
+                allow_timeout_override=bool(message.allow_timeout_override),
+            )
+
+        levels = int(dynamic.priority_levels)
+        return cls(
+            max_queue_delay_ns=int(dynamic.max_queue_delay_microseconds) * 1000,
+            preferred_batch_sizes=tuple(int(s) for s in dynamic.preferred_batch_size),
+            priority_levels=levels,
+            default_priority=int(dynamic.default_priority_level) or (levels + 1) // 2 if levels else 0,
+            default_queue=policy(dynamic.default_queue_policy),
+            level_queues={int(k): policy(v) for k, v in dynamic.priority_queue_policy.items()},
+        )
+
+    def queue_for(self, level: int) -> QueuePolicy:
+        """The queue policy of one priority level."""
+        return self.level_queues.get(level, self.default_queue)
 
 
 @dataclass(eq=False)
@@ -39,6 +103,14 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Tensors]
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
+    deadline_ns: int = 0
+    reject_on_timeout: bool = True
+    dispatched: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    def expired(self, now_ns: int) -> bool:
+        """Past its queue timeout."""
+        return bool(self.deadline_ns) and now_ns >= self.deadline_ns
 
 
 class Batcher:
@@ -52,13 +124,15 @@ class Batcher:
         max_batch_size: int,
         max_queue_size: int,
         stats: ModelStats,
+        policy: BatchPolicy | None = None,
     ) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
-        self.max_queue_size = max_queue_size
         self.stats = stats
-        self._runners = runners
-        self._queue: deque[WorkItem] = deque()
+        self.policy = policy or BatchPolicy(default_queue=QueuePolicy(max_queue_size=max_queue_size))
+        levels = max(1, self.policy.priority_levels)
+        self._queues: list[deque[WorkItem]] = [deque() for _ in range(levels)]
+        self._queued = 0
         self._cond = threading.Condition()
         self._busy = 0
         self._closing = False
@@ -66,6 +140,8 @@ class Batcher:
             threading.Thread(target=self._work, args=(runner,), name=f"{name}-worker-{i}", daemon=True)
             for i, runner in enumerate(runners)
         ]
+        sizes = [s for s in self.policy.preferred_batch_sizes if 0 < s <= max_batch_size]
+        self._target = max(sizes) if sizes else max_batch_size
 
     def start(self) -> None:
         """Start the worker threads."""
@@ -76,23 +152,59 @@ class Batcher:
     def pending(self) -> int:
         """Requests queued or running."""
         with self._cond:
-            return len(self._queue) + self._busy
+            return self._queued + self._busy
 
-    async def submit(self, inputs: Tensors, samples: int, key: Hashable) -> Tensors:
-        """Queue one request and wait for its outputs; 503 at once when the queue is full."""
+    async def submit(
+        self, inputs: Tensors, samples: int, key: Hashable, *, priority: int = 0, timeout_us: int | None = None
+    ) -> Tensors:
+        """Queue one request and wait for its outputs; 503 at once when its queue is full."""
+        level = self._level(priority)
+        queue_policy = self.policy.queue_for(level)
         loop = asyncio.get_running_loop()
         item = WorkItem(inputs, samples, key, loop, loop.create_future())
+        timeout_ns = queue_policy.deadline_ns(timeout_us)
+        if timeout_ns:
+            item.deadline_ns = item.enqueued_ns + timeout_ns
+            item.reject_on_timeout = queue_policy.reject_on_timeout
+        queue = self._queues[level - 1 if self.policy.priority_levels else 0]
         with self._cond:
             if self._closing:
-                raise ServerUnavailable(f"model {self.name!r} is shutting down", retry_after_s=1)
-            if self.max_queue_size and len(self._queue) >= self.max_queue_size:
+                raise BatcherClosed(f"model {self.name!r} is shutting down", retry_after_s=1)
+            if queue_policy.max_queue_size and len(queue) >= queue_policy.max_queue_size:
                 raise ServerUnavailable(
-                    f"model {self.name!r}: queue is full ({self.max_queue_size} requests); retry later",
+                    f"model {self.name!r}: queue is full ({queue_policy.max_queue_size} requests); retry later",
                     retry_after_s=1,
                 )
-            self._queue.append(item)
+            queue.append(item)
+            self._queued += 1
             self._cond.notify()
-        return await item.future
+        if timeout_ns and item.reject_on_timeout:
+            item.timer = loop.call_later(timeout_ns / 1e9, self._expire, item)
+        try:
+            return await item.future
+        finally:
+            if item.timer is not None:
+                item.timer.cancel()
+
+    def _level(self, priority: int) -> int:
+        levels = self.policy.priority_levels
+        if not levels:
+            return 0
+        if priority == 0:
+            return self.policy.default_priority
+        if not 1 <= priority <= levels:
+            raise InvalidInput(f"parameters.priority: {priority} is outside 1..{levels} (priority_levels)")
+        return priority
+
+    def _expire(self, item: WorkItem) -> None:
+        """Event-loop timer: reject a request still queued at its deadline."""
+        with self._cond:
+            if item.dispatched or item.future.done():
+                return
+            item.dispatched = True  # never run it now
+        item.future.set_exception(
+            DeadlineExceeded(f"model {self.name!r}: request waited longer than its queue timeout")
+        )
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests, let the queue drain (up to ``timeout_s``), then stop the workers.
@@ -105,19 +217,22 @@ class Batcher:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
-            leftover = list(self._queue)
-            self._queue.clear()
+            leftover = [item for queue in self._queues for item in queue]
+            for queue in self._queues:
+                queue.clear()
+            self._queued = 0
         _deliver_errors(leftover, ServerUnavailable(f"model {self.name!r} was unloaded", retry_after_s=1))
 
+    # ---- worker side (threads) ---------------------------------------------------------------------
     def _work(self, runner: Runner) -> None:
         """Worker loop: take a batch, run it, deliver the results."""
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._queued and not self._closing:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queued:
                     return
-                batch = self._take_batch()
+                batch = self._form_batch()
                 self._busy += 1
             try:
                 if batch:
@@ -126,27 +241,70 @@ class Batcher:
                 with self._cond:
                     self._busy -= 1
 
-    def _take_batch(self) -> list[WorkItem]:
-        """Pop the oldest live request plus every queued request compatible with it, up to the cap."""
-        first = self._queue.popleft()
-        while first.future.cancelled():
-            if not self._queue:
-                return []
-            first = self._queue.popleft()
+    def _form_batch(self) -> list[WorkItem]:
+        """Under the lock: take a batch now, or, under load, wait up to the queue delay to fill it."""
+        first = self._pop_first()
+        if first is None:
+            return []
         batch = [first]
-        if self.max_batch_size <= 0 or not self._queue:
+        if self.max_batch_size <= 0:
             return batch
-        total, kept = first.samples, deque[WorkItem]()
-        for item in self._queue:
-            if item.future.cancelled():
-                continue
-            if item.key == first.key and total + item.samples <= self.max_batch_size:
-                batch.append(item)
-                total += item.samples
-            else:
-                kept.append(item)
-        self._queue = kept
+        samples = first.samples + self._take_compatible(first.key, batch, self._target - first.samples)
+        wait_until = time.monotonic_ns() + self.policy.max_queue_delay_ns
+        while self._busy > 0 and samples < self._target and not self._closing:
+            remaining = wait_until - time.monotonic_ns()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining / 1e9)
+            samples += self._take_compatible(first.key, batch, self._target - samples)
         return batch
+
+    def _pop_first(self) -> WorkItem | None:
+        """The oldest live request of the highest non-empty priority; timed-out DELAY requests go last."""
+        now = time.monotonic_ns()
+        delayed: WorkItem | None = None
+        for queue in self._queues:
+            for item in list(queue):
+                if item.future.done() or item.dispatched:
+                    queue.remove(item)
+                    self._queued -= 1
+                    continue
+                if item.expired(now) and not item.reject_on_timeout:
+                    delayed = delayed or item
+                    continue
+                return self._claim(queue, item)
+        if delayed is not None:
+            for queue in self._queues:
+                if delayed in queue:
+                    return self._claim(queue, delayed)
+        return None
+
+    def _claim(self, queue: deque[WorkItem], item: WorkItem) -> WorkItem:
+        queue.remove(item)
+        self._queued -= 1
+        item.dispatched = True
+        return item
+
+    def _take_compatible(self, key: Hashable, batch: list[WorkItem], room: int) -> int:
+        """Move queued requests with the same key into ``batch`` while they fit in ``room`` samples."""
+        taken = 0
+        for queue in self._queues:
+            if room - taken <= 0:
+                break
+            kept: deque[WorkItem] = deque()
+            for item in queue:
+                if item.future.done() or item.dispatched:
+                    self._queued -= 1
+                elif item.key == key and item.samples <= room - taken:
+                    item.dispatched = True
+                    batch.append(item)
+                    taken += item.samples
+                    self._queued -= 1
+                else:
+                    kept.append(item)
+            queue.clear()
+            queue.extend(kept)
+        return taken
 
     def _run(self, runner: Runner, batch: list[WorkItem]) -> None:
         """Execute one batch and hand each request its slice of the outputs."""
@@ -157,16 +315,16 @@ class Batcher:
             outputs = runner(inputs)
             done = time.monotonic_ns()
             results = [outputs] if len(batch) == 1 else _split(outputs, [item.samples for item in batch])
-        except ServerError as exc:
-            _deliver_errors(batch, exc)
-            return
-        except Exception as exc:  # a runtime failure must reach the client, not kill the worker
+        except Exception as exc:  # a runtime failure must reach the clients, not kill the worker
             _deliver_errors(batch, exc)
             return
         finished = time.monotonic_ns()
-        samples = sum(item.samples for item in batch)
         self.stats.record_execution(
-            samples, [start - item.enqueued_ns for item in batch], ran - start, done - ran, finished - done
+            sum(item.samples for item in batch),
+            [start - item.enqueued_ns for item in batch],
+            ran - start,
+            done - ran,
+            finished - done,
         )
         _deliver(zip(batch, results, strict=True))
 

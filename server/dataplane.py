@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from server import __version__
+from server.batching import BatcherClosed
 from server.config import config_to_json
 from server.errors import ModelNotFound
 from server.inference import InferenceRequest, InferenceResponse
@@ -78,7 +79,11 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Run one request through the model's batcher."""
         served: ModelVersion = self.models.get(request.model_name, request.model_version)
-        return await served.infer(request)
+        try:
+            return await served.infer(request)
+        except BatcherClosed:
+            # The version was swapped out between lookup and queueing: serve it on the current one.
+            return await self.models.get(request.model_name, request.model_version).infer(request)
 
     # ---- statistics ------------------------------------------------------------------------------
     def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:

@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from server import datatypes
 from server.backends.base import Backend
 from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
-from server.batching import Batcher
+from server.batching import Batcher, BatchPolicy
 from server.config import LoadedConfig, TensorSpec, complete_config, read_config, tensor_specs
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError
 from server.inference import InferenceRequest, InferenceResponse, OutputTensor
@@ -64,7 +64,10 @@ class ModelVersion:
         try:
             prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
             names = check_requested_outputs(request, self.outputs)
-            results = await self.batcher.submit(prepared.tensors, prepared.samples, prepared.key)
+            priority, timeout_us = scheduling_parameters(request.parameters)
+            results = await self.batcher.submit(
+                prepared.tensors, prepared.samples, prepared.key, priority=priority, timeout_us=timeout_us
+            )
             outputs = [OutputTensor(n, datatypes.of_array(results[n]), results[n]) for n in names]
             ok = True
             return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
@@ -76,6 +79,16 @@ class ModelVersion:
         self.batcher.close(timeout_s)
         for backend in self.backends:
             backend.unload()
+
+
+def scheduling_parameters(parameters: dict[str, Any]) -> tuple[int, int | None]:
+    """Triton's schedule-policy request parameters: ``priority`` (1 = highest) and ``timeout`` (us)."""
+    priority, timeout = parameters.get("priority", 0), parameters.get("timeout")
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+        raise InvalidInput(f"parameters.priority: must be a non-negative integer, got {priority!r}")
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0):
+        raise InvalidInput(f"parameters.timeout: must be a non-negative integer of microseconds, got {timeout!r}")
+    return priority, timeout or None
 
 
 @dataclass
@@ -147,6 +160,10 @@ class ModelManager:
         if not self._startup_done:
             return False
         return all(entry.served for entry in self._entries.values() if entry.wanted)
+
+    def pending(self) -> int:
+        """Requests queued or running on every served version."""
+        return sum(v.batcher.pending for v in self.served_versions())
 
     def served_versions(self) -> list[ModelVersion]:
         """Every version currently served, for statistics."""
@@ -284,13 +301,14 @@ class ModelManager:
         backends = self._make_backends(f"{name}:{version}", model_path, config)
         stats = ModelStats()
         batching = config.max_batch_size if config.HasField("dynamic_batching") else 0
-        queue_size = config.dynamic_batching.default_queue_policy.max_queue_size or self.settings.default_max_queue_size
+        policy = BatchPolicy.from_config(config, self.settings.default_max_queue_size)
         batcher = Batcher(
             f"{name}:{version}",
             [b.infer for b in backends],
             max_batch_size=batching,
-            max_queue_size=queue_size,
+            max_queue_size=policy.default_queue.max_queue_size,
             stats=stats,
+            policy=policy,
         )
         batcher.start()
         log.info(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +26,11 @@ from server.http.codec import (
 from server.settings import Settings
 
 JSON = "application/json"
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected; nobody is left to answer."""
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -55,6 +62,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return decompress(body, request.headers.get("content-encoding", ""), limit)
 
 
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` but cancel it if the client goes away first, so its queued request is dropped."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone("client disconnected before its response was ready")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_http_app(dataplane: DataPlane, settings: Settings) -> FastAPI:
     """Build the FastAPI application around one DataPlane."""
     app = FastAPI(title="optiserve", version=dataplane.server_metadata()["version"], docs_url="/docs")
@@ -81,6 +107,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return json_response({"error": str(exc.detail)}, exc.status_code, dict(exc.headers or {}))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
+        return json_response({"error": str(exc)}, 499)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> Response:
@@ -148,7 +178,7 @@ def _add_infer_routes(app: FastAPI, dataplane: DataPlane, settings: Settings, li
         dataplane.check_model(model_name, model_version)
         body = await read_body(request, settings.max_request_bytes)
         decoded = decode_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
-        response = await dataplane.infer(decoded)
+        response = await _unless_disconnected(request, dataplane.infer(decoded))
         content, header_length = encode_response(response, decoded)
         if header_length is None:
             return Response(content, media_type=JSON)
