@@ -11,9 +11,12 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
+from prometheus_client import start_http_server
 
 from server.dataplane import DataPlane
 from server.http.app import create_http_app
+from server.logs import configure_logging
+from server.metrics import ServerMetrics
 from server.models import ModelManager
 from server.repository import Repository
 from server.rpc.service import create_grpc_server
@@ -36,9 +39,11 @@ class OptiServe:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.repository = Repository(settings.model_repository)
-        self.models = ModelManager(self.repository, settings)
+        self.metrics = ServerMetrics(enabled=settings.metrics)
+        self.models = ModelManager(self.repository, settings, self.metrics)
+        self.metrics.add_state_collector(self.models.metric_families)
         self.dataplane = DataPlane(self.models)
-        self.http_app = create_http_app(self.dataplane, settings)
+        self.http_app = create_http_app(self.dataplane, settings, self.metrics.registry if settings.metrics else None)
         self.grpc_server = create_grpc_server(self.dataplane, settings)
         self._stop = asyncio.Event()
         self.http_port = 0
@@ -59,10 +64,13 @@ class OptiServe:
                 log_level=settings.log_level,
                 access_log=settings.access_log,
                 lifespan="off",
+                log_config=None,
                 timeout_graceful_shutdown=int(settings.exit_timeout_s) + 2,
                 timeout_keep_alive=30,
             )
         )
+        if settings.metrics and settings.metrics_port is not None:
+            start_http_server(settings.metrics_port, addr=settings.host, registry=self.metrics.registry)
         self._install_signal_handlers()
         log.info(
             "listening: http=%s:%d grpc=%s:%d repository=%s",
@@ -124,7 +132,7 @@ def _grpc_host(host: str) -> str:
 
 def serve(settings: Settings) -> None:
     """Run the server in this process until it is told to stop."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     try:
         import uvloop
     except ImportError:  # uvloop is optional (uvicorn[standard] brings it on Linux/macOS)

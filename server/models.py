@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -18,10 +19,21 @@ from tritonclient.grpc import model_config_pb2 as mc
 from server import datatypes
 from server.backends.base import Backend
 from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
-from server.batching import Batcher, BatchPolicy
+from server.batching import Batcher, BatcherClosed, BatchPolicy
 from server.config import LoadedConfig, TensorSpec, complete_config, read_config, tensor_specs
-from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError
+from server.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    LoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    PayloadTooLarge,
+    ServerError,
+    ServerUnavailable,
+)
 from server.inference import InferenceRequest, InferenceResponse, OutputTensor
+from server.metrics import Metric, ServerMetrics, state_families
 from server.repository import Repository, select_versions
 from server.settings import Settings
 from server.stats import ModelStats
@@ -51,6 +63,7 @@ class ModelVersion:
     backends: list[Backend]
     batcher: Batcher
     stats: ModelStats
+    variant: str = "original"
 
     @property
     def max_batch_size(self) -> int:
@@ -60,7 +73,7 @@ class ModelVersion:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Validate, queue, wait, and pick the requested outputs."""
         started = time.monotonic_ns()
-        ok = False
+        reason: str | None = "other"
         try:
             prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
             names = check_requested_outputs(request, self.outputs)
@@ -69,16 +82,39 @@ class ModelVersion:
                 prepared.tensors, prepared.samples, prepared.key, priority=priority, timeout_us=timeout_us
             )
             outputs = [OutputTensor(n, datatypes.of_array(results[n]), results[n]) for n in names]
-            ok = True
+            reason = None
             return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
+        except BaseException as exc:
+            reason = failure_reason(exc)
+            if reason in ("backend", "other"):
+                log.error(
+                    "request %s to %s:%s failed: %s", request.id or uuid.uuid4().hex, self.name, self.version, exc
+                )
+            raise
         finally:
-            self.stats.record_request(ok, time.monotonic_ns() - started)
+            if reason != "retried":
+                self.stats.record_request(reason is None, time.monotonic_ns() - started, reason or "")
 
     def close(self, timeout_s: float) -> None:
         """Drain the queue, then release every instance."""
         self.batcher.close(timeout_s)
         for backend in self.backends:
             backend.unload()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The metrics ``reason`` of a failed request."""
+    if isinstance(exc, BatcherClosed):
+        return "retried"  # the data plane retries it on the new version; not an outcome
+    if isinstance(exc, (ServerUnavailable, DeadlineExceeded)):
+        return "rejected"
+    if isinstance(exc, asyncio.CancelledError):
+        return "canceled"
+    if isinstance(exc, (InvalidInput, PayloadTooLarge)):
+        return "invalid"
+    if isinstance(exc, (InternalError, ModelNotReady)) or not isinstance(exc, ServerError):
+        return "backend"
+    return "other"
 
 
 def scheduling_parameters(parameters: dict[str, Any]) -> tuple[int, int | None]:
@@ -114,9 +150,10 @@ class ModelEntry:
 class ModelManager:
     """Loads models from the repository, serves them, and swaps versions atomically."""
 
-    def __init__(self, repository: Repository, settings: Settings) -> None:
+    def __init__(self, repository: Repository, settings: Settings, metrics: ServerMetrics | None = None) -> None:
         self.repository = repository
         self.settings = settings
+        self.metrics = metrics
         self._entries: dict[str, ModelEntry] = {}
         self._startup_done = False
 
@@ -160,6 +197,13 @@ class ModelManager:
         if not self._startup_done:
             return False
         return all(entry.served for entry in self._entries.values() if entry.wanted)
+
+    def metric_families(self) -> list[Metric]:
+        """Scrape-time gauges: each version's state, pending requests, and selected variant."""
+        states = [(row["name"], row["version"], row["state"]) for row in self.index()]
+        pending = [(v.name, str(v.version), v.batcher.pending) for v in self.served_versions()]
+        variants = [(v.name, str(v.version), v.variant) for v in self.served_versions()]
+        return state_families(states, pending, variants)
 
     def pending(self) -> int:
         """Requests queued or running on every served version."""
@@ -299,7 +343,7 @@ class ModelManager:
             raise LoadFailed(f"model {name!r} version {version}: not a valid ONNX file ({exc})") from None
         config = complete_config(loaded, name, graph, self.settings.default_max_batch_size)
         backends = self._make_backends(f"{name}:{version}", model_path, config)
-        stats = ModelStats()
+        stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
         batching = config.max_batch_size if config.HasField("dynamic_batching") else 0
         policy = BatchPolicy.from_config(config, self.settings.default_max_queue_size)
         batcher = Batcher(
@@ -311,6 +355,8 @@ class ModelManager:
             policy=policy,
         )
         batcher.start()
+        if self.metrics is not None:
+            self.metrics.load_duration.labels(name).observe(time.monotonic() - started)
         log.info(
             "model %s version %s loaded in %.2fs (%d instance(s))",
             name,

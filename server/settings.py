@@ -74,3 +74,12 @@ class Settings(BaseSettings):
 
     exit_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT, how long in-flight and queued requests may take to finish before exit."""
+
+    metrics: bool = True
+    """Serve Prometheus metrics at GET /metrics (--no-metrics turns collection off)."""
+
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Also serve /metrics on this separate port (for scrapers kept off the inference port)."""
+
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as plain text or as one JSON object per line (for log collectors)."""

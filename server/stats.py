@@ -8,7 +8,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.metrics import VersionMetrics
 
 
 @dataclass
@@ -40,8 +43,10 @@ class BatchDurations:
 class ModelStats:
     """Counters for one served model version."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: VersionMetrics | None = None) -> None:
         self._lock = threading.Lock()
+        self.metrics = metrics
+        self.rejected = Duration()
         self.success = Duration()
         self.fail = Duration()
         self.queue = Duration()
@@ -71,11 +76,21 @@ class ModelStats:
             durations.compute_input.add(input_ns)
             durations.compute_infer.add(infer_ns)
             durations.compute_output.add(output_ns)
+        if self.metrics is not None:
+            self.metrics.observe_execution(batch_size, queue_ns, input_ns, infer_ns, output_ns)
 
-    def record_request(self, ok: bool, duration_ns: int) -> None:
-        """One request finished, end to end inside the server."""
+    def record_request(self, ok: bool, duration_ns: int, reason: str = "other") -> None:
+        """One request finished, end to end inside the server. Rejections (queue full, queue timeout,
+        shutting down) are counted apart from failures, as overload is not an error of the model."""
         with self._lock:
-            (self.success if ok else self.fail).add(duration_ns)
+            if ok:
+                self.success.add(duration_ns)
+            elif reason == "rejected":
+                self.rejected.add(duration_ns)
+            else:
+                self.fail.add(duration_ns)
+        if self.metrics is not None:
+            self.metrics.observe_request(None if ok else reason, duration_ns)
 
     def to_json(self, name: str, version: str) -> dict[str, Any]:
         """Triton's ``ModelStatistics`` JSON."""
@@ -89,6 +104,7 @@ class ModelStats:
                 "inference_stats": {
                     "success": self.success.to_json(),
                     "fail": self.fail.to_json(),
+                    "rejected": self.rejected.to_json(),
                     "queue": self.queue.to_json(),
                     "compute_input": self.compute_input.to_json(),
                     "compute_infer": self.compute_infer.to_json(),

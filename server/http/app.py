@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import tensors
@@ -81,8 +82,8 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_http_app(dataplane: DataPlane, settings: Settings) -> FastAPI:
-    """Build the FastAPI application around one DataPlane."""
+def create_http_app(dataplane: DataPlane, settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
+    """Build the FastAPI application around one DataPlane (and its metrics registry, if metrics are on)."""
     app = FastAPI(title="optiserve", version=dataplane.server_metadata()["version"], docs_url="/docs")
     limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
     _install_error_handlers(app)
@@ -90,7 +91,15 @@ def create_http_app(dataplane: DataPlane, settings: Settings) -> FastAPI:
     _add_model_routes(app, dataplane)
     _add_infer_routes(app, dataplane, settings, limits)
     _add_repository_routes(app, dataplane, settings)
+    if registry is not None:
+        _add_metrics_route(app, registry)
     return app
+
+
+def _add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:
+    @app.get("/metrics", tags=["metrics"])
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

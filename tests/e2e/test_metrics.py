@@ -1,0 +1,183 @@
+"""Prometheus metrics on the real server: exact counts, rejections apart from failures, agreement with the
+statistics endpoint, a valid exposition (promtool), and a real Prometheus server scraping us."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServerProcess
+from tests.models import fixtures
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} of one /metrics page."""
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _infer_n(server: ServerProcess, n: int, model: str = "mlp") -> None:
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    tensor = grpcclient.InferInput("x", [2, 8], "FP32")
+    tensor.set_data_from_numpy(np.ones((2, 8), np.float32))
+    for _ in range(n):
+        client.infer(model, [tensor])
+
+
+@pytest.fixture
+def metrics_server(start_server, tmp_path: Path) -> ServerProcess:
+    fixtures.write_model(tmp_path, "mlp", fixtures.float_mlp())
+    fixtures.write_model(
+        tmp_path,
+        "slow",
+        fixtures.slow_model(256, 200),
+        config="max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 1 } }",
+    )
+    return start_server(tmp_path)
+
+
+def test_counters_grow_by_exactly_n_and_agree_with_stats(metrics_server: ServerProcess) -> None:
+    url = metrics_server.http_url
+    before = scrape(url)
+    _infer_n(metrics_server, 7)
+    bad = httpx.post(
+        f"{url}/v2/models/mlp/infer",
+        json={"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP64", "data": [0] * 8}]},
+    )
+    assert bad.status_code == 400
+    after = scrape(url)
+    ids = {"model": "mlp", "version": "1"}
+    assert (
+        value(after, "optiserve_inference_requests_total", **ids)
+        - value(before, "optiserve_inference_requests_total", **ids)
+        == 7
+    )
+    assert value(after, "optiserve_inferences_total", **ids) - value(before, "optiserve_inferences_total", **ids) == 14
+    invalid = value(after, "optiserve_inference_failures_total", **ids, reason="invalid")
+    assert invalid - value(before, "optiserve_inference_failures_total", **ids, reason="invalid") == 1
+    assert value(after, "optiserve_request_duration_seconds_count", **ids) >= 8
+    stats = httpx.get(f"{url}/v2/models/mlp/stats").json()["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] == value(after, "optiserve_inference_requests_total", **ids)
+    assert stats["inference_count"] == value(after, "optiserve_inferences_total", **ids)
+    assert stats["execution_count"] == value(after, "optiserve_executions_total", **ids)
+    assert stats["inference_stats"]["fail"]["count"] == invalid
+    assert value(after, "optiserve_model_state", model="mlp", version="1", state="READY") == 1
+    assert value(after, "optiserve_pending_requests", **ids) == 0
+    assert value(after, "process_resident_memory_bytes") > 0
+
+
+def test_rejections_are_not_failures(metrics_server: ServerProcess) -> None:
+    url = metrics_server.http_url
+    body = {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [0.5] * 256}]}
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            responses = await asyncio.gather(
+                *(client.post(f"{url}/v2/models/slow/infer", json=body) for _ in range(20))
+            )
+        return [r.status_code for r in responses]
+
+    statuses = asyncio.run(burst())
+    assert 503 in statuses
+    after = scrape(url)
+    ids = {"model": "slow", "version": "1"}
+    assert value(after, "optiserve_inference_failures_total", **ids, reason="rejected") == statuses.count(503)
+    assert value(after, "optiserve_inference_failures_total", **ids, reason="backend") == 0
+    assert value(after, "optiserve_inference_requests_total", **ids) == statuses.count(200)
+    stats = httpx.get(f"{url}/v2/models/slow/stats").json()["model_stats"][0]["inference_stats"]
+    assert stats["fail"]["count"] == 0 and stats["rejected"]["count"] == statuses.count(503)
+
+
+def test_exposition_passes_promtool(metrics_server: ServerProcess) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package 'prometheus'; make test installs it when root)")
+    _infer_n(metrics_server, 2)
+    text = httpx.get(f"{metrics_server.http_url}/metrics").text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_metrics_can_be_turned_off_or_moved(start_server, tmp_path: Path) -> None:
+    fixtures.write_model(tmp_path, "mlp", fixtures.float_mlp())
+    off = start_server(tmp_path, "--no-metrics")
+    assert httpx.get(f"{off.http_url}/metrics").status_code == 404
+    port = _free_port()
+    moved = start_server(tmp_path, "--metrics-port", str(port))
+    _infer_n(moved, 3)
+    assert (
+        value(scrape(f"http://127.0.0.1:{port}"), "optiserve_inference_requests_total", model="mlp", version="1") == 3
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_real_prometheus_scrapes_us(metrics_server: ServerProcess, tmp_path: Path) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (Debian package 'prometheus'; make test installs it when root)")
+    port = _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: optiserve\n    static_configs: [{{targets: ['127.0.0.1:{metrics_server.http_port}']}}]\n"
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1/query"
+    try:
+        _infer_n(metrics_server, 25)
+        deadline = time.monotonic() + 60
+        total = None
+        while time.monotonic() < deadline:
+            try:
+                data = httpx.get(api, params={"query": 'optiserve_inference_requests_total{model="mlp"}'}).json()
+                if data["data"]["result"]:
+                    total = float(data["data"]["result"][0]["value"][1])
+                    if total == 25:
+                        break
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        assert total == 25
+        _infer_n(metrics_server, 25)
+        time.sleep(2.5)
+        query = (
+            'histogram_quantile(0.5, sum by (le) (rate(optiserve_request_duration_seconds_bucket{model="mlp"}[1m])))'
+        )
+        result = httpx.get(api, params={"query": query}).json()["data"]["result"]
+        assert result and 0 < float(result[0]["value"][1]) < 1.0
+    finally:
+        proc.terminate()
+        proc.wait(10)
