@@ -1,0 +1,132 @@
+"""Benchmark models built from scratch with onnx.helper, so the benchmark needs no downloads.
+
+Weights are random (fixed seed, He-initialised so activations stay finite): the numbers they produce are
+meaningless, but the compute and memory traffic match the real architectures, which is what timing needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8  # the lowest IR version carrying opset 17, so older onnxruntime builds load the files
+SEED = 0
+
+
+class _GraphBuilder:
+    """Accumulates nodes and initializers and hands out unique tensor names."""
+
+    def __init__(self, seed: int = SEED) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def _name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def _const(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(value.astype(np.float32), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs: object) -> str:
+        """Append one node and return its (single) output name."""
+        out = output or self._name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def gemm(self, x: str, fan_in: int, fan_out: int, output: str | None = None) -> str:
+        """Fully connected layer; the weight is stored [out, in] (transB=1) like PyTorch's Linear."""
+        name = self._name("fc")
+        weight = self.rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_out, fan_in))
+        w = self._const(f"{name}.weight", weight)
+        b = self._const(f"{name}.bias", np.zeros(fan_out))
+        return self.op("Gemm", [x, w, b], output, transB=1)
+
+    def conv(self, x: str, c_in: int, c_out: int, kernel: int, stride: int = 1, gain: float = 1.0) -> str:
+        """Conv with bias (BatchNorm folded away); 'same'-style padding of kernel // 2."""
+        name = self._name("conv")
+        fan_in = c_in * kernel * kernel
+        weight = self.rng.normal(0.0, gain * np.sqrt(2.0 / fan_in), size=(c_out, c_in, kernel, kernel))
+        w = self._const(f"{name}.weight", weight)
+        b = self._const(f"{name}.bias", np.zeros(c_out))
+        pad = kernel // 2
+        return self.op("Conv", [x, w, b], kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4)
+
+    def finish(self, graph_name: str, in_shape: list[int], out_features: int) -> onnx.ModelProto:
+        """Wrap the graph with a dynamic 'batch' dimension on input and output and validate it."""
+        graph = helper.make_graph(
+            self.nodes,
+            graph_name,
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *in_shape])],
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", out_features])],
+            initializer=self.initializers,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="optiserve-bench"
+        )
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model)
+        return model
+
+
+def build_mlp() -> onnx.ModelProto:
+    """input [batch,256] -> 1024 -> 1024 -> 10: a small, latency-bound model that exposes serving overhead."""
+    g = _GraphBuilder()
+    x = g.op("Relu", [g.gemm("input", 256, 1024)])
+    x = g.op("Relu", [g.gemm(x, 1024, 1024)])
+    g.gemm(x, 1024, 10, output="output")
+    return g.finish("bench_mlp", [256], 10)
+
+
+def _basic_block(g: _GraphBuilder, x: str, c_in: int, c_out: int, stride: int) -> str:
+    """ResNet basic block; a 1x1 projection shortcut wherever the shape changes."""
+    # Without BatchNorm the residual sum doubles the variance per block; damping the branch keeps it flat.
+    y = g.op("Relu", [g.conv(x, c_in, c_out, 3, stride)])
+    y = g.conv(y, c_out, c_out, 3, gain=0.5)
+    shortcut = x if stride == 1 and c_in == c_out else g.conv(x, c_in, c_out, 1, stride, gain=0.5)
+    return g.op("Relu", [g.op("Add", [y, shortcut])])
+
+
+def build_resnet18_like() -> onnx.ModelProto:
+    """ResNet-18-sized CNN (~11.7M params) on [batch,3,224,224]: a compute-bound model."""
+    g = _GraphBuilder()
+    x = g.op("Relu", [g.conv("input", 3, 64, 7, stride=2)])
+    x = g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    c_in = 64
+    for stage, c_out in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            x = _basic_block(g, x, c_in, c_out, stride)
+            c_in = c_out
+    x = g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
+    g.gemm(x, 512, 1000, output="output")
+    return g.finish("bench_resnet18", [3, 224, 224], 1000)
+
+
+BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {"mlp": build_mlp, "resnet18": build_resnet18_like}
+
+
+def param_count(model: onnx.ModelProto) -> int:
+    """Number of scalars held in initializers."""
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def write_repo(root: Path, names: list[str]) -> list[Path]:
+    """Write root/<name>/1/model.onnx for each name; no config.pbtxt, the server derives it."""
+    unknown = sorted(set(names) - BUILDERS.keys())
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {sorted(BUILDERS)}")
+    paths = []
+    for name in names:
+        path = root / name / "1" / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(BUILDERS[name](), str(path))
+        paths.append(path)
+    return paths

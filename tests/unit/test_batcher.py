@@ -1,0 +1,502 @@
+"""server.batching.Batcher with fake runners: batching, splitting, back-pressure, failures, cancellation, close."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.batching import Batcher, BatchPolicy, Tensors
+from server.errors import InvalidInput, ServerUnavailable
+from server.stats import ModelStats
+
+WAIT_S = 5.0
+
+
+class FakeRunner:
+    """Records the batches it gets; while ``gate`` is clear it blocks, like a busy instance."""
+
+    def __init__(self, *, blocked: bool = False, fail_on_negative: bool = False) -> None:
+        self.calls: list[Tensors] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.fail_on_negative = fail_on_negative
+        if not blocked:
+            self.gate.set()
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        self.calls.append({name: array.copy() for name, array in inputs.items()})
+        self.entered.set()
+        assert self.gate.wait(WAIT_S), "test never released the runner"
+        x = inputs["x"]
+        if self.fail_on_negative and (x < 0).any():
+            raise ValueError("negative input")
+        return {"y": x * 2, "total": x.reshape(len(x), -1).sum(axis=1)}
+
+    def sizes(self) -> list[int]:
+        return [len(call["x"]) for call in self.calls]
+
+
+def _rows(first: float, samples: int, width: int = 2) -> np.ndarray:
+    """``samples`` rows whose values are unique to this request (first, first + 0.01, ...)."""
+    return (first + np.arange(samples * width, dtype=np.float32).reshape(samples, width) / 100).astype(np.float32)
+
+
+def _key(width: int = 2) -> Hashable:
+    return (("x", (width,)),)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+async def _entered(runner: FakeRunner) -> None:
+    assert await asyncio.to_thread(runner.entered.wait, WAIT_S), "runner was never called"
+
+
+def _batcher(runners: list[FakeRunner], max_batch_size: int = 8, max_queue_size: int = 0) -> Batcher:
+    batcher = Batcher(
+        "m", list(runners), max_batch_size=max_batch_size, max_queue_size=max_queue_size, stats=ModelStats()
+    )
+    batcher.start()
+    return batcher
+
+
+def _run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 2 * WAIT_S))
+
+
+async def _submit(batcher: Batcher, x: np.ndarray, key: Hashable | None = None) -> Tensors:
+    return await batcher.submit({"x": x}, len(x), _key(x.shape[1]) if key is None else key)
+
+
+def _spawn(batcher: Batcher, x: np.ndarray, key: Hashable | None = None) -> asyncio.Task[Tensors]:
+    return asyncio.ensure_future(_submit(batcher, x, key))
+
+
+def _check(result: Tensors, x: np.ndarray) -> None:
+    """The caller got exactly its own rows back."""
+    np.testing.assert_array_equal(result["y"], x * 2)
+    np.testing.assert_array_equal(result["total"], x.sum(axis=1))
+
+
+async def _block_worker(batcher: Batcher, runner: FakeRunner) -> tuple[asyncio.Task[Tensors], np.ndarray]:
+    first_x = _rows(1000, 1)
+    first = _spawn(batcher, first_x)
+    await _entered(runner)
+    return first, first_x
+
+
+async def _wait_all(tasks: list[Awaitable[Tensors]]) -> list[Tensors]:
+    return list(await asyncio.gather(*tasks))
+
+
+@pytest.mark.parametrize("max_queue_delay_ns", [0, 2_000_000_000])
+def test_single_request_is_dispatched_immediately(max_queue_delay_ns: int) -> None:
+    """An idle batcher never waits for a batch to fill, even with a long max_queue_delay."""
+    runner = FakeRunner()
+    policy = BatchPolicy(max_queue_delay_ns=max_queue_delay_ns)
+    batcher = Batcher("m", [runner], max_batch_size=8, max_queue_size=0, stats=ModelStats(), policy=policy)
+    batcher.start()
+
+    async def scenario() -> None:
+        x = _rows(1, 1)
+        started = time.monotonic()
+        result = await _submit(batcher, x)
+        assert time.monotonic() - started < 0.5  # no batching window
+        _check(result, x)
+        assert runner.sizes() == [1]
+        await _until(lambda: batcher.pending == 0, "the worker to go idle")
+
+    try:
+        _run(scenario)
+    finally:
+        batcher.close(1)
+
+
+def test_queued_compatible_requests_leave_as_one_batch() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=8)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(10 * (i + 1), 1) for i in range(5)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 6, "five queued + one running")
+        runner.gate.set()
+        results = await _wait_all([first, *tasks])
+        assert runner.sizes() == [1, 5]
+        np.testing.assert_array_equal(runner.calls[1]["x"], np.concatenate(xs))  # arrival order
+        for result, x in zip(results, [first_x, *xs], strict=True):
+            _check(result, x)
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_batches_never_exceed_max_batch_size() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=4)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        samples = [1, 1, 3, 1, 1, 2, 4, 1]
+        xs = [_rows(10 * (i + 1), n) for i, n in enumerate(samples)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == len(samples) + 1, "all queued")
+        runner.gate.set()
+        results = await _wait_all([first, *tasks])
+        sizes = runner.sizes()
+        assert max(sizes) <= 4
+        assert sum(sizes) == 1 + sum(samples)
+        # the oldest queued request, then every later compatible one that still fits:
+        # [1] running, then [1+1+1+1], [3+1], [2], [4]
+        assert sizes == [1, 4, 4, 2, 4]
+        for result, x in zip(results, [first_x, *xs], strict=True):
+            _check(result, x)
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_incompatible_keys_are_not_mixed() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=8)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(10 * (i + 1), 1, width=2 if i % 2 == 0 else 3) for i in range(6)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 7, "all queued")
+        runner.gate.set()
+        results = await _wait_all([first, *tasks])
+        assert runner.sizes() == [1, 3, 3]
+        assert [call["x"].shape[1] for call in runner.calls] == [2, 2, 3]
+        for result, x in zip(results, [first_x, *xs], strict=True):
+            _check(result, x)
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_multi_sample_requests_are_split_back_exactly() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=16)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(100, 3), _rows(200, 2), _rows(300, 1), _rows(400, 3)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 5, "all queued")
+        runner.gate.set()
+        results = await _wait_all([first, *tasks])
+        assert runner.sizes() == [1, 9]
+        for result, x in zip(results, [first_x, *xs], strict=True):
+            assert result["y"].shape == x.shape
+            assert result["total"].shape == (len(x),)
+            _check(result, x)
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_max_batch_size_zero_runs_one_by_one() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=0)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(10 * (i + 1), 2) for i in range(4)]
+        tasks = [asyncio.ensure_future(batcher.submit({"x": x}, 1, None)) for x in xs]
+        await _until(lambda: batcher.pending == 5, "all queued")
+        runner.gate.set()
+        results = await _wait_all([first, *tasks])
+        assert runner.sizes() == [1, 2, 2, 2, 2]
+        for call, x in zip(runner.calls[1:], xs, strict=True):
+            np.testing.assert_array_equal(call["x"], x)
+        for result, x in zip(results, [first_x, *xs], strict=True):
+            _check(result, x)
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_each_instance_has_its_own_worker() -> None:
+    runners = [FakeRunner(blocked=True), FakeRunner(blocked=True)]
+    batcher = _batcher(runners, max_batch_size=8)
+
+    def running() -> int:
+        return sum(runner.entered.is_set() for runner in runners)
+
+    async def scenario() -> None:
+        first = _spawn(batcher, _rows(1, 1))
+        await _until(lambda: running() == 1, "one instance busy")
+        second = _spawn(batcher, _rows(2, 1))
+        await _until(lambda: running() == 2, "the other instance to take the second request")
+        assert batcher.pending == 2
+        for runner in runners:
+            runner.gate.set()
+        _check(await first, _rows(1, 1))
+        _check(await second, _rows(2, 1))
+        assert runners[0].sizes() == runners[1].sizes() == [1]
+
+    try:
+        _run(scenario)
+    finally:
+        for runner in runners:
+            runner.gate.set()
+        batcher.close(1)
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=8, max_queue_size=2)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)  # running: not in the queue
+        xs = [_rows(10, 1), _rows(20, 1)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 3, "queue full")
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="queue is full") as info:
+            await _submit(batcher, _rows(30, 1))
+        assert time.monotonic() - started < 0.5
+        assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+        runner.gate.set()
+        results = await _wait_all([first, *tasks])
+        for result, x in zip(results, [first_x, *xs], strict=True):
+            _check(result, x)
+        assert runner.sizes() == [1, 2]
+        _check(await _submit(batcher, _rows(40, 1)), _rows(40, 1))  # room again
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+@pytest.mark.parametrize("error", [ValueError("negative input"), InvalidInput("bad input 'x'")])
+def test_runner_exception_reaches_every_request_of_the_batch(error: Exception) -> None:
+    runner = FakeRunner(blocked=True)
+    calls = 0
+
+    def failing(inputs: Tensors) -> Tensors:
+        nonlocal calls
+        calls += 1
+        outputs = runner(inputs)
+        if calls == 2:
+            raise error
+        return outputs
+
+    batcher = Batcher("m", [failing], max_batch_size=8, max_queue_size=0, stats=ModelStats())
+    batcher.start()
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        tasks = [_spawn(batcher, _rows(10 * (i + 1), 1)) for i in range(3)]
+        await _until(lambda: batcher.pending == 4, "all queued")
+        runner.gate.set()
+        _check(await first, first_x)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(outcome is error for outcome in outcomes), outcomes
+        assert runner.sizes() == [1, 3]
+        # the worker survived and keeps serving
+        x = _rows(50, 2)
+        _check(await _submit(batcher, x), x)
+        assert runner.sizes() == [1, 3, 2]
+        assert batcher.stats.execution_count == 2  # the failed execution is not counted
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_mismatched_batch_is_an_error_not_a_dead_worker() -> None:
+    """Requests with the same key but inconsistent shapes make np.concatenate fail inside the worker."""
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=8)
+
+    async def scenario() -> None:
+        first, _ = await _block_worker(batcher, runner)
+        tasks = [_spawn(batcher, _rows(1, 1, width=2), key="k"), _spawn(batcher, _rows(2, 1, width=3), key="k")]
+        await _until(lambda: batcher.pending == 3, "queued")
+        runner.gate.set()
+        await first
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(outcome, ValueError) for outcome in outcomes)
+        _check(await _submit(batcher, _rows(3, 1)), _rows(3, 1))
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 8])
+def test_cancelled_requests_are_skipped(max_batch_size: int) -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=max_batch_size)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(10 * (i + 1), 1) for i in range(4)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 5, "all queued")
+        for index in (0, 2):  # the oldest queued one and one in the middle
+            tasks[index].cancel()
+        await asyncio.sleep(0)
+        runner.gate.set()
+        _check(await first, first_x)
+        for index in (1, 3):
+            _check(await tasks[index], xs[index])
+        for index in (0, 2):
+            with pytest.raises(asyncio.CancelledError):
+                await tasks[index]
+        seen = np.concatenate([call["x"] for call in runner.calls])
+        np.testing.assert_array_equal(seen, np.concatenate([first_x, xs[1], xs[3]]))
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_only_cancelled_requests_queued_leaves_the_worker_alive() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=8)
+
+    async def scenario() -> None:
+        first, _ = await _block_worker(batcher, runner)
+        tasks = [_spawn(batcher, _rows(10, 1)), _spawn(batcher, _rows(20, 1))]
+        await _until(lambda: batcher.pending == 3, "queued")
+        for task in tasks:
+            task.cancel()
+        await asyncio.sleep(0)
+        runner.gate.set()
+        await first
+        x = _rows(30, 1)
+        _check(await _submit(batcher, x), x)
+        assert runner.sizes() == [1, 1]
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_close_drains_queued_work_then_stops() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=2)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(10 * (i + 1), 1) for i in range(3)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 4, "queued")
+        closing = asyncio.ensure_future(asyncio.to_thread(batcher.close, WAIT_S))
+        await asyncio.sleep(0.02)
+        assert not closing.done()  # waits for the running and queued work
+        with pytest.raises(ServerUnavailable, match="shutting down"):
+            await _submit(batcher, _rows(99, 1))
+        runner.gate.set()
+        await closing
+        results = await _wait_all([first, *tasks])
+        for result, x in zip(results, [first_x, *xs], strict=True):
+            _check(result, x)
+        assert runner.sizes() == [1, 2, 1]
+        assert not any(thread.is_alive() for thread in batcher._threads)
+        with pytest.raises(ServerUnavailable) as info:
+            await _submit(batcher, _rows(99, 1))
+        assert info.value.retry_after_s is not None
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_close_timeout_fails_what_is_still_queued() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=8)
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        tasks = [_spawn(batcher, _rows(10, 1)), _spawn(batcher, _rows(20, 1))]
+        await _until(lambda: batcher.pending == 3, "queued")
+        await asyncio.to_thread(batcher.close, 0.05)
+        for task in tasks:
+            with pytest.raises(ServerUnavailable, match="unloaded"):
+                await task
+        runner.gate.set()
+        _check(await first, first_x)  # the running batch still completes
+        assert runner.sizes() == [1]
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_stats_record_inferences_executions_and_batch_sizes() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=8)
+
+    async def scenario() -> None:
+        first, _ = await _block_worker(batcher, runner)
+        tasks = [_spawn(batcher, _rows(10, 2)), _spawn(batcher, _rows(20, 3))]
+        await _until(lambda: batcher.pending == 3, "queued")
+        await asyncio.sleep(0.01)  # measurable queue time
+        runner.gate.set()
+        await _wait_all([first, *tasks])
+        await _submit(batcher, _rows(30, 1))
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+    stats = batcher.stats
+    assert stats.inference_count == 1 + 5 + 1
+    assert stats.execution_count == 3
+    assert sorted(stats.batches) == [1, 5]
+    assert stats.batches[1].compute_infer.count == 2
+    assert stats.batches[5].compute_infer.count == 1
+    assert stats.queue.count == 4  # one per request
+    assert stats.queue.ns >= 2 * 10_000_000  # the two queued requests waited at least 10 ms each
+    assert stats.compute_infer.count == 4
+    assert stats.last_inference_ms > 0
+    data = stats.to_json("m", "1")
+    assert (data["inference_count"], data["execution_count"]) == (7, 3)
+    assert [b["batch_size"] for b in data["batch_stats"]] == [1, 5]
+    assert data["inference_stats"]["queue"]["count"] == 4
