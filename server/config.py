@@ -9,7 +9,6 @@ reply are the exact shapes Triton's tools read.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ def parse_config(text: str, fmt: str) -> LoadedConfig:
     try:
         if fmt == "pbtxt":
             text_format.Parse(text, config)
-            explicit = set(re.findall(r"^\s*([a-z_]+)\s*[:{\[]", text, flags=re.MULTILINE))
+            explicit = _top_level_fields(text)
         else:
             data = yaml.safe_load(text) if fmt in ("yaml", "yml") else json.loads(text)
             if data is None:
@@ -73,6 +72,30 @@ def parse_config(text: str, fmt: str) -> LoadedConfig:
     except (text_format.ParseError, json_format.ParseError, yaml.YAMLError, ValueError) as exc:
         raise LoadFailed(f"config.{fmt}: {exc}") from None
     return LoadedConfig(config, explicit)
+
+
+def _top_level_fields(text: str) -> set[str]:
+    """Names of the fields a pbtxt sets at its top level, including scalars set to their default (proto3
+    has no presence for those, and ``max_batch_size: 0`` must not be auto-completed away)."""
+    tokenizer = text_format.Tokenizer(text.splitlines())
+    tokens: list[str] = []
+    while not tokenizer.AtEnd():
+        tokens.append(tokenizer.token)
+        tokenizer.NextToken()
+    fields: set[str] = set()
+    depth = 0
+    for index, token in enumerate(tokens):
+        if token in ("{", "[", "<"):
+            depth += 1
+        elif token in ("}", "]", ">"):
+            depth -= 1
+        elif (
+            depth == 0
+            and tokens[index + 1 : index + 2] in ([":"], ["{"], ["<"], ["["])
+            and tokens[index - 1 : index] != [":"]
+        ):
+            fields.add(token)
+    return fields
 
 
 def complete_config(loaded: LoadedConfig, model_name: str, model: onnx.ModelProto, default_max_batch_size: int) -> Any:
@@ -134,34 +157,53 @@ def _complete_tensors(configured: Any, graph: dict[str, tuple[int, list[int]]], 
     listed = {t.name for t in configured}
     for unknown in listed - set(graph):
         raise LoadFailed(f"{kind} {unknown!r} in the config is not a {kind} of the ONNX graph {sorted(graph)}")
+    missing = sorted(set(graph) - listed)
+    if listed and missing and kind == "input":
+        raise LoadFailed(f"the config lists inputs {sorted(listed)} but the model also needs {missing}")
     if not listed:
         for name in graph:
             configured.add(name=name)
     for tensor in configured:
-        elem_type, graph_dims = graph[tensor.name]
-        dtype = datatypes.BY_ONNX_TYPE.get(elem_type)
-        if dtype is None:
-            raise LoadFailed(f"{kind} {tensor.name!r}: ONNX element type {elem_type} is not supported")
-        if tensor.data_type == mc.TYPE_INVALID:
-            tensor.data_type = mc.DataType.Value(dtype.config_name)
-        elif mc.DataType.Name(tensor.data_type) != dtype.config_name:
+        _complete_tensor(tensor, *graph[tensor.name], max_batch_size, kind)
+
+
+def _complete_tensor(tensor: Any, elem_type: int, graph_dims: list[int], max_batch_size: int, kind: str) -> None:
+    """Fill one tensor's datatype and dims from the graph, or check the configured ones against it."""
+    dtype = datatypes.BY_ONNX_TYPE.get(elem_type)
+    if dtype is None:
+        raise LoadFailed(f"{kind} {tensor.name!r}: ONNX element type {elem_type} is not supported")
+    if tensor.data_type == mc.TYPE_INVALID:
+        tensor.data_type = mc.DataType.Value(dtype.config_name)
+    elif mc.DataType.Name(tensor.data_type) != dtype.config_name:
+        raise LoadFailed(
+            f"{kind} {tensor.name!r}: config data_type {mc.DataType.Name(tensor.data_type)} "
+            f"does not match the model's {dtype.config_name}"
+        )
+    model_dims = graph_dims[1:] if max_batch_size > 0 else graph_dims
+    if max_batch_size > 0 and graph_dims and graph_dims[0] != -1:
+        raise LoadFailed(
+            f"{kind} {tensor.name!r}: max_batch_size is {max_batch_size} but the model's first "
+            f"dimension is fixed at {graph_dims[0]}; set max_batch_size: 0"
+        )
+    if not tensor.dims and not tensor.HasField("reshape"):
+        tensor.dims.extend(model_dims)
+    elif not tensor.HasField("reshape"):
+        _check_configured_dims(tensor, model_dims, max_batch_size, kind)
+
+
+def _check_configured_dims(tensor: Any, model_dims: list[int], max_batch_size: int, kind: str) -> None:
+    """Configured dims must have the model's rank and may only narrow its dynamic dims."""
+    dims = list(tensor.dims)
+    if len(dims) != len(model_dims):
+        raise LoadFailed(
+            f"{kind} {tensor.name!r}: config dims {dims} have rank {len(dims)}, "
+            f"the model expects rank {len(model_dims)} ({model_dims})"
+            + (" not counting the batch dimension" if max_batch_size > 0 else "")
+        )
+    for index, (configured, model) in enumerate(zip(dims, model_dims, strict=True)):
+        if configured != -1 and model != -1 and configured != model:
             raise LoadFailed(
-                f"{kind} {tensor.name!r}: config data_type {mc.DataType.Name(tensor.data_type)} "
-                f"does not match the model's {dtype.config_name}"
-            )
-        model_dims = graph_dims[1:] if max_batch_size > 0 else graph_dims
-        if max_batch_size > 0 and graph_dims and graph_dims[0] != -1:
-            raise LoadFailed(
-                f"{kind} {tensor.name!r}: max_batch_size is {max_batch_size} but the model's first "
-                f"dimension is fixed at {graph_dims[0]}; set max_batch_size: 0"
-            )
-        if not tensor.dims and not tensor.HasField("reshape"):
-            tensor.dims.extend(model_dims)
-        elif len(tensor.dims) != len(model_dims) and not tensor.HasField("reshape"):
-            raise LoadFailed(
-                f"{kind} {tensor.name!r}: config dims {list(tensor.dims)} have rank {len(tensor.dims)}, "
-                f"the model expects rank {len(model_dims)} ({model_dims})"
-                + (" not counting the batch dimension" if max_batch_size > 0 else "")
+                f"{kind} {tensor.name!r}: config dim {index} is {configured}, the model fixes it at {model}"
             )
 
 

@@ -104,11 +104,44 @@ def from_list(data: Any, dtype: DataType, shape: list[int], field: str, limits: 
             raise InvalidInput(f"{field}: BYTES data must be strings")
         return array.reshape(shape)
     try:
-        array = np.array(data, dtype=dtype.numpy)
+        parsed = np.array(data)
+    except ValueError as exc:  # ragged nesting
+        raise InvalidInput(f"{field}: data is not a regular nested list: {exc}") from None
+    if dtype.numpy.kind in "iu" and parsed.dtype.kind in "fO":
+        parsed = _exact_integers(data, dtype, field)  # e.g. UINT64 values past 2**63 parse as floats
+    if parsed.size and parsed.dtype.kind not in _JSON_KINDS[dtype.numpy.kind]:
+        got = _KIND_NAMES.get(parsed.dtype.kind, "values of another type")
+        raise InvalidInput(f"{field}: data is not valid {dtype.name}: got {got}")
+    try:
+        array = parsed.astype(dtype.numpy)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"{field}: data is not valid {dtype.name}: {exc}") from None
+    if dtype.numpy.kind in "iu" and not np.array_equal(array, parsed):
+        raise InvalidInput(f"{field}: data has values out of {dtype.name}'s range")
     check_count(array.size, expected, field, limits)
     return array.reshape(shape)
+
+
+def _exact_integers(data: list[Any], dtype: DataType, field: str) -> np.ndarray:
+    """Integer data that numpy could not type exactly: check every value is an int, then convert."""
+    flat = _flatten(data)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise InvalidInput(f"{field}: data is not valid {dtype.name}: got non-integer values")
+    try:
+        return np.array(flat, dtype=dtype.numpy)
+    except OverflowError:
+        raise InvalidInput(f"{field}: data has values out of {dtype.name}'s range") from None
+
+
+# Which numpy kinds a JSON list may parse to for each target kind: no strings, no nulls, no truncation.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf", "V": "iuf"}
+_KIND_NAMES = {
+    "U": "strings",
+    "S": "strings",
+    "O": "nulls or mixed values",
+    "f": "non-integer numbers",
+    "b": "booleans",
+}
 
 
 def _flatten(data: list[Any]) -> list[Any]:

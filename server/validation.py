@@ -78,6 +78,8 @@ def check_requested_outputs(request: InferenceRequest, outputs: list[TensorSpec]
     if not request.outputs:
         return known
     names = [output.name for output in request.outputs]
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"outputs: an output is requested more than once in {names}")
     for name in names:
         if name not in known:
             raise InvalidInput(

@@ -31,6 +31,8 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise InvalidInput(f"body is not valid {encoding}: {exc}") from None
     if len(data) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInput(f"body is not valid {encoding}: the stream is truncated")
     return data
 
 
@@ -77,16 +79,15 @@ def decode_request(
         model_version=version,
         inputs=inputs,
         outputs=_decode_outputs(doc.get("outputs"), limits),
-        id=request_id if isinstance(request_id, str) else str(request_id),
+        id=request_id if isinstance(request_id, str) else "" if request_id is None else str(request_id),
         parameters=parameters,
     )
 
 
 def _header_size(header_length: str, body_size: int) -> int:
-    try:
-        size = int(header_length)
-    except ValueError:
-        raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} is not an integer") from None
+    if not header_length.isdigit():
+        raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} is not a non-negative integer")
+    size = int(header_length)
     if not 0 <= size <= body_size:
         raise InvalidInput(f"{HEADER_LENGTH}: {size} is outside the body's {body_size} bytes")
     return size
@@ -107,7 +108,7 @@ def _decode_input(
     params = raw.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise InvalidInput(
                 f"{field}: binary_data_size {size!r} runs past the {len(binary) - offset} binary bytes left"
             )

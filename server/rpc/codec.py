@@ -68,7 +68,10 @@ def _decode_input(tensor: Any, raw: bytes | None, limits: tensors.Limits) -> Inp
         array = np.empty(len(values), dtype=object)
         array[:] = list(values)
     else:
-        array = np.array(values, dtype=dtype.numpy)
+        try:
+            array = np.array(values, dtype=dtype.numpy)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise InvalidInput(f"{field}: {contents_field} do not fit {dtype.name}: {exc}") from None
     return InputTensor(tensor.name, dtype, array.reshape(shape))
 
 

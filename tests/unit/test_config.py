@@ -208,12 +208,6 @@ def test_explicit_max_batch_size_zero_is_respected(fmt: str) -> None:
     assert not config.HasField("dynamic_batching")
 
 
-@pytest.mark.xfail(
-    reason="BUG server/config.py parse_config: explicit pbtxt keys are found with a line-start regex, so a "
-    "field that is not first on its line (valid text format) is not seen as explicit and max_batch_size: 0 "
-    "is overwritten by the default",
-    strict=True,
-)
 def test_explicit_max_batch_size_zero_not_first_on_its_line() -> None:
     config = _complete('name: "m" max_batch_size: 0', "mlp")
     assert config.max_batch_size == 0
@@ -273,11 +267,6 @@ def test_matching_name_platform_backend_accepted() -> None:
     assert config.name == "m"
 
 
-@pytest.mark.xfail(
-    reason="BUG server/config.py _complete_tensors: a config listing only some graph inputs loads; the missing "
-    "required input is neither added nor reported, so every request later fails inside onnxruntime",
-    strict=True,
-)
 def test_config_missing_a_graph_input_is_load_failed_or_completed() -> None:
     try:
         config = _complete('input [ { name: "a" } ]', "multi_io")
@@ -287,11 +276,6 @@ def test_config_missing_a_graph_input_is_load_failed_or_completed() -> None:
         assert [t.name for t in config.input] == ["a", "b"]
 
 
-@pytest.mark.xfail(
-    reason="BUG server/config.py _complete_tensors: only the rank of configured dims is checked; a fixed dim "
-    "that contradicts the graph (8 vs 5) loads and every request then fails inside onnxruntime",
-    strict=True,
-)
 def test_config_dims_contradicting_fixed_graph_dims_is_load_failed() -> None:
     with pytest.raises(LoadFailed, match="ids"):
         _complete('input [ { name: "ids", dims: [ 8 ] } ]', "int64")

@@ -217,11 +217,6 @@ def test_parameter_value_unset_is_none() -> None:
     assert codec.parameter_value(pb.InferParameter()) is None
 
 
-@pytest.mark.xfail(
-    reason="BUG server/rpc/codec.py _decode_input: np.array(values, dtype=...) raises OverflowError (a 500) "
-    "for typed contents out of the datatype's range instead of InvalidInput",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("name", "field", "value"),
     [("INT8", "int_contents", 300), ("UINT8", "uint_contents", 256), ("INT16", "int_contents", -40000)],

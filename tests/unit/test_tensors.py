@@ -198,7 +198,7 @@ def test_element_count_mismatch(name: str) -> None:
     raw = tensors.to_raw(_sample(name))  # 6 elements
     with pytest.raises(InvalidInput, match=r"input 'x': data has 6 elements but shape implies 4"):
         tensors.from_raw(raw, dtype, [2, 2], "input 'x'", LIMITS)
-    data = [1, 2, 3] if name != "BYTES" else ["a", "b", "c"]
+    data = {"BYTES": ["a", "b", "c"], "BOOL": [True, False, True]}.get(name, [1, 2, 3])
     with pytest.raises(InvalidInput, match=r"data has 3 elements but shape implies 4"):
         tensors.from_list(data, dtype, [4], "input 'x'", LIMITS)
 
@@ -284,11 +284,6 @@ def test_wrong_json_data_types_are_invalid_input(name: str, data: list[object]) 
         tensors.from_list(data, datatypes.BY_NAME[name], [2], "input 'x'", LIMITS)
 
 
-@pytest.mark.xfail(
-    reason="BUG server/tensors.py from_list: np.array(data, dtype=...) coerces JSON values of the wrong JSON type "
-    "(numeric strings, null, floats for ints, strings for BOOL) instead of rejecting them",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("name", "data"),
     [
