@@ -18,6 +18,7 @@ $(VENV)/.runtime: pyproject.toml
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	bash bench/install-perf-analyzer.sh $(VENV) >/dev/null
+	bash tests/deploy/install-promtool.sh $(VENV) >/dev/null
 	touch $@
 
 model_repo/example/1/model.onnx: | $(VENV)/.runtime

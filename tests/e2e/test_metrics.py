@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess
 from tests.models import fixtures
+
+
+def tool(name: str) -> str | None:
+    """A binary from the venv (make test puts promtool and prometheus there), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -107,9 +114,9 @@ def test_rejections_are_not_failures(metrics_server: ServerProcess) -> None:
 
 
 def test_exposition_passes_promtool(metrics_server: ServerProcess) -> None:
-    promtool = shutil.which("promtool")
+    promtool = tool("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (Debian package 'prometheus'; make test installs it when root)")
+        pytest.skip("promtool not installed (Debian package 'prometheus'; make test installs it with tests/deploy/install-promtool.sh)")
     _infer_n(metrics_server, 2)
     text = httpx.get(f"{metrics_server.http_url}/metrics").text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
@@ -135,9 +142,9 @@ def _free_port() -> int:
 
 
 def test_real_prometheus_scrapes_us(metrics_server: ServerProcess, tmp_path: Path) -> None:
-    binary = shutil.which("prometheus")
+    binary = tool("prometheus")
     if binary is None:
-        pytest.skip("prometheus not installed (Debian package 'prometheus'; make test installs it when root)")
+        pytest.skip("prometheus not installed (Debian package 'prometheus'; make test installs it with tests/deploy/install-promtool.sh)")
     port = _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
