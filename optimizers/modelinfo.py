@@ -1,0 +1,113 @@
+"""What the passes need to know about a model without running it: inputs/outputs, which ops hold the
+weights (decides dynamic vs static INT8), whether weights live in external files."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+Dim = int | str | None
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One graph input or output: name, numpy dtype (object for strings), shape with symbolic dims."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...]
+
+    @property
+    def is_float(self) -> bool:
+        """Float tensors are the ones the accuracy metrics and FP16 conversion are about."""
+        return self.dtype.kind == "f"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A static summary of one ONNX file."""
+
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    op_counts: dict[str, int] = field(default_factory=dict)
+    weight_params: dict[str, int] = field(default_factory=dict)
+    external_data: bool = False
+    size_bytes: int = 0
+
+    @property
+    def batch_dynamic(self) -> bool:
+        """Dim 0 of every input is symbolic, so the model takes any batch size."""
+        return bool(self.inputs) and all(t.shape and not isinstance(t.shape[0], int) for t in self.inputs)
+
+    @property
+    def matmul_share(self) -> float:
+        """Fraction of the weights held by MatMul/Gemm (the rest by Conv): 1.0 for an MLP/transformer."""
+        total = sum(self.weight_params.values())
+        dense = self.weight_params.get("MatMul", 0) + self.weight_params.get("Gemm", 0)
+        return dense / total if total else 0.0
+
+    @property
+    def has_float_weights(self) -> bool:
+        """Whether any MatMul/Gemm/Conv holds a float initializer (else nothing to quantize or prune)."""
+        return sum(self.weight_params.values()) > 0
+
+
+def analyze(path: Path) -> ModelInfo:
+    """Read the graph (not the external weights) and summarise it."""
+    model = onnx.load(str(path), load_external_data=False)
+    return analyze_model(model, path.stat().st_size)
+
+
+def analyze_model(model: onnx.ModelProto, size_bytes: int = 0) -> ModelInfo:
+    """:func:`analyze` for a model already in memory."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
+    inputs = tuple(_tensor_info(v) for v in graph.input if v.name not in initializers)
+    outputs = tuple(_tensor_info(v) for v in graph.output)
+    params: Counter[str] = Counter()
+    for node in graph.node:
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in initializers:
+            weight = initializers[node.input[1]]
+            if weight.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+                params[node.op_type] += int(np.prod(weight.dims)) if weight.dims else 1
+    return ModelInfo(
+        inputs=inputs,
+        outputs=outputs,
+        op_counts=dict(Counter(node.op_type for node in graph.node)),
+        weight_params=dict(params),
+        external_data=external,
+        size_bytes=size_bytes,
+    )
+
+
+def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    tensor = value.type.tensor_type
+    dtype = np.dtype(object) if tensor.elem_type == onnx.TensorProto.STRING else _np_dtype(tensor.elem_type)
+    dims: list[Dim] = []
+    for dim in tensor.shape.dim:
+        dims.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None))
+    return TensorInfo(value.name, dtype, tuple(dims))
+
+
+def _np_dtype(elem_type: int) -> np.dtype:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):
+        return np.dtype(object)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Content hash of a file, streamed (a model can be gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,222 @@
+"""The public entry point: :class:`Pipeline` runs the optimizer for one model file and returns what to serve.
+A whole run is cached by (model bytes, samples, options, device, library versions), so a restart or a
+re-upload of the same bytes is a file hash and a JSON read away from ready."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimizers.cache import Cache, cache_key
+from optimizers.device import DeviceInfo, probe_device
+from optimizers.errors import OptimizeError
+from optimizers.modelinfo import analyze, sha256_file
+from optimizers.options import OptimizeOptions
+from optimizers.passes import ModelPass, default_passes
+from optimizers.reference import build_reference, find_samples
+from optimizers.report import Report, Step
+from optimizers.runtime import TARGET_PROVIDERS
+from optimizers.stages import OptimizationRun, Outcome
+from optimizers.timing import Benchmark, OrtBenchmark
+
+log = logging.getLogger("optiserve.optimizers")
+
+#: Bump when a change in this package changes what a run would select: old cached results then miss.
+PIPELINE_VERSION = "1"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What to serve: the ONNX file (the original, or an artifact inside the cache folder), the session
+    options the compile step chose (``intra_op_threads``, ``providers``, ``provider_options``; empty for
+    defaults), and the report dict."""
+
+    model_path: Path
+    session_options: dict[str, Any]
+    report: dict[str, Any]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions whose change invalidates artifacts (a new quantizer or optimizer writes different graphs)."""
+    import numpy
+    import onnx
+    import onnxruntime
+
+    return {
+        "optimizers": PIPELINE_VERSION,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+class Pipeline:
+    """Optimizes model files for this device. Thread-safe: the server may run one per loading model."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        cache_max_bytes: int | None = None,
+        device: DeviceInfo | None = None,
+        *,
+        passes: list[ModelPass[Any]] | None = None,
+        benchmark: Benchmark | None = None,
+    ) -> None:
+        self.cache = Cache(Path(cache_dir), cache_max_bytes)
+        self.device = device if device is not None else probe_device()
+        self.passes = passes if passes is not None else default_passes()
+        self.benchmark = benchmark
+
+    def run(
+        self,
+        model_path: Path,
+        options: OptimizeOptions | None = None,
+        progress: Progress | None = None,
+        *,
+        name: str = "",
+        version: str = "",
+    ) -> PipelineResult:
+        """Optimize ``model_path`` (blocking: call it from a worker thread). Raises :class:`OptimizeError` for
+        a wrong request (bad samples file, a target this machine lacks); a failing pass is only reported."""
+        started = time.monotonic()
+        model_path = Path(model_path)
+        options = options or OptimizeOptions()
+        notify = progress or _ignore
+        label = name or model_path.stem
+        if options.precision == "none":
+            return self._disabled(model_path, options, label, version, started)
+        self._check_target(options)
+        samples = find_samples(model_path, options.samples_path)
+        model_sha = sha256_file(model_path)
+        libraries = library_versions()
+        key = cache_key(
+            kind="result",
+            pipeline=PIPELINE_VERSION,
+            model=model_sha,
+            samples=sha256_file(samples) if samples else None,
+            options=options.cache_dict(),
+            device=self.device.fingerprint,
+            libraries=libraries,
+            passes=[p.name for p in self.passes],
+        )
+        cached = self._from_cache(key, model_path, label, version, started)
+        if cached is not None:
+            notify("optimize: cache hit")
+            return cached
+        outcome = self._optimize(model_path, model_sha, options, samples, notify, label, version, libraries)
+        outcome.report.duration_s = round(time.monotonic() - started, 3)
+        self._store(key, outcome)
+        notify(f"optimize: done, serving {outcome.report.selected}")
+        log.info("optimized %s in %.2fs: %s", label, outcome.report.duration_s, outcome.report.selected)
+        return PipelineResult(outcome.model_path, outcome.session_options, outcome.report.model_dump(mode="json"))
+
+    def _optimize(
+        self,
+        model_path: Path,
+        model_sha: str,
+        options: OptimizeOptions,
+        samples: Path | None,
+        notify: Progress,
+        label: str,
+        version: str,
+        libraries: dict[str, str],
+    ) -> Outcome:
+        info = analyze(model_path)
+        report = self._new_report(options, label, version)
+        if info.external_data or not info.inputs:
+            why = "weights in external data files are not supported yet" if info.inputs else "model has no inputs"
+            return self._unchanged(model_path, report, why)
+        batch_dim = options.max_batch_size > 0 and info.batch_dynamic
+        reference = build_reference(info, samples, options.reference_samples, batch_dim)
+        report.reference = reference.summary()
+        run = OptimizationRun(
+            cache=self.cache,
+            device=self.device,
+            passes=self.passes,
+            benchmark=self.benchmark or OrtBenchmark(options.time_budget_s),
+            model_path=model_path,
+            model_sha=model_sha,
+            info=info,
+            options=options,
+            reference=reference,
+            report=report,
+            progress=notify,
+            libraries=libraries,
+        )
+        try:
+            return run.execute()
+        except OptimizeError:
+            raise
+        except Exception as exc:  # the original itself fails on the reference inputs, or a bug: serve as is
+            log.warning("optimizing %s failed; serving the original", label, exc_info=True)
+            report.steps = []
+            return self._unchanged(model_path, report, f"optimization failed: {type(exc).__name__}: {exc}")
+
+    # ---- cache ---------------------------------------------------------------------------------
+    def _from_cache(
+        self, key: str, model_path: Path, label: str, version: str, started: float
+    ) -> PipelineResult | None:
+        stored = self.cache.get_result(key)
+        if stored is None:
+            return None
+        artifact = stored.get("artifact")
+        path = model_path
+        if artifact:
+            hit = self.cache.get_artifact(str(artifact))
+            if hit is None:  # evicted since: recompute
+                return None
+            path = hit[0]
+        report = dict(stored["report"])
+        report.update(model=label, version=version, cache_hit=True, duration_s=round(time.monotonic() - started, 3))
+        log.info("optimizer cache hit for %s: serving %s", label, report["selected"])
+        return PipelineResult(path, dict(stored["session_options"]), report)
+
+    def _store(self, key: str, outcome: Outcome) -> None:
+        data = {
+            "artifact": outcome.artifact_key,
+            "session_options": outcome.session_options,
+            "report": outcome.report.model_dump(mode="json"),
+        }
+        self.cache.put_result(key, data)
+        self.cache.evict(keep=[outcome.model_path, self.cache.results / f"{key}.json"])
+
+    # ---- reports without a run -----------------------------------------------------------------
+    def _new_report(self, options: OptimizeOptions, label: str, version: str) -> Report:
+        return Report(
+            model=label,
+            version=version,
+            device=self.device.summary(),
+            target=options.target,
+            precision=options.precision,
+        )
+
+    def _unchanged(self, model_path: Path, report: Report, reason: str) -> Outcome:
+        report.steps = [Step(name=p.name, reason=reason) for p in self.passes] + [Step(name="compile", reason=reason)]
+        report.reference = report.reference or {"source": "none", "count": 0, "note": reason}
+        report.selected = "original"
+        return Outcome(model_path, None, {}, report)
+
+    def _disabled(
+        self, model_path: Path, options: OptimizeOptions, label: str, version: str, started: float
+    ) -> PipelineResult:
+        report = self._new_report(options, label, version)
+        outcome = self._unchanged(model_path, report, "precision none: the optimizer is off for this model")
+        report.duration_s = round(time.monotonic() - started, 3)
+        return PipelineResult(model_path, {}, outcome.report.model_dump(mode="json"))
+
+    def _check_target(self, options: OptimizeOptions) -> None:
+        needed = TARGET_PROVIDERS[options.target][0]
+        if needed not in self.device.providers:
+            raise OptimizeError(
+                f"target {options.target}: onnxruntime's {needed} is not available here "
+                f"(have {', '.join(self.device.providers)}); install onnxruntime-gpu on a GPU machine or use target cpu"
+            )
+
+
+def _ignore(_message: str) -> None:
+    """The default progress callback."""

@@ -1,0 +1,89 @@
+"""The optimization report: what each step did, with measured size, latency and accuracy, and why a
+candidate was rejected or skipped. Pydantic models so the schema is written down once; ``model_dump()``
+gives the JSON-able dict the server returns."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Status = Literal["applied", "rejected", "skipped"]
+
+
+class BeforeAfter(BaseModel):
+    """A measured value for the original (before) and for this step's output (after)."""
+
+    before: float | None = None
+    after: float | None = None
+
+
+class Step(BaseModel):
+    """One pass (or the compile step) as it ran in this pipeline."""
+
+    name: str
+    status: Status = "skipped"
+    reason: str = ""
+    duration_s: float = 0.0
+    size_bytes: BeforeAfter = Field(default_factory=BeforeAfter)
+    latency_ms: BeforeAfter = Field(default_factory=BeforeAfter)
+    accuracy: dict[str, float] = Field(default_factory=dict)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Report(BaseModel):
+    """The whole run. ``latency_ms`` values are medians at ``timing.preferred_batch_size``."""
+
+    model: str
+    version: str = ""
+    device: dict[str, Any] = Field(default_factory=dict)
+    target: str = "cpu"
+    precision: str = "auto"
+    selected: str = "original"
+    session_options: dict[str, Any] = Field(default_factory=dict)
+    cache_hit: bool = False
+    duration_s: float = 0.0
+    reference: dict[str, Any] = Field(default_factory=dict)
+    timing: dict[str, Any] = Field(default_factory=dict)
+    steps: list[Step] = Field(default_factory=list)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of the steps, for the CLI."""
+    header = ("step", "status", "size KB", "latency ms", "accuracy", "reason")
+    rows = [header]
+    for step in report["steps"]:
+        rows.append(
+            (
+                step["name"],
+                step["status"],
+                _pair(step["size_bytes"], 1 / 1024, "{:.1f}"),
+                _pair(step["latency_ms"], 1.0, "{:.3f}"),
+                " ".join(f"{k}={v:.4g}" for k, v in step["accuracy"].items()),
+                step["reason"],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
+    ]
+    reference = report.get("reference", {})
+    summary = [
+        f"model {report['model']} -> selected: {report['selected']}"
+        + (f" with {report['session_options']}" if report["session_options"] else ""),
+        f"device {report['device'].get('fingerprint', '')}, target {report['target']}, precision {report['precision']}"
+        + (", cache hit" if report["cache_hit"] else ""),
+        f"reference: {reference.get('source', '')}, {reference.get('count', 0)} inputs"
+        + (" (random inputs: a weak check)" if reference.get("source") == "random" else ""),
+    ]
+    return "\n".join([*summary, "", *lines])
+
+
+def _pair(values: dict[str, float | None], scale: float, fmt: str) -> str:
+    before, after = values.get("before"), values.get("after")
+    if before is None and after is None:
+        return "-"
+    left = fmt.format(before * scale) if before is not None else "?"
+    right = fmt.format(after * scale) if after is not None else "?"
+    return f"{left} -> {right}"

@@ -1,0 +1,73 @@
+"""Sessions for checking and timing candidates: one small spec (threads, providers, provider options) that is
+both what the pipeline times and what it hands the server to serve with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Feed = dict[str, np.ndarray]
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
+TARGET_PROVIDERS = {"cpu": (CPU,), "cuda": (CUDA, CPU), "tensorrt": (TENSORRT, CUDA, CPU)}
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """How to open a session. ``intra_op_threads=None`` keeps onnxruntime's default (one per core)."""
+
+    providers: tuple[str, ...] = (CPU,)
+    provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    intra_op_threads: int | None = None
+
+    def as_options(self) -> dict[str, Any]:
+        """The non-default parts, as the ``session_options`` dict the server applies."""
+        options: dict[str, Any] = {}
+        if self.intra_op_threads is not None:
+            options["intra_op_threads"] = self.intra_op_threads
+        if self.providers != (CPU,):
+            options["providers"] = list(self.providers)
+        if self.provider_options:
+            options["provider_options"] = {name: dict(opts) for name, opts in self.provider_options.items()}
+        return options
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> SessionSpec:
+        """The inverse of :meth:`as_options` (for cached results)."""
+        return cls(
+            providers=tuple(options.get("providers", (CPU,))),
+            provider_options={k: dict(v) for k, v in options.get("provider_options", {}).items()},
+            intra_op_threads=options.get("intra_op_threads"),
+        )
+
+
+def open_session(model_path: Path, spec: SessionSpec) -> Any:
+    """An InferenceSession for ``spec``. Providers this onnxruntime lacks are dropped (CPU stays last), so a
+    plan made for a GPU still opens, on CPU, where there is none."""
+    import onnxruntime as ort
+
+    installed = set(ort.get_available_providers())
+    providers = [(p, spec.provider_options.get(p, {})) for p in spec.providers if p in installed]
+    if not any(name == CPU for name, _ in providers):
+        providers.append((CPU, {}))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # candidates are expected to warn (e.g. FP16 casts); keep logs readable
+    if spec.intra_op_threads is not None:
+        options.intra_op_num_threads = spec.intra_op_threads
+    return ort.InferenceSession(str(model_path), options, providers=providers)
+
+
+def run_batches(session: Any, batches: Sequence[Feed]) -> list[Feed]:
+    """Outputs of every batch, by output name."""
+    names = [output.name for output in session.get_outputs()]
+    results = []
+    for feed in batches:
+        values = session.run(names, feed)
+        results.append({name: np.asarray(value) for name, value in zip(names, values, strict=True)})
+    return results

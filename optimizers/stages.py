@@ -1,0 +1,283 @@
+"""One pipeline run on a cache miss: reference, candidates (build -> guard -> time), selection, compile.
+Kept apart from :mod:`optimizers.pipeline` (cache, public API) so each file has one job."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimizers import accuracy
+from optimizers.accuracy import Family
+from optimizers.cache import Cache, cache_key
+from optimizers.device import DeviceInfo
+from optimizers.modelinfo import ModelInfo
+from optimizers.options import OptimizeOptions
+from optimizers.passes import compile as compiling
+from optimizers.passes.base import ModelPass, PassContext
+from optimizers.reference import ReferenceSet, resize_batch
+from optimizers.report import BeforeAfter, Report, Step
+from optimizers.runtime import Feed, SessionSpec, open_session, run_batches
+from optimizers.selection import select_fastest
+from optimizers.timing import Benchmark, Latencies
+
+log = logging.getLogger("optiserve.optimizers")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Candidate:
+    """A model that passed the guard and was timed."""
+
+    name: str
+    path: Path
+    family: Family
+    spec: SessionSpec
+    latencies: Latencies
+    artifact_key: str | None = None
+    sparse_24: bool = False
+
+
+@dataclass
+class Outcome:
+    """What the run chose, plus the report."""
+
+    model_path: Path
+    artifact_key: str | None
+    session_options: dict[str, Any]
+    report: Report
+
+
+def family_refusal(precision: str, family: Family) -> str | None:
+    """Why ``precision`` rules a family out (None: allowed). auto allows all; a forced precision keeps its
+    own family; fp32 (and none) apply no lossy step."""
+    if precision in ("auto", family):
+        return None
+    if precision == "fp32":
+        return "precision fp32: no lossy step is applied"
+    return f"precision {precision} keeps only {precision} candidates"
+
+
+class OptimizationRun:
+    """State of one run; :meth:`execute` does the work."""
+
+    def __init__(
+        self,
+        *,
+        cache: Cache,
+        device: DeviceInfo,
+        passes: list[ModelPass[Any]],
+        benchmark: Benchmark,
+        model_path: Path,
+        model_sha: str,
+        info: ModelInfo,
+        options: OptimizeOptions,
+        reference: ReferenceSet,
+        report: Report,
+        progress: Progress,
+        libraries: dict[str, str],
+    ) -> None:
+        self.cache, self.device, self.passes, self.benchmark = cache, device, passes, benchmark
+        self.model_path, self.model_sha, self.info, self.options = model_path, model_sha, info, options
+        self.reference, self.report, self.progress, self.libraries = reference, report, progress, libraries
+        self.batch_dim = options.max_batch_size > 0 and info.batch_dynamic
+        self.batch = options.preferred_batch_size if self.batch_dim else 1
+        self.feeds = self._timing_feeds()
+        self.compile_config = compiling.configure(
+            options, info, device.cores, device.providers, cache.root, reference.batches[0]
+        )
+        report.timing = {
+            "preferred_batch_size": self.batch,
+            "batch_sizes": sorted(self.feeds),
+            "budget_s": options.time_budget_s,
+        }
+
+    def _timing_feeds(self) -> dict[int, Feed]:
+        first = self.reference.batches[0]
+        if not self.batch_dim:
+            return {1: first}
+        return {size: resize_batch(first, size) for size in sorted({1, self.batch})}
+
+    # ---- the run -------------------------------------------------------------------------------
+    def execute(self) -> Outcome:
+        """Reference outputs, baseline timing, every candidate, selection, compile."""
+        base_spec = compiling.target_spec(self.compile_config)
+        self.progress(f"optimize: reference ({self.reference.source}, {self.reference.count} inputs)")
+        self.reference.outputs = run_batches(open_session(self.model_path, base_spec), self.reference.batches)
+        self.progress("optimize: timing the original")
+        baseline = self.benchmark("original", self.model_path, base_spec, self.feeds)
+        original = Candidate("original", self.model_path, "fp32", base_spec, baseline)
+        survivors = [c for p in self.passes if (c := self._model_step(p, baseline)) is not None]
+        winner = self._select(original, survivors)
+        session = self._compile(winner)
+        self.report.selected = winner.name
+        self.report.session_options = session.as_options()
+        return Outcome(winner.path, winner.artifact_key, self.report.session_options, self.report)
+
+    def _select(self, original: Candidate, survivors: list[Candidate]) -> Candidate:
+        verdict = select_fastest(
+            original.latencies, {c.name: c.latencies for c in survivors}, self.batch, self.options.min_gain
+        )
+        by_name = {step.name: step for step in self.report.steps}
+        for candidate in survivors:
+            step = by_name[candidate.name]
+            step.status = "applied" if candidate.name == verdict.winner else "rejected"
+            step.reason = verdict.reasons[candidate.name]
+            log.info("step %s %s: %s", step.name, step.status, step.reason)
+        winner = next((c for c in survivors if c.name == verdict.winner), None)
+        if winner is None or not self._confirm(original, winner, by_name[winner.name]):
+            return original
+        return winner
+
+    def _confirm(self, original: Candidate, winner: Candidate, step: Step) -> bool:
+        """Time the original and the winner once more, back to back: a swap must survive a second look, so
+        a load spike during the first round cannot make the served model slower than the original."""
+        self.progress(f"optimize: confirming {winner.name}")
+        base = self.benchmark("original", original.path, original.spec, self.feeds)
+        again = self.benchmark(winner.name, winner.path, winner.spec, self.feeds)
+        verdict = select_fastest(base, {winner.name: again}, self.batch, self.options.min_gain, note="")
+        step.details["confirmation_ms"] = {"original": base.get(self.batch), winner.name: again.get(self.batch)}
+        if verdict.winner is None:
+            step.status = "rejected"
+            step.reason = f"{step.reason}, but a second timing did not confirm: {verdict.reasons[winner.name]}"
+            log.info("step %s rejected: %s", step.name, step.reason)
+        return verdict.winner is not None
+
+    # ---- model passes ----------------------------------------------------------------------------
+    def _model_step(self, model_pass: ModelPass[Any], baseline: Latencies) -> Candidate | None:
+        step = Step(name=model_pass.name)
+        self.report.steps.append(step)
+        started = time.monotonic()
+        candidate = None
+        try:
+            candidate = self._evaluate(model_pass, step, baseline)
+        except Exception as exc:  # a broken pass must not stop the model from loading
+            step.status, step.reason = "rejected", f"failed: {type(exc).__name__}: {exc}"
+            log.warning("pass %s failed", model_pass.name, exc_info=True)
+        step.duration_s = round(time.monotonic() - started, 3)
+        if candidate is None:
+            log.info("step %s %s in %.2fs: %s", step.name, step.status, step.duration_s, step.reason)
+        else:
+            log.info("step %s passed the guard and was timed in %.2fs", step.name, step.duration_s)
+        return candidate
+
+    def _evaluate(self, model_pass: ModelPass[Any], step: Step, baseline: Latencies) -> Candidate | None:
+        ctx = PassContext(self.device, self.options, self.info, self.reference.batches)
+        config = model_pass.configure(ctx)
+        skip = family_refusal(self.options.precision, model_pass.family) or model_pass.skip_reason(ctx, config)
+        if skip:
+            step.reason = skip
+            return None
+        self.progress(f"optimize: {model_pass.name}")
+        key, path, details = self._artifact(model_pass, config, ctx)
+        step.details = details
+        step.size_bytes = BeforeAfter(before=self.info.size_bytes, after=path.stat().st_size)
+        sparse_24 = model_pass.family == "sparse" and getattr(config, "pattern", "") == "2:4"
+        spec = compiling.target_spec(self.compile_config, model_pass.family, sparse_24)
+        failures = self._guard(step, path, spec, model_pass.family)
+        if failures:
+            step.status, step.reason = "rejected", "accuracy: " + "; ".join(failures)
+            return None
+        self.progress(f"optimize: timing {model_pass.name}")
+        latencies = self.benchmark(model_pass.name, path, spec, self.feeds)
+        step.latency_ms = BeforeAfter(before=baseline.get(self.batch), after=latencies.get(self.batch))
+        step.details["latency_ms_by_batch"] = {str(b): round(v, 4) for b, v in latencies.items()}
+        return Candidate(model_pass.name, path, model_pass.family, spec, latencies, key, sparse_24)
+
+    def _artifact(self, model_pass: ModelPass[Any], config: Any, ctx: PassContext) -> tuple[str, Path, dict[str, Any]]:
+        """The pass's output from the cache, or built now and stored."""
+        key = cache_key(
+            kind="artifact",
+            model=self.model_sha,
+            pass_name=model_pass.name,
+            config=config.model_dump(mode="json"),
+            device=self.device.fingerprint,
+            libraries=self.libraries,
+            reference=self.reference.digest if model_pass.uses_calibration else None,
+        )
+        hit = self.cache.get_artifact(key)
+        if hit is not None:
+            return key, hit[0], {**hit[1].get("details", {}), "artifact_cache_hit": True}
+        work = self.cache.work_dir()
+        try:
+            output = work / "model.onnx"
+            details = model_pass.apply(self.model_path, output, config, ctx)
+            meta = {"pass": model_pass.name, "config": config.model_dump(mode="json"), "details": details}
+            return key, self.cache.put_artifact(key, output, meta), {**details, "artifact_cache_hit": False}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _guard(self, step: Step, path: Path, spec: SessionSpec, family: Family) -> list[str]:
+        """Run the candidate on the reference set and check the family's budgets; fills the step."""
+        thresholds = accuracy.thresholds_for(family, self.options.accuracy)
+        try:
+            outputs = run_batches(open_session(path, spec), self.reference.batches)
+        except Exception as exc:  # onnxruntime refuses some converted graphs (missing kernels)
+            step.thresholds = thresholds
+            return [f"does not run: {type(exc).__name__}: {exc}"]
+        comparison = accuracy.compare(self.reference.outputs, outputs)
+        step.accuracy = {name: round(value, 6) for name, value in comparison.metrics.items()}
+        step.thresholds = accuracy.applicable(thresholds, comparison) if not comparison.problems else thresholds
+        return accuracy.violations(comparison, thresholds)
+
+    # ---- compile -------------------------------------------------------------------------------
+    def _compile(self, winner: Candidate) -> SessionSpec:
+        step = Step(name="compile")
+        self.report.steps.append(step)
+        started = time.monotonic()
+        try:
+            return self._tune(step, winner)
+        except Exception as exc:
+            step.status, step.reason = "rejected", f"failed: {type(exc).__name__}: {exc}"
+            log.warning("compile step failed", exc_info=True)
+            return winner.spec
+        finally:
+            step.duration_s = round(time.monotonic() - started, 3)
+            log.info("step compile %s in %.2fs: %s", step.status, step.duration_s, step.reason)
+
+    def _tune(self, step: Step, winner: Candidate) -> SessionSpec:
+        """Race the session-config candidates against the winner's default spec."""
+        size = winner.path.stat().st_size
+        step.size_bytes = BeforeAfter(before=size, after=size)
+        variants = compiling.candidates(self.compile_config, winner.family, winner.sparse_24)
+        if not variants:
+            step.reason = f"nothing to tune for target {self.options.target}"
+            return winner.spec
+        self.progress("optimize: compile")
+        timed: dict[str, Latencies] = {}
+        rejected: dict[str, str] = {}
+        for variant in variants:
+            if variant.family is not None and family_refusal(self.options.precision, variant.family):
+                continue
+            failures = (
+                self._guard(Step(name=variant.label), winner.path, variant.spec, variant.family)
+                if variant.family
+                else []
+            )
+            if failures:
+                rejected[variant.label] = "; ".join(failures)
+                continue
+            timed[variant.label] = self.benchmark(f"compile:{variant.label}", winner.path, variant.spec, self.feeds)
+        verdict = select_fastest(winner.latencies, timed, self.batch, self.options.min_gain, "the default session", "")
+        chosen = next((v for v in variants if v.label == verdict.winner), None)
+        step.details = {
+            "candidates": {label: {str(b): round(v, 4) for b, v in lat.items()} for label, lat in timed.items()}
+        }
+        if rejected:
+            step.details["rejected"] = rejected
+        best = timed[verdict.winner] if verdict.winner else winner.latencies
+        step.latency_ms = BeforeAfter(before=winner.latencies.get(self.batch), after=best.get(self.batch))
+        if chosen is None:
+            losers = "; ".join(f"{k}: {v}" for k, v in {**verdict.reasons, **rejected}.items())
+            if winner.spec.as_options():  # GPU targets: the generated provider options are the compile result
+                step.status = "applied"
+                step.reason = f"{' > '.join(winner.spec.providers)} with generated provider options; variants: {losers}"
+            else:
+                step.status, step.reason = "rejected", f"no session config beat the default: {losers}"
+            return winner.spec
+        step.status, step.reason = "applied", f"{chosen.label}: {verdict.reasons[chosen.label]}"
+        return chosen.spec

@@ -1,0 +1,54 @@
+"""Time a candidate on this machine: median latency per batch size within a wall-time budget. The
+benchmark is a plain callable so tests (and the GPU-less CI) can inject measured-elsewhere numbers."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from optimizers.runtime import Feed, SessionSpec, open_session
+
+Latencies = dict[int, float]  # batch size -> median latency in ms
+
+
+class Benchmark(Protocol):
+    """Times ``model_path`` opened with ``spec`` on each feed (keyed by batch size)."""
+
+    def __call__(self, label: str, model_path: Path, spec: SessionSpec, feeds: Mapping[int, Feed]) -> Latencies: ...
+
+
+class OrtBenchmark:
+    """onnxruntime timing: one warm-up run, then runs until ``min_runs`` are done or the budget is spent
+    (at least one measured run; session creation is not counted: TensorRT builds engines there)."""
+
+    def __init__(self, budget_s: float = 1.5, min_runs: int = 5, max_runs: int = 200) -> None:
+        self.budget_s = budget_s
+        self.min_runs = min_runs
+        self.max_runs = max_runs
+
+    def __call__(self, label: str, model_path: Path, spec: SessionSpec, feeds: Mapping[int, Feed]) -> Latencies:
+        session = open_session(model_path, spec)
+        share = self.budget_s / max(1, len(feeds))
+        return {batch: self._median_ms(session, feed, share) for batch, feed in feeds.items()}
+
+    def _median_ms(self, session: object, feed: Feed, budget_s: float) -> float:
+        run = session.run  # type: ignore[attr-defined]
+        deadline = time.perf_counter() + budget_s
+        run(None, feed)
+        samples: list[float] = []
+        while len(samples) < self.max_runs:
+            started = time.perf_counter()
+            run(None, feed)
+            samples.append((time.perf_counter() - started) * 1000)
+            if started > deadline or (len(samples) >= self.min_runs and time.perf_counter() > deadline):
+                break
+        return statistics.median(samples)
+
+
+def throughput(latencies: Mapping[int, float], batch: int) -> float:
+    """Samples per second at ``batch`` (0 when not measured)."""
+    latency = latencies.get(batch)
+    return batch * 1000.0 / latency if latency else 0.0

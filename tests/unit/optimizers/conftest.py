@@ -1,0 +1,61 @@
+"""Helpers for the optimizer tests: a probed device, a fake GPU device, injected timings, pass contexts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from optimizers import DeviceInfo, OptimizeOptions, probe_device
+from optimizers.modelinfo import analyze
+from optimizers.passes.base import PassContext
+from optimizers.reference import build_reference
+from optimizers.runtime import Feed, SessionSpec
+from optimizers.timing import Latencies
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@pytest.fixture(scope="session")
+def device() -> DeviceInfo:
+    return probe_device()
+
+
+def fake_device(**changes: object) -> DeviceInfo:
+    """A described machine, for decisions that depend on hardware this one lacks."""
+    base = {
+        "arch": "x86_64",
+        "cpu_model": "test cpu",
+        "cores": 2,
+        "cpu_flags": ("avx2", "fma", "avx512f", "avx512_vnni"),
+        "providers": ("CPUExecutionProvider",),
+    }
+    return DeviceInfo.model_validate({**base, **changes})
+
+
+class FakeBenchmark:
+    """Timings by candidate label (ms at every batch size); unknown labels get ``default``. Records calls."""
+
+    def __init__(self, latencies: Mapping[str, float] | None = None, default: float = 10.0) -> None:
+        self.latencies = dict(latencies or {})
+        self.default = default
+        self.calls: list[tuple[str, Path, SessionSpec]] = []
+
+    def __call__(self, label: str, model_path: Path, spec: SessionSpec, feeds: Mapping[int, Feed]) -> Latencies:
+        self.calls.append((label, model_path, spec))
+        value = self.latencies.get(label, self.default)
+        return {batch: value * batch for batch in feeds}
+
+    @property
+    def labels(self) -> list[str]:
+        return [call[0] for call in self.calls]
+
+
+def context(model_path: Path, options: OptimizeOptions | None = None, device: DeviceInfo | None = None) -> PassContext:
+    """What the pipeline would hand a pass for this model."""
+    options = options or OptimizeOptions()
+    info = analyze(model_path)
+    batch_dim = options.max_batch_size > 0 and info.batch_dynamic
+    reference = build_reference(info, None, options.reference_samples, batch_dim)
+    return PassContext(device or fake_device(), options, info, reference.batches)
