@@ -52,6 +52,7 @@ class OptiServe:
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and return."""
         settings = self.settings
+        self.dataplane.recover_uploads()  # before anything reads the repository or can upload to it
         http_socket = _bind(settings.host, settings.http_port)
         self.http_port = http_socket.getsockname()[1]
         self.grpc_port = self.grpc_server.add_insecure_port(f"{_grpc_host(settings.host)}:{settings.grpc_port}")

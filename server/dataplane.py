@@ -3,15 +3,18 @@ encode. Everything here speaks plain Python objects (dicts in Triton's JSON shap
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from server import __version__
 from server.batching import BatcherClosed
 from server.config import config_to_json
-from server.errors import ModelNotFound
+from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError
 from server.inference import InferenceRequest, InferenceResponse
-from server.models import ModelManager, ModelVersion
+from server.models import ModelManager, ModelState, ModelVersion
 from server.repository import check_model_name
+from server.upload import Receiver, StagedUpload, UploadResult, files_receiver, recover_staging
 
 EXTENSIONS = [
     "binary_tensor_data",
@@ -28,6 +31,7 @@ class DataPlane:
     def __init__(self, models: ModelManager) -> None:
         self.models = models
         self.shutting_down = False
+        self._uploads: set[asyncio.Future[list[int]]] = set()  # loads of uploads still running
 
     # ---- health and metadata ---------------------------------------------------------------------
     def live(self) -> bool:
@@ -105,9 +109,18 @@ class DataPlane:
         rows = self.models.index()
         return [row for row in rows if row["state"] == "READY"] if ready_only else rows
 
-    async def load_model(self, name: str, config_json: str | None = None) -> None:
-        """Load (or reload) a model from the repository, optionally with a config given inline."""
+    async def load_model(
+        self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
+    ) -> None:
+        """Load (or reload) a model from the repository, optionally with a config given inline. With
+        ``files`` (Triton's ``file:<version>/<name>`` parameters) they are uploaded first, as a new version,
+        and the config sent along becomes the model's config; returns once loaded (400 if it failed)."""
         check_model_name(name)
+        if files:
+            result = await self.upload_model(name, files_receiver(files, config_json), wait=True)
+            if result.failed:
+                raise LoadFailed(result.reason)
+            return
         if name not in self.models.repository.model_names():
             raise ModelNotFound(f"model {name!r} is not in the repository")
         await self.models.load(name, config_json)
@@ -116,3 +129,67 @@ class DataPlane:
         """Stop serving a model (its files stay on disk)."""
         check_model_name(name)
         await self.models.unload(name)
+
+    # ---- uploads ---------------------------------------------------------------------------------
+    def recover_uploads(self) -> None:
+        """At start, before loading: finish committed uploads and delete unfinished ones."""
+        recover_staging(self.models.repository.root)
+
+    async def upload_model(self, name: str, receive: Receiver, *, wait: bool) -> UploadResult:
+        """Stage what ``receive`` writes, validate it, then publish and load it under the model's lock.
+        Without ``wait`` this returns once the files are published (state LOADING)."""
+        check_model_name(name)
+        settings = self.models.settings
+        staged = StagedUpload(self.models.repository.root, name, settings.max_upload_bytes)
+        try:
+            await receive(staged)
+            await asyncio.to_thread(staged.validate, settings.default_max_batch_size)
+        except OSError as exc:  # a full disk, most likely; nothing of the upload stays behind
+            staged.discard()
+            raise InternalError(f"could not store the upload of model {name!r}: {exc.strerror or exc}") from exc
+        except BaseException:
+            staged.discard()
+            raise
+        loading = asyncio.ensure_future(self._load_upload(staged))
+        self._uploads.add(loading)
+        loading.add_done_callback(_forget_upload(self._uploads))
+        await _published_or_failed(staged, loading)
+        if not wait:
+            return UploadResult(name, staged.versions, ModelState.LOADING.value)
+        try:
+            served = await asyncio.shield(loading)
+        except ServerError as exc:
+            return UploadResult(name, staged.versions, ModelState.UNAVAILABLE.value, exc.message, failed=True)
+        if staged.versions[-1] in served:
+            return UploadResult(name, staged.versions, ModelState.READY.value)
+        reason = f"loaded, but the model's version_policy serves versions {served}, not this one"
+        return UploadResult(name, staged.versions, ModelState.UNAVAILABLE.value, reason)
+
+    async def _load_upload(self, staged: StagedUpload) -> list[int]:
+        try:
+            return await self.models.load(staged.model_name, change=staged)
+        finally:
+            staged.discard()
+
+
+async def _published_or_failed(staged: StagedUpload, loading: asyncio.Future[list[int]]) -> None:
+    """Wait until the upload is published, or raise why its load task failed before that."""
+    published = asyncio.ensure_future(staged.published.wait())
+    try:
+        await asyncio.wait((published, loading), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        published.cancel()
+    if not staged.published.is_set():
+        loading.result()  # raises the reason (e.g. a version that already exists)
+        raise InternalError("the upload ended without being published")
+
+
+def _forget_upload(uploads: set[asyncio.Future[list[int]]]) -> Callable[[asyncio.Future[list[int]]], None]:
+    """Done callback: drop the task and mark its exception as seen (the index keeps the reason)."""
+
+    def forget(task: asyncio.Future[list[int]]) -> None:
+        uploads.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return forget

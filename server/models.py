@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import onnx
 from tritonclient.grpc import model_config_pb2 as mc
@@ -34,12 +34,21 @@ from server.errors import (
 )
 from server.inference import InferenceRequest, InferenceResponse, OutputTensor
 from server.metrics import Metric, ServerMetrics, state_families
+from server.modelfile import check_external_data
 from server.repository import Repository, select_versions
 from server.settings import Settings
 from server.stats import ModelStats
 from server.validation import check_requested_outputs, prepare_inputs
 
 log = logging.getLogger("optiserve.models")
+
+
+class RepositoryChange(Protocol):
+    """Files to publish under a model's lock right before it loads, and to withdraw if that load fails."""
+
+    async def publish(self) -> None: ...
+
+    async def withdraw(self) -> None: ...
 
 
 class ModelState(str, Enum):
@@ -246,20 +255,28 @@ class ModelManager:
                 log.warning("model %s failed to load: %s", name, result)
         self._startup_done = True
 
-    async def load(self, name: str, config_text: str | None = None) -> None:
-        """(Re)load a model from the repository. The old versions serve until the new ones are ready;
-        on failure they keep serving and the index shows the reason."""
+    async def load(
+        self, name: str, config_text: str | None = None, change: RepositoryChange | None = None
+    ) -> list[int]:
+        """(Re)load a model from the repository and return the versions now served. The old versions serve
+        until the new ones are ready; on failure they keep serving and the index shows the reason.
+        ``change`` (an upload) is published under the model's lock first, and withdrawn if the load fails."""
         entry = self._entry(name)
         async with entry.lock:
+            wanted_before = entry.wanted
+            if change is not None:
+                await change.publish()
             entry.wanted = True
             entry.model_status = VersionStatus(ModelState.LOADING, "loading")
             try:
                 built = await asyncio.to_thread(self._build_all, name, config_text, entry)
             except ServerError as exc:
                 self._mark_failed(entry, exc.message)
+                await self._withdraw(entry, change, wanted_before)
                 raise
             except Exception as exc:
                 self._mark_failed(entry, f"load failed: {exc}")
+                await self._withdraw(entry, change, wanted_before)
                 raise LoadFailed(f"model {name!r}: {exc}") from exc
             old = entry.served
             entry.served = built
@@ -267,6 +284,7 @@ class ModelManager:
             entry.model_status = VersionStatus(ModelState.READY)
             log.info("model %s ready, versions %s", name, sorted(built))
         await self._retire(old)
+        return sorted(built)
 
     async def unload(self, name: str) -> None:
         """Stop serving a model; its files stay in the repository."""
@@ -289,6 +307,13 @@ class ModelManager:
         for entry in self._entries.values():
             entry.served = {}
         await asyncio.gather(*(asyncio.to_thread(v.close, timeout_s) for v in versions))
+
+    @staticmethod
+    async def _withdraw(entry: ModelEntry, change: RepositoryChange | None, wanted_before: bool) -> None:
+        """A failed upload leaves the disk as it was and does not make the model count for readiness."""
+        if change is not None:
+            entry.wanted = wanted_before
+            await change.withdraw()
 
     async def _retire(self, versions: dict[int, ModelVersion]) -> None:
         """Let in-flight requests of replaced versions finish, then release them."""
@@ -341,6 +366,7 @@ class ModelManager:
             graph = onnx.load(str(model_path), load_external_data=False)
         except Exception as exc:
             raise LoadFailed(f"model {name!r} version {version}: not a valid ONNX file ({exc})") from None
+        check_external_data(graph, version_dir, f"model {name!r} version {version}")
         config = complete_config(loaded, name, graph, self.settings.default_max_batch_size)
         backends = self._make_backends(f"{name}:{version}", model_path, config)
         stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
@@ -404,6 +430,7 @@ def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
         SessionConfig(
             intra_op_threads=threads,
             inter_op_threads=settings.inter_op_threads,
+            allow_spinning=settings.allow_spinning,
             graph_optimization_level=settings.graph_optimization_level,
             providers=choose_providers(settings.execution_providers, gpu=gpu),
         )

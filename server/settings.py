@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 class Settings(BaseSettings):
@@ -41,6 +42,10 @@ class Settings(BaseSettings):
     max_grpc_message_bytes: int = Field(64 * MIB, gt=0)
     """Largest gRPC message received or sent (RESOURCE_EXHAUSTED beyond)."""
 
+    max_upload_bytes: int = Field(2 * GIB, gt=0)
+    """Largest total size of the model files of one upload (413 beyond). Multipart uploads stream to disk;
+    Triton's load path (base64 JSON over HTTP, one gRPC message) holds the files in memory."""
+
     max_tensor_elements: int = Field(1 << 26, gt=0)
     """Largest element count of one input tensor, checked before any allocation (413 beyond)."""
 
@@ -65,6 +70,10 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=1)
     """onnxruntime inter-op threads per instance (parallel branches of a graph)."""
 
+    allow_spinning: bool = False
+    """Let onnxruntime's idle threads busy-wait for work: ~0.1 ms lower latency for an idle server, but
+    under load the spinning threads take CPU from the event loop (off by default)."""
+
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
     """onnxruntime graph optimization level for every session."""
 
@@ -74,6 +83,14 @@ class Settings(BaseSettings):
 
     exit_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT, how long in-flight and queued requests may take to finish before exit."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token required for upload/load/unload from every client; unset, these are allowed from
+    loopback clients only. Prefer the environment variable over the flag (process lists show flags)."""
+
+    inference_token: SecretStr | None = None
+    """Bearer token required for inference, metadata, statistics and the repository index; unset, they
+    are open. Health endpoints stay open either way; the admin token is accepted too."""
 
     metrics: bool = True
     """Serve Prometheus metrics at GET /metrics (--no-metrics turns collection off)."""

@@ -22,6 +22,7 @@ class SessionConfig:
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    allow_spinning: bool = False
     graph_optimization_level: str = "all"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -63,6 +64,9 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.config.intra_op_threads
         options.inter_op_num_threads = self.config.inter_op_threads
+        if not self.config.allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         level = _OPT_LEVELS.get(self.config.graph_optimization_level, "ORT_ENABLE_ALL")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         providers = [(p, self.config.provider_options.get(p, {})) for p in self.config.providers]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import math
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server import tensors
+from server.auth import AccessPolicy, Scope
 from server.dataplane import DataPlane
 from server.errors import InternalError, InvalidInput, PayloadTooLarge, ServerError, wire_status
 from server.http.codec import (
@@ -24,10 +28,29 @@ from server.http.codec import (
     encode_response,
     parse_json_object,
 )
+from server.http.multipart import form_receiver
 from server.settings import Settings
 
 JSON = "application/json"
 T = TypeVar("T")
+UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model"],
+                    "properties": {
+                        "model": {"type": "string", "format": "binary", "description": "the ONNX model file"},
+                        "config": {"type": "string", "description": "model config as JSON (Triton's field names)"},
+                        "version": {"type": "integer", "minimum": 1, "description": "default: the next free one"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class ClientGone(Exception):
@@ -88,9 +111,10 @@ def create_http_app(dataplane: DataPlane, settings: Settings, registry: Collecto
     limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
     _install_error_handlers(app)
     _add_health_routes(app, dataplane)
-    _add_model_routes(app, dataplane)
-    _add_infer_routes(app, dataplane, settings, limits)
-    _add_repository_routes(app, dataplane, settings)
+    access = AccessPolicy.from_settings(settings)
+    _add_model_routes(app, dataplane, _guard(access, Scope.INFERENCE))
+    _add_infer_routes(app, dataplane, settings, limits, _guard(access, Scope.INFERENCE))
+    _add_repository_routes(app, dataplane, settings, access)
     if registry is not None:
         _add_metrics_route(app, registry)
     return app
@@ -141,16 +165,32 @@ def _add_health_routes(app: FastAPI, dataplane: DataPlane) -> None:
         return json_response(dataplane.server_metadata())
 
 
-def _add_model_routes(app: FastAPI, dataplane: DataPlane) -> None:
-    @app.get("/v2/models/stats", tags=["statistics"])
+def _guard(access: AccessPolicy, scope: Scope) -> list[Any]:
+    """Route dependencies enforcing ``scope``; none for an open scope, so open routes pay nothing."""
+    if not access.guards(scope):
+        return []
+
+    async def authorize(request: Request) -> None:
+        client = request.client
+        access.check(scope, request.headers.get("authorization"), client.host if client else None)
+
+    return [Depends(authorize)]
+
+
+def _add_model_routes(app: FastAPI, dataplane: DataPlane, guard: list[Any]) -> None:
+    @app.get("/v2/models/stats", tags=["statistics"], dependencies=guard)
     async def all_stats() -> Response:
         return json_response(dataplane.statistics())
 
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
-        app.add_api_route(prefix, _metadata_handler(dataplane), methods=["GET"], tags=["metadata"])
+        app.add_api_route(prefix, _metadata_handler(dataplane), methods=["GET"], tags=["metadata"], dependencies=guard)
         app.add_api_route(f"{prefix}/ready", _ready_handler(dataplane), methods=["GET"], tags=["health"])
-        app.add_api_route(f"{prefix}/config", _config_handler(dataplane), methods=["GET"], tags=["metadata"])
-        app.add_api_route(f"{prefix}/stats", _stats_handler(dataplane), methods=["GET"], tags=["statistics"])
+        app.add_api_route(
+            f"{prefix}/config", _config_handler(dataplane), methods=["GET"], tags=["metadata"], dependencies=guard
+        )
+        app.add_api_route(
+            f"{prefix}/stats", _stats_handler(dataplane), methods=["GET"], tags=["statistics"], dependencies=guard
+        )
 
 
 def _metadata_handler(dataplane: DataPlane) -> Any:
@@ -182,7 +222,9 @@ def _stats_handler(dataplane: DataPlane) -> Any:
     return model_stats
 
 
-def _add_infer_routes(app: FastAPI, dataplane: DataPlane, settings: Settings, limits: tensors.Limits) -> None:
+def _add_infer_routes(
+    app: FastAPI, dataplane: DataPlane, settings: Settings, limits: tensors.Limits, guard: list[Any]
+) -> None:
     async def infer(request: Request, model_name: str, model_version: str = "") -> Response:
         dataplane.check_model(model_name, model_version)
         body = await read_body(request, settings.max_request_bytes)
@@ -194,32 +236,69 @@ def _add_infer_routes(app: FastAPI, dataplane: DataPlane, settings: Settings, li
         return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
 
     for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer"):
-        app.add_api_route(path, infer, methods=["POST"], tags=["inference"])
+        app.add_api_route(path, infer, methods=["POST"], tags=["inference"], dependencies=guard)
 
 
-def _add_repository_routes(app: FastAPI, dataplane: DataPlane, settings: Settings) -> None:
-    @app.post("/v2/repository/index", tags=["repository"])
+def _add_repository_routes(app: FastAPI, dataplane: DataPlane, settings: Settings, access: AccessPolicy) -> None:
+    admin = _guard(access, Scope.ADMIN)
+    # Triton's upload path carries the files base64-encoded in the JSON body.
+    load_limit = settings.max_request_bytes + (settings.max_upload_bytes * 4 + 2) // 3
+
+    @app.post("/v2/repository/index", tags=["repository"], dependencies=_guard(access, Scope.INFERENCE))
     async def repository_index(request: Request) -> Response:
         body = await read_body(request, settings.max_request_bytes)
         options = parse_json_object(body) if body.strip() else {}
         return json_response(dataplane.repository_index(bool(options.get("ready", False))))
 
-    @app.post("/v2/repository/models/{model_name}/load", tags=["repository"])
+    @app.post("/v2/repository/models/{model_name}/load", tags=["repository"], dependencies=admin)
     async def load(request: Request, model_name: str) -> Response:
-        body = await read_body(request, settings.max_request_bytes)
+        body = await read_body(request, load_limit)
         options = parse_json_object(body) if body.strip() else {}
         parameters = options.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidInput("parameters: must be a JSON object")
-        if any(key.startswith("file:") for key in parameters):
-            raise InvalidInput("parameters: uploading model files through load is not supported yet")
         config = parameters.get("config")
         if config is not None and not isinstance(config, str):
             raise InvalidInput("parameters.config: must be a JSON string")
-        await dataplane.load_model(model_name, config)
+        await dataplane.load_model(model_name, config, _file_parameters(parameters))
         return json_response({})
 
-    @app.post("/v2/repository/models/{model_name}/unload", tags=["repository"])
+    @app.post(
+        "/v2/repository/models/{model_name}/upload",
+        tags=["repository"],
+        dependencies=admin,
+        status_code=201,
+        openapi_extra=UPLOAD_FORM,
+    )
+    async def upload(request: Request, model_name: str, wait: bool = False) -> Response:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > settings.max_upload_bytes + settings.max_request_bytes:
+            raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes}")
+        receive = form_receiver(request.headers.get("content-type", ""), request.stream(), settings.max_request_bytes)
+        try:
+            result = await dataplane.upload_model(model_name, receive, wait=wait)
+        except ClientDisconnect:
+            raise ClientGone("client disconnected during the upload") from None
+        if result.failed:
+            return json_response({"error": result.reason, **result.to_json()}, 400)
+        return json_response(result.to_json(), 201)
+
+    @app.post("/v2/repository/models/{model_name}/unload", tags=["repository"], dependencies=admin)
     async def unload(request: Request, model_name: str) -> Response:
         await dataplane.unload_model(model_name)
         return json_response({})
+
+
+def _file_parameters(parameters: dict[str, Any]) -> dict[str, bytes]:
+    """Triton's ``file:<version>/<name>`` load parameters, base64-decoded (key without the prefix)."""
+    files: dict[str, bytes] = {}
+    for key, value in parameters.items():
+        if not key.startswith("file:"):
+            continue
+        if not isinstance(value, str):
+            raise InvalidInput(f"parameters.{key}: must be a base64 string")
+        try:
+            files[key.removeprefix("file:")] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"parameters.{key}: is not valid base64") from None
+    return files

@@ -14,6 +14,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from server import tensors
+from server.auth import AccessPolicy, Scope, grpc_peer_host
 from server.dataplane import DataPlane
 from server.errors import InternalError, InvalidInput, ServerError, wire_status
 from server.rpc.codec import decode_request, encode_response, from_json, parameter_value
@@ -51,6 +52,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
         self.dataplane = dataplane
         self.limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
+        self.access = AccessPolicy.from_settings(settings)
+
+    def _authorize(self, context: Any, scope: Scope) -> None:
+        """The one access policy, fed the ``authorization`` metadata and the peer address."""
+        if self.access.guards(scope):
+            metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
+            self.access.check(scope, metadata.get("authorization"), grpc_peer_host(context.peer()))
 
     @translate_errors
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -70,42 +78,58 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     @translate_errors
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.INFERENCE)
         return from_json(self.dataplane.model_metadata(request.name, request.version), pb.ModelMetadataResponse())
 
     @translate_errors
     async def ModelConfig(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.INFERENCE)
         return pb.ModelConfigResponse(config=self.dataplane.model_config(request.name, request.version))
 
     @translate_errors
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.INFERENCE)
         return from_json(self.dataplane.statistics(request.name, request.version), pb.ModelStatisticsResponse())
 
     @translate_errors
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.INFERENCE)
         self.dataplane.check_model(request.model_name, request.model_version)
         response = await self.dataplane.infer(decode_request(request, self.limits))
         return encode_response(response)
 
     @translate_errors
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.INFERENCE)
         rows = self.dataplane.repository_index(request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows])
 
     @translate_errors
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.ADMIN)
         parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
-        if any(key.startswith("file:") for key in parameters):
-            raise InvalidInput("parameters: uploading model files through load is not supported yet")
         config = parameters.get("config")
         if config is not None and not isinstance(config, str):
             raise InvalidInput("parameters.config: must be a string_param holding JSON")
-        await self.dataplane.load_model(request.model_name, config)
+        await self.dataplane.load_model(request.model_name, config, _file_parameters(parameters))
         return pb.RepositoryModelLoadResponse()
 
     @translate_errors
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.ADMIN)
         await self.dataplane.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _file_parameters(parameters: dict[str, Any]) -> dict[str, bytes]:
+    """Triton's ``file:<version>/<name>`` load parameters (bytes_param), keyed without the prefix."""
+    files: dict[str, bytes] = {}
+    for key, value in parameters.items():
+        if key.startswith("file:"):
+            if not isinstance(value, bytes):
+                raise InvalidInput(f"parameters[{key!r}]: model files must be sent as bytes_param")
+            files[key.removeprefix("file:")] = value
+    return files
 
 
 class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]

@@ -102,7 +102,7 @@ def test_full_queue_rejects_fast_with_retry_after(start_server, tmp_path: Path, 
     statuses = [r[0] for r in results]
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(503) > 0 and statuses.count(200) >= 2
-    for status, elapsed, headers, payload in results:
+    for status, _elapsed, headers, payload in results:
         if status == 503:
             assert headers["retry-after"] == "1"
             assert "queue is full" in payload["error"]

@@ -116,7 +116,7 @@ def test_rejections_are_not_failures(metrics_server: ServerProcess) -> None:
 def test_exposition_passes_promtool(metrics_server: ServerProcess) -> None:
     promtool = tool("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (Debian package 'prometheus'; make test installs it with tests/deploy/install-promtool.sh)")
+        pytest.skip("promtool not installed (make test unpacks it from Debian's 'prometheus')")
     _infer_n(metrics_server, 2)
     text = httpx.get(f"{metrics_server.http_url}/metrics").text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
@@ -144,7 +144,7 @@ def _free_port() -> int:
 def test_real_prometheus_scrapes_us(metrics_server: ServerProcess, tmp_path: Path) -> None:
     binary = tool("prometheus")
     if binary is None:
-        pytest.skip("prometheus not installed (Debian package 'prometheus'; make test installs it with tests/deploy/install-promtool.sh)")
+        pytest.skip("prometheus not installed (make test unpacks it from Debian's 'prometheus')")
     port = _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(

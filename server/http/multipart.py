@@ -1,0 +1,164 @@
+"""The curl upload body: ``multipart/form-data`` with a file field ``model`` and optional ``config`` (JSON)
+and ``version`` fields, parsed as it streams in and written straight into the upload's staging folder
+(never held whole in memory, never spooled to /tmp). File bytes are counted against the upload cap as they
+arrive; other fields are capped at the request body limit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from server.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from server.modelfile import PICKLE_SUFFIXES
+from server.upload import NEXT_VERSION, Receiver, StagedFile, StagedUpload, parse_version
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+FILE_FIELD = "model"
+TEXT_FIELDS = ("config", "version")
+FLUSH_BYTES = 1 << 20  # file data is handed to a worker thread in pieces of about this size
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    """The boundary of a multipart/form-data Content-Type (415 for any other type)."""
+    media_type, options = parse_options_header(content_type)
+    if media_type != b"multipart/form-data" or not options.get(b"boundary"):
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type or '(none)'!r}: send multipart/form-data "
+            "(curl -F model=@model.onnx [-F config=<config.json] [-F version=N])"
+        )
+    return options[b"boundary"]
+
+
+def form_receiver(content_type: str, body: AsyncIterator[bytes], max_field_bytes: int) -> Receiver:
+    """A receiver that parses the streamed form into the staged upload."""
+    boundary = multipart_boundary(content_type)
+
+    async def receive(staged: StagedUpload) -> None:
+        form = _Form(staged, max_field_bytes)
+        parser = MultipartParser(boundary, form.callbacks())
+        try:
+            async for chunk in body:
+                parser.write(chunk)
+                await form.drain()
+        except MultipartParseError as exc:
+            raise InvalidInput(f"multipart body: {exc}") from None
+        await form.finish()
+
+    return receive
+
+
+class _Form:
+    """Callbacks of the streaming parser. They run synchronously inside ``parser.write``; file data is
+    queued there and written by :meth:`drain` in a worker thread so the event loop never waits on disk."""
+
+    def __init__(self, staged: StagedUpload, max_field_bytes: int) -> None:
+        self.staged = staged
+        self.max_field_bytes = max_field_bytes
+        self.headers: dict[bytes, bytes] = {}
+        self._header = [b"", b""]
+        self.part = ""
+        self.file: StagedFile | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.closing = False
+        self.fields: dict[str, bytearray] = {}
+        self.model_done = False
+        self.ended = False
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._header_data(0, data[start:end]),
+            "on_header_value": lambda data, start, end: self._header_data(1, data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self.headers = {}
+        self.part = ""
+
+    def _header_data(self, which: int, data: bytes) -> None:
+        self._header[which] += data
+
+    def _header_end(self) -> None:
+        self.headers[self._header[0].strip().lower()] = self._header[1].strip()
+        self._header = [b"", b""]
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name in self.fields or (name == FILE_FIELD and (self.file is not None or self.model_done)):
+            raise InvalidInput(f"form field {name!r} is given twice")
+        if name == FILE_FIELD:
+            filename = options.get(b"filename", b"").decode("utf-8", "replace")
+            if filename.lower().endswith(PICKLE_SUFFIXES):  # the name is otherwise ignored
+                raise UnsupportedMediaType(f"uploaded file {filename!r}: pickle-based formats are refused")
+            self.file = self.staged.open(NEXT_VERSION, "model.onnx")
+        elif name in TEXT_FIELDS:
+            self.fields[name] = bytearray()
+        else:
+            raise InvalidInput(f"form field {name!r} is not known; send {FILE_FIELD!r} and optionally {TEXT_FIELDS}")
+        self.part = name
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.part == FILE_FIELD:
+            self.staged.count(end - start)
+            self.pending.append(data[start:end])
+            self.pending_size += end - start
+            return
+        value = self.fields[self.part]
+        value += data[start:end]
+        if len(value) > self.max_field_bytes:
+            raise PayloadTooLarge(f"form field {self.part!r} exceeds {self.max_field_bytes} bytes")
+
+    def _part_end(self) -> None:
+        if self.part == FILE_FIELD:
+            self.closing = True
+
+    def _end(self) -> None:
+        self.ended = True
+
+    async def drain(self) -> None:
+        """Write queued file data (in a thread) once enough has piled up or the file part ended."""
+        if self.file is None or not (self.closing or self.pending_size >= FLUSH_BYTES):
+            return
+        data, self.pending, self.pending_size = b"".join(self.pending), [], 0
+        file, close = self.file, self.closing
+        await asyncio.to_thread(_write, file, data, close)
+        if close:
+            self.file, self.closing, self.model_done = None, False, True
+
+    async def finish(self) -> None:
+        """After the body: everything required arrived, the text fields go to the staged upload."""
+        await self.drain()
+        if not self.ended:
+            raise InvalidInput("multipart body ended before its closing boundary")
+        if not self.model_done:
+            raise InvalidInput(f"form field {FILE_FIELD!r} (the ONNX file) is missing")
+        if "version" in self.fields:
+            self.staged.requested_version = parse_version(_text(self.fields["version"], "version"))
+        if "config" in self.fields:
+            await asyncio.to_thread(self.staged.set_config, _text(self.fields["config"], "config"))
+
+
+def _write(file: StagedFile, data: bytes, close: bool) -> None:
+    file.write(data)
+    if close:
+        file.close()
+
+
+def _text(value: bytearray, name: str) -> str:
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"form field {name!r} must be UTF-8 text") from None

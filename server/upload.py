@@ -1,0 +1,401 @@
+"""Model uploads: staged, validated, durable, then published atomically.
+
+An upload's files are written into a private folder under ``<repository>/.staging`` (the same filesystem,
+and a name the repository never lists), checked, fsynced, and only then moved into the model folder with
+renames. The ``COMMITTED`` marker, written and fsynced before the first rename, is the commit point: at
+start :func:`recover_staging` deletes unfinished uploads and rolls committed ones forward, so a crash,
+kill -9, full disk or client disconnect leaves either the repository as it was or the whole upload.
+
+Layout of one upload::
+
+    .staging/<id>/incoming/<folder>/<file>   as received; folder = the version in the file key, 0 = "next"
+    .staging/<id>/incoming/config.json       the config sent with the files, if any
+    .staging/<id>/model/<version>/<file>     renumbered at publish, under the model's lock
+    .staging/<id>/COMMITTED                  {"model": name, "versions": [...], "config": true|false}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from server.config import (
+    CONFIG_FILES,
+    DEFAULT_MODEL_FILENAME,
+    LoadedConfig,
+    ModelConfig,
+    complete_config,
+    parse_config,
+    read_config,
+)
+from server.errors import InternalError, InvalidInput, PayloadTooLarge
+from server.modelfile import check_external_data, check_file_name, check_graph, load_graph, sniff_format
+from server.repository import check_model_name
+
+log = logging.getLogger("optiserve.upload")
+
+STAGING = ".staging"
+MARKER = "COMMITTED"
+NEXT_VERSION = 0
+UPLOADED_CONFIG = "config.json"
+MAX_VERSION = 2**63 - 1
+FILE_KEY = re.compile(r"^([1-9][0-9]{0,18})/([^/]+)$")
+
+Receiver = Callable[["StagedUpload"], Awaitable[None]]
+
+
+def parse_file_key(key: str) -> tuple[int, str]:
+    """``<positive version>/<plain file name>`` (Triton's ``file:`` parameters without the prefix)."""
+    match = FILE_KEY.fullmatch(key)
+    if match is None or int(match.group(1)) > MAX_VERSION:
+        raise InvalidInput(f"file key {key!r} must be <version>/<file name> with a positive version number")
+    return int(match.group(1)), check_file_name(match.group(2), f"file key {key!r}: file name")
+
+
+def parse_version(text: str) -> int:
+    """A version number given as text: a positive integer without leading zeros."""
+    if not re.fullmatch(r"[1-9][0-9]{0,18}", text.strip()) or int(text) > MAX_VERSION:
+        raise InvalidInput(f"version {text!r} must be a positive integer")
+    return int(text)
+
+
+def assign_versions(folders: list[int], existing: set[int], requested: int | None) -> dict[int, int]:
+    """Staged folder -> published version. Folder 0 takes ``requested`` (which must be free) or the next
+    free number; a numbered folder keeps its number when free and takes the next free one otherwise, so
+    versions on disk are never overwritten."""
+    taken = set(existing)
+    mapping: dict[int, int] = {}
+    for folder in sorted(folders):
+        wanted = requested if folder == NEXT_VERSION else folder
+        if folder == NEXT_VERSION and wanted is not None and wanted in taken:
+            raise InvalidInput(f"version {wanted} already exists; versions are never overwritten")
+        if wanted is None or wanted in taken:
+            wanted = max(taken, default=0) + 1
+        mapping[folder] = wanted
+        taken.add(wanted)
+    return mapping
+
+
+class StagedFile:
+    """One file being written into staging; :meth:`close` makes it durable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = open(path, "xb")  # noqa: SIM115 - closed by close()/abort()
+
+    def write(self, data: bytes) -> None:
+        """Append bytes (the caller has counted them against the cap)."""
+        assert self._file is not None, "write after close"
+        self._file.write(data)
+
+    def close(self) -> None:
+        """Flush and fsync, so the bytes are on disk before the upload can commit."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def abort(self) -> None:
+        """Close without syncing (the upload is being thrown away)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class UploadResult:
+    """What an upload ended as: its versions, the state of the newest, and why it failed if it did."""
+
+    name: str
+    versions: list[int]
+    state: str
+    reason: str = ""
+    failed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The curl upload reply: ``{"name", "version", "state", "reason"}``."""
+        version = str(self.versions[-1]) if self.versions else ""
+        return {"name": self.name, "version": version, "state": self.state, "reason": self.reason}
+
+
+@dataclass
+class StagedUpload:
+    """One upload in progress. Files land in a private staging folder; :meth:`publish` (called under the
+    model's lock) moves them into the repository; :meth:`withdraw` takes them back out if the load fails."""
+
+    root: Path
+    model_name: str
+    max_bytes: int
+    requested_version: int | None = None
+    size: int = 0
+    versions: list[int] = field(default_factory=list)
+    published: asyncio.Event = field(default_factory=asyncio.Event)
+    _created_model: bool = False
+    _open: list[StagedFile] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.dir = new_staging_dir(self.root)
+        self.incoming = self.dir / "incoming"
+        self.incoming.mkdir()
+
+    # ---- receiving ------------------------------------------------------------------------------
+    def count(self, size: int) -> None:
+        """Count bytes against the cap before writing them (413 past it)."""
+        self.size += size
+        if self.size > self.max_bytes:
+            raise PayloadTooLarge(f"the upload exceeds the limit of {self.max_bytes} bytes (--max-upload-bytes)")
+
+    def open(self, folder: int, name: str) -> StagedFile:
+        """A new file ``<folder>/<name>``; the same name twice is refused."""
+        folder_dir = self.incoming / str(folder)
+        folder_dir.mkdir(exist_ok=True)
+        path = folder_dir / check_file_name(name, "file name")
+        if path.exists():
+            raise InvalidInput(f"file {folder}/{name} is given twice")
+        staged = StagedFile(path)
+        self._open.append(staged)
+        return staged
+
+    def add_file(self, key: str, data: bytes) -> None:
+        """Write one whole file given by a Triton file key (blocking: call it in a thread)."""
+        folder, name = parse_file_key(key)
+        self.count(len(data))
+        staged = self.open(folder, name)
+        staged.write(data)
+        staged.close()
+
+    def set_config(self, text: str) -> None:
+        """Keep the config sent with the upload; it becomes the model's config.json when published."""
+        staged = StagedFile(self.incoming / UPLOADED_CONFIG)
+        self._open.append(staged)
+        staged.write(text.encode("utf-8"))
+        staged.close()
+
+    # ---- validation (blocking: run in a thread) -------------------------------------------------
+    def validate(self, default_max_batch_size: int) -> None:
+        """Check every staged version against the config it will be served with."""
+        loaded = self._config()
+        folders = self.folders()
+        if not folders:
+            raise InvalidInput("the upload carries no model file")
+        filename = check_file_name(loaded.config.default_model_filename or DEFAULT_MODEL_FILENAME, "model file")
+        for folder in folders:
+            folder_dir = self.incoming / str(folder)
+            placeholder = folder_dir / DEFAULT_MODEL_FILENAME
+            if folder == NEXT_VERSION and filename != DEFAULT_MODEL_FILENAME and placeholder.is_file():
+                placeholder.rename(folder_dir / filename)
+            self._validate_version(folder_dir, filename, loaded, default_max_batch_size)
+
+    def _config(self) -> LoadedConfig:
+        """The config sent with the upload, else the model's current one, else an empty one."""
+        uploaded = self.incoming / UPLOADED_CONFIG
+        if uploaded.is_file():
+            return parse_config(uploaded.read_text(encoding="utf-8"), "json")
+        model_dir = self.root / self.model_name
+        return read_config(model_dir) if model_dir.is_dir() else LoadedConfig(ModelConfig(), set())
+
+    def _validate_version(self, folder_dir: Path, filename: str, loaded: LoadedConfig, max_batch: int) -> None:
+        label = f"uploaded {folder_dir.name}/{filename}" if folder_dir.name != "0" else f"uploaded {filename}"
+        model_path = folder_dir / filename
+        if not model_path.is_file():
+            raise InvalidInput(f"{label}: the model file is missing (the config names {filename!r})")
+        sniff_format(model_path, label)
+        graph = load_graph(model_path, label)
+        used = check_external_data(graph, folder_dir, label)
+        unused = sorted({p.name for p in folder_dir.iterdir()} - used - {filename})
+        if unused:
+            raise InvalidInput(f"{label}: files {unused} are neither the model nor external data it uses")
+        check_graph(model_path, label)
+        complete_config(loaded, self.model_name, graph, max_batch)
+
+    def folders(self) -> list[int]:
+        """The staged version folders (0 = the next free version)."""
+        return sorted(int(p.name) for p in self.incoming.iterdir() if p.is_dir())
+
+    # ---- publishing (called by ModelManager.load under the model's lock) -------------------------
+    async def publish(self) -> None:
+        """Move the upload into the repository; from here on it survives a crash."""
+        await asyncio.to_thread(self.publish_now)
+        self.published.set()
+
+    async def withdraw(self) -> None:
+        """Take a published upload back out (its load failed), so a restart serves what it served before."""
+        try:
+            await asyncio.to_thread(self.withdraw_now)
+        except OSError as exc:
+            log.error("could not withdraw versions %s of model %s: %s", self.versions, self.model_name, exc)
+
+    def publish_now(self) -> list[int]:
+        """Number the versions, fsync, write the commit marker, then rename into place."""
+        model_dir = self.root / self.model_name
+        self._check_target(model_dir)
+        existing = _numeric_folders(model_dir)
+        mapping = assign_versions(self.folders(), existing, self.requested_version)
+        staged_model = self.dir / "model"
+        staged_model.mkdir()
+        for folder, version in mapping.items():
+            version_dir = staged_model / str(version)
+            os.rename(self.incoming / str(folder), version_dir)
+            fsync_dir(version_dir)
+        has_config = (self.incoming / UPLOADED_CONFIG).is_file()
+        if has_config:
+            os.rename(self.incoming / UPLOADED_CONFIG, staged_model / UPLOADED_CONFIG)
+        fsync_dir(staged_model)
+        marker = {"model": self.model_name, "versions": sorted(mapping.values()), "config": has_config}
+        write_durably(self.dir / MARKER, json.dumps(marker).encode())
+        fsync_dir(self.dir)
+        self._created_model = not model_dir.exists()
+        apply_committed(self.dir, self.root)
+        self.versions = sorted(mapping.values())
+        log.info("model %s: published version(s) %s", self.model_name, self.versions)
+        return self.versions
+
+    def _check_target(self, model_dir: Path) -> None:
+        """Renames only publish atomically inside one filesystem, and never through a link out of the root."""
+        if not model_dir.exists():
+            return
+        if not model_dir.resolve().is_relative_to(self.root.resolve()):
+            raise InvalidInput(f"model folder {self.model_name!r} resolves outside the model repository")
+        if model_dir.stat().st_dev != self.dir.stat().st_dev:
+            raise InternalError(
+                f"model folder {self.model_name!r} is on another filesystem than {STAGING}; "
+                "uploads are published by rename and need one filesystem"
+            )
+
+    def withdraw_now(self) -> None:
+        """Rename the published versions (or the model folder this upload created) into staging, then
+        delete them there: each rename is atomic, and leftovers are cleaned at the next start."""
+        trash = new_staging_dir(self.root)
+        model_dir = self.root / self.model_name
+        if self._created_model:
+            os.rename(model_dir, trash / "model")
+        else:
+            for version in self.versions:
+                if (model_dir / str(version)).is_dir():
+                    os.rename(model_dir / str(version), trash / str(version))
+            fsync_dir(model_dir)
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.warning("model %s: withdrew version(s) %s after a failed load", self.model_name, self.versions)
+
+    def discard(self) -> None:
+        """Delete whatever is left in staging (nothing, once published). A committed upload whose renames
+        failed halfway is kept: the next start rolls it forward."""
+        for staged in self._open:
+            staged.abort()
+        if (self.dir / MARKER).is_file():
+            log.error("model %s: publishing failed after its commit; the next start finishes it", self.model_name)
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def files_receiver(files: dict[str, bytes], config_text: str | None) -> Receiver:
+    """A receiver for Triton's load with ``file:<version>/<name>`` parameters already decoded."""
+
+    async def receive(staged: StagedUpload) -> None:
+        total = sum(len(data) for data in files.values())
+        if total > staged.max_bytes:
+            staged.count(total)  # refuse before writing anything
+        if config_text is not None:
+            await asyncio.to_thread(staged.set_config, config_text)
+        for key, data in files.items():
+            await asyncio.to_thread(staged.add_file, key, data)
+
+    return receive
+
+
+# ---- the commit protocol (also run at start to finish interrupted uploads) -----------------------
+def apply_committed(txn: Path, root: Path) -> None:
+    """Roll a committed upload forward; idempotent, so a crash halfway is finished at the next start."""
+    marker = json.loads((txn / MARKER).read_text(encoding="utf-8"))
+    name = check_model_name(str(marker["model"]))
+    staged, target = txn / "model", root / name
+    if staged.is_dir():
+        if not target.exists():
+            os.rename(staged, target)  # a new model appears whole
+        else:
+            _move_children(staged, target)
+    if marker.get("config"):
+        for other in CONFIG_FILES:
+            if other != UPLOADED_CONFIG:
+                (target / other).unlink(missing_ok=True)  # the uploaded config.json replaces them
+    fsync_dir(target)
+    fsync_dir(root)
+    shutil.rmtree(txn)
+
+
+def _move_children(staged: Path, target: Path) -> None:
+    for child in sorted(staged.iterdir()):
+        destination = target / child.name
+        if child.name == UPLOADED_CONFIG:
+            os.replace(child, destination)
+        elif destination.exists():
+            log.warning("not publishing %s: %s already exists", child.name, destination)
+        else:
+            os.rename(child, destination)
+
+
+def recover_staging(root: Path) -> None:
+    """At start: finish committed uploads, delete unfinished ones (and withdrawn leftovers)."""
+    staging = root / STAGING
+    if not staging.is_dir():
+        return
+    for txn in sorted(staging.iterdir()):
+        if (txn / MARKER).is_file():
+            try:
+                apply_committed(txn, root)
+                log.info("finished publishing an interrupted upload (%s)", txn.name)
+            except (OSError, ValueError, KeyError, InvalidInput) as exc:
+                log.error("could not finish the interrupted upload %s: %s", txn, exc)
+        else:
+            _remove(txn)
+            log.info("removed an unfinished upload from staging (%s)", txn.name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def new_staging_dir(root: Path) -> Path:
+    """A fresh private folder under ``<root>/.staging``."""
+    staging = root / STAGING
+    staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = staging / uuid.uuid4().hex
+    path.mkdir(mode=0o700)
+    return path
+
+
+def _numeric_folders(model_dir: Path) -> set[int]:
+    if not model_dir.is_dir():
+        return set()
+    return {int(p.name) for p in model_dir.iterdir() if p.name.isdigit()}
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write a small file and fsync it."""
+    with open(path, "xb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so the names created or renamed in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
