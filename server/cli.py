@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from optimizers import cli as optimizer_cli
 from server.settings import Settings
 
 
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model repository over HTTP and gRPC")
     _add_setting_flags(serve)
+    optimize = commands.add_parser(
+        "optimize", help="run the load-time optimization pipeline offline on one ONNX file and print its report"
+    )
+    optimizer_cli.add_arguments(optimize)
     return parser
 
 
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         from server.app import serve
 
         serve(Settings(**args))
+    elif command == "optimize":
+        raise SystemExit(optimizer_cli.run(argparse.Namespace(**args)))
 
 
 if __name__ == "__main__":

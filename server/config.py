@@ -21,6 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from server import datatypes
 from server.errors import LoadFailed
+from server.optimize_block import split_pbtxt
 
 ModelConfig = mc.ModelConfig
 CONFIG_FILES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
@@ -43,6 +44,8 @@ class LoadedConfig:
 
     config: Any
     explicit: set[str]
+    optimize: dict[str, Any] | None = None
+    """The ``optimize`` block (our extension), if the config has one."""
 
 
 def read_config(model_dir: Path) -> LoadedConfig:
@@ -59,6 +62,7 @@ def parse_config(text: str, fmt: str) -> LoadedConfig:
     config = ModelConfig()
     try:
         if fmt == "pbtxt":
+            text, optimize = split_pbtxt(text)
             text_format.Parse(text, config)
             explicit = _top_level_fields(text)
         else:
@@ -67,11 +71,14 @@ def parse_config(text: str, fmt: str) -> LoadedConfig:
                 data = {}
             if not isinstance(data, dict):
                 raise LoadFailed(f"config.{fmt}: top level must be a mapping, got {type(data).__name__}")
+            optimize = data.pop("optimize", None)
+            if optimize is not None and not isinstance(optimize, dict):
+                raise LoadFailed(f"config.{fmt}: optimize must be a mapping, got {type(optimize).__name__}")
             json_format.ParseDict(data, config)
             explicit = set(data)
     except (text_format.ParseError, json_format.ParseError, yaml.YAMLError, ValueError) as exc:
         raise LoadFailed(f"config.{fmt}: {exc}") from None
-    return LoadedConfig(config, explicit)
+    return LoadedConfig(config, explicit, optimize)
 
 
 def _top_level_fields(text: str) -> set[str]:

@@ -75,6 +75,10 @@ class DataPlane:
         """... and as Triton's JSON (HTTP)."""
         return config_to_json(self.model_config(name, version))
 
+    def optimization_report(self, name: str, version: str = "") -> dict[str, Any]:
+        """What the load-time optimizer did for this version: every step, its figures, what is served."""
+        return self.models.get(name, version).report
+
     # ---- inference -------------------------------------------------------------------------------
     def check_model(self, name: str, version: str = "") -> None:
         """Fail fast (404/503) for a model that cannot serve, before the body is decoded."""

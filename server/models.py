@@ -5,40 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import onnx
-from tritonclient.grpc import model_config_pb2 as mc
-
-from server import datatypes
-from server.backends.base import Backend
-from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
-from server.batching import Batcher, BatcherClosed, BatchPolicy
-from server.config import LoadedConfig, TensorSpec, complete_config, read_config, tensor_specs
-from server.errors import (
-    DeadlineExceeded,
-    InternalError,
-    InvalidInput,
-    LoadFailed,
-    ModelNotFound,
-    ModelNotReady,
-    PayloadTooLarge,
-    ServerError,
-    ServerUnavailable,
-)
-from server.inference import InferenceRequest, InferenceResponse, OutputTensor
+from server.config import read_config
+from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError
+from server.loader import VersionLoader
 from server.metrics import Metric, ServerMetrics, state_families
-from server.modelfile import check_external_data
 from server.repository import Repository, select_versions
+from server.served import ModelVersion
 from server.settings import Settings
-from server.stats import ModelStats
-from server.validation import check_requested_outputs, prepare_inputs
+
+__all__ = ["ModelManager", "ModelState", "ModelVersion"]
 
 log = logging.getLogger("optiserve.models")
 
@@ -58,82 +38,6 @@ class ModelState(str, Enum):
     READY = "READY"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass
-class ModelVersion:
-    """One served version: what it accepts, the instances that run it, and its statistics."""
-
-    name: str
-    version: int
-    config: Any
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    backends: list[Backend]
-    batcher: Batcher
-    stats: ModelStats
-    variant: str = "original"
-
-    @property
-    def max_batch_size(self) -> int:
-        """The config's max_batch_size (0: the model takes no batch dimension)."""
-        return int(self.config.max_batch_size)
-
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """Validate, queue, wait, and pick the requested outputs."""
-        started = time.monotonic_ns()
-        reason: str | None = "other"
-        try:
-            prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
-            names = check_requested_outputs(request, self.outputs)
-            priority, timeout_us = scheduling_parameters(request.parameters)
-            results = await self.batcher.submit(
-                prepared.tensors, prepared.samples, prepared.key, priority=priority, timeout_us=timeout_us
-            )
-            outputs = [OutputTensor(n, datatypes.of_array(results[n]), results[n]) for n in names]
-            reason = None
-            return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
-        except BaseException as exc:
-            reason = failure_reason(exc)
-            if reason in ("backend", "other"):
-                log.error(
-                    "request %s to %s:%s failed: %s", request.id or uuid.uuid4().hex, self.name, self.version, exc
-                )
-            raise
-        finally:
-            if reason != "retried":
-                self.stats.record_request(reason is None, time.monotonic_ns() - started, reason or "")
-
-    def close(self, timeout_s: float) -> None:
-        """Drain the queue, then release every instance."""
-        self.batcher.close(timeout_s)
-        for backend in self.backends:
-            backend.unload()
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The metrics ``reason`` of a failed request."""
-    if isinstance(exc, BatcherClosed):
-        return "retried"  # the data plane retries it on the new version; not an outcome
-    if isinstance(exc, (ServerUnavailable, DeadlineExceeded)):
-        return "rejected"
-    if isinstance(exc, asyncio.CancelledError):
-        return "canceled"
-    if isinstance(exc, (InvalidInput, PayloadTooLarge)):
-        return "invalid"
-    if isinstance(exc, (InternalError, ModelNotReady)) or not isinstance(exc, ServerError):
-        return "backend"
-    return "other"
-
-
-def scheduling_parameters(parameters: dict[str, Any]) -> tuple[int, int | None]:
-    """Triton's schedule-policy request parameters: ``priority`` (1 = highest) and ``timeout`` (us)."""
-    priority, timeout = parameters.get("priority", 0), parameters.get("timeout")
-    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
-        raise InvalidInput(f"parameters.priority: must be a non-negative integer, got {priority!r}")
-    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0):
-        raise InvalidInput(f"parameters.timeout: must be a non-negative integer of microseconds, got {timeout!r}")
-    return priority, timeout or None
 
 
 @dataclass
@@ -163,6 +67,7 @@ class ModelManager:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
+        self.loader = VersionLoader(repository, settings, metrics)
         self._entries: dict[str, ModelEntry] = {}
         self._startup_done = False
 
@@ -329,6 +234,15 @@ class ModelManager:
                 entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, reason)
         log.warning("model %s failed to load: %s", entry.name, reason)
 
+    @staticmethod
+    def _progress(entry: ModelEntry, version: int) -> Callable[[str], None]:
+        """Show the loading step in progress (e.g. the optimizer's) as the version's reason in the index."""
+
+        def report(step: str) -> None:
+            entry.status[version] = VersionStatus(ModelState.LOADING, step)
+
+        return report
+
     def _entry(self, name: str) -> ModelEntry:
         entry = self._entries.get(name)
         if entry is None:
@@ -348,99 +262,9 @@ class ModelManager:
         try:
             for version in versions:
                 entry.status.setdefault(version, VersionStatus(ModelState.LOADING, "loading"))
-                built[version] = self._build_version(name, version, loaded)
+                built[version] = self.loader.build(name, version, loaded, self._progress(entry, version))
         except BaseException:
             for done in built.values():
                 done.close(0)
             raise
         return built
-
-    def _build_version(self, name: str, version: int, loaded: LoadedConfig) -> ModelVersion:
-        started = time.monotonic()
-        version_dir = self.repository.version_dir(name, version)
-        filename = loaded.config.default_model_filename or "model.onnx"
-        model_path = version_dir / filename
-        if not model_path.is_file():
-            raise LoadFailed(f"model {name!r} version {version}: {filename} is missing")
-        try:
-            graph = onnx.load(str(model_path), load_external_data=False)
-        except Exception as exc:
-            raise LoadFailed(f"model {name!r} version {version}: not a valid ONNX file ({exc})") from None
-        check_external_data(graph, version_dir, f"model {name!r} version {version}")
-        config = complete_config(loaded, name, graph, self.settings.default_max_batch_size)
-        backends = self._make_backends(f"{name}:{version}", model_path, config)
-        stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
-        batching = config.max_batch_size if config.HasField("dynamic_batching") else 0
-        policy = BatchPolicy.from_config(config, self.settings.default_max_queue_size)
-        batcher = Batcher(
-            f"{name}:{version}",
-            [b.infer for b in backends],
-            max_batch_size=batching,
-            max_queue_size=policy.default_queue.max_queue_size,
-            stats=stats,
-            policy=policy,
-        )
-        batcher.start()
-        if self.metrics is not None:
-            self.metrics.load_duration.labels(name).observe(time.monotonic() - started)
-        log.info(
-            "model %s version %s loaded in %.2fs (%d instance(s))",
-            name,
-            version,
-            time.monotonic() - started,
-            len(backends),
-        )
-        return ModelVersion(
-            name,
-            version,
-            config,
-            tensor_specs(config, inputs=True),
-            tensor_specs(config, inputs=False),
-            backends,
-            batcher,
-            stats,
-        )
-
-    def _make_backends(self, label: str, model_path: Path, config: Any) -> list[Backend]:
-        plan = instance_plan(config, self.settings)
-        backends: list[Backend] = []
-        try:
-            for index, session_config in enumerate(plan):
-                backend: Backend = OnnxRuntimeBackend(f"{label}#{index}", model_path, session_config)
-                backend.load()
-                backends.append(backend)
-        except BaseException:
-            for backend in backends:
-                backend.unload()
-            raise
-        return backends
-
-
-def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
-    """One session config per instance of the model's instance groups. CPU threads are split so that
-    instances x intra-op threads <= cores unless ``intra_op_threads`` is set."""
-    kinds: list[bool] = []  # True = GPU instance
-    for group in config.instance_group:
-        count = group.count or 1
-        gpu = _group_wants_gpu(group, settings)
-        kinds.extend([gpu] * count)
-    cpu_instances = max(1, sum(1 for gpu in kinds if not gpu))
-    threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // cpu_instances)
-    return [
-        SessionConfig(
-            intra_op_threads=threads,
-            inter_op_threads=settings.inter_op_threads,
-            allow_spinning=settings.allow_spinning,
-            graph_optimization_level=settings.graph_optimization_level,
-            providers=choose_providers(settings.execution_providers, gpu=gpu),
-        )
-        for gpu in kinds
-    ]
-
-
-def _group_wants_gpu(group: Any, settings: Settings) -> bool:
-    """KIND_GPU needs a GPU provider (clear failure otherwise); KIND_AUTO uses one when present."""
-    has_gpu = any(p in GPU_PROVIDERS for p in choose_providers(settings.execution_providers, gpu=True))
-    if group.kind == mc.ModelInstanceGroup.KIND_GPU and not has_gpu:
-        raise LoadFailed("instance_group kind KIND_GPU, but no GPU execution provider (CUDA/TensorRT) is available")
-    return group.kind in (mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_AUTO) and has_gpu

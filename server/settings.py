@@ -81,6 +81,17 @@ class Settings(BaseSettings):
     """onnxruntime execution providers in order of preference; empty picks TensorRT, CUDA, then CPU
     among those installed."""
 
+    default_precision: Literal["auto", "fp32", "fp16", "int8", "none"] = "auto"
+    """Optimization for models whose config has no optimize block: auto lets every candidate the accuracy
+    guard accepts compete and serves the fastest (never slower than the original); none serves the file
+    as uploaded."""
+
+    cache_dir: Path = Path(".optiserve-cache")
+    """Where optimized artifacts are kept, so a restart or a re-upload of the same bytes reuses them."""
+
+    cache_max_bytes: int = Field(10 * 1024 * MIB, gt=0)
+    """Size cap of the optimization cache; least recently used artifacts are evicted beyond it."""
+
     exit_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT, how long in-flight and queued requests may take to finish before exit."""
 

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,10 @@ class ServerProcess:
     def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.repo = repo
         self.args = args
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Tests compare served outputs with onnxruntime's exactly, so the optimizer is off unless a test turns
+        # it on; its cache goes to a fresh folder so no test sees another's artifacts.
+        defaults = {"OPTISERVE_DEFAULT_PRECISION": "none", "OPTISERVE_CACHE_DIR": tempfile.mkdtemp(prefix="cache-")}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **defaults, **(env or {})}
         self.lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self.http_port = 0

@@ -191,6 +191,20 @@ def _add_model_routes(app: FastAPI, dataplane: DataPlane, guard: list[Any]) -> N
         app.add_api_route(
             f"{prefix}/stats", _stats_handler(dataplane), methods=["GET"], tags=["statistics"], dependencies=guard
         )
+        app.add_api_route(
+            f"{prefix}/optimization",
+            _optimization_handler(dataplane),
+            methods=["GET"],
+            tags=["optimization"],
+            dependencies=guard,
+        )
+
+
+def _optimization_handler(dataplane: DataPlane) -> Any:
+    async def optimization_report(model_name: str, model_version: str = "") -> Response:
+        return json_response(dataplane.optimization_report(model_name, model_version))
+
+    return optimization_report
 
 
 def _metadata_handler(dataplane: DataPlane) -> Any:

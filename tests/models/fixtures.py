@@ -5,6 +5,7 @@ Each builder returns an ``onnx.ModelProto``; :func:`write_model` puts one into a
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,29 @@ def float_mlp(features: int = 8, hidden: int = 16, classes: int = 4, seed: int =
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])],
+        weights,
+    )
+
+
+def wide_mlp(seed: int = 0) -> onnx.ModelProto:
+    """x FP32 [batch, 256] -> 512 -> 512 -> y [batch, 10]: big enough for INT8 to pay on a CPU."""
+    rng = np.random.default_rng(seed)
+    sizes = [256, 512, 512, 10]
+    nodes, weights, previous = [], [], "x"
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        weights.append(
+            numpy_helper.from_array((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32), f"w{i}")
+        )
+        weights.append(numpy_helper.from_array(np.zeros(n_out, np.float32), f"b{i}"))
+        out = "y" if i == len(sizes) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [previous, f"w{i}", f"b{i}"], [out if out == "y" else f"g{i}"]))
+        if out != "y":
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
+        previous = out
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
         weights,
     )
 

@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from server.batching import Batcher, BatchPolicy, QueuePolicy
 from server.errors import DeadlineExceeded, InvalidInput
-from server.models import instance_plan
+from server.loader import instance_plan
 from server.settings import Settings
 from server.stats import ModelStats
 
@@ -171,7 +171,7 @@ def _config(count: int, kind: Any = mc.ModelInstanceGroup.KIND_CPU) -> Any:
 
 
 def test_cpu_threads_are_split_between_instances(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("server.loader.available_cpus", lambda: 8)
     assert [p.intra_op_threads for p in instance_plan(_config(1), Settings())] == [8]
     assert [p.intra_op_threads for p in instance_plan(_config(4), Settings())] == [2, 2, 2, 2]
     assert [p.intra_op_threads for p in instance_plan(_config(16), Settings())] == [1] * 16

@@ -1,0 +1,241 @@
+"""Building one model version, in a worker thread: read and check the ONNX file, complete the config, run
+the optimization pipeline (cached), then create one runtime session per instance and the batcher.
+
+This is the "Loader: Repository -> optimizers.Pipeline -> Backend" box of the design; the ModelManager
+decides *when* to build and swaps the result in atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+from tritonclient.grpc import model_config_pb2 as mc
+
+from optimizers import OptimizeError, OptimizeOptions, OptionsError, Pipeline, PipelineResult, probe_device
+from server.backends.base import Backend
+from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
+from server.batching import Batcher, BatchPolicy
+from server.config import LoadedConfig, complete_config, tensor_specs
+from server.errors import LoadFailed
+from server.metrics import ServerMetrics
+from server.modelfile import check_external_data
+from server.repository import Repository
+from server.served import ModelVersion
+from server.settings import Settings
+from server.stats import ModelStats
+
+log = logging.getLogger("optiserve.loader")
+Progress = Callable[[str], None]
+
+
+class VersionLoader:
+    """Turns a version folder into a ready :class:`ModelVersion`."""
+
+    def __init__(self, repository: Repository, settings: Settings, metrics: ServerMetrics | None) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.metrics = metrics
+        self._pipeline: Pipeline | None = None
+        self._pipeline_lock = threading.Lock()
+
+    def build(self, name: str, version: int, loaded: LoadedConfig, progress: Progress) -> ModelVersion:
+        """Everything from files on disk to a started batcher; raises LoadFailed with the reason."""
+        started = time.monotonic()
+        label = f"model {name!r} version {version}"
+        version_dir = self.repository.version_dir(name, version)
+        filename = loaded.config.default_model_filename or "model.onnx"
+        model_path = version_dir / filename
+        if not model_path.is_file():
+            raise LoadFailed(f"{label}: {filename} is missing")
+        try:
+            graph = onnx.load(str(model_path), load_external_data=False)
+        except Exception as exc:
+            raise LoadFailed(f"{label}: not a valid ONNX file ({exc})") from None
+        check_external_data(graph, version_dir, label)
+        config = complete_config(loaded, name, graph, self.settings.default_max_batch_size)
+        plan = instance_plan(config, self.settings)
+        optimized = self._optimize(name, version, model_path, loaded, config, plan, progress)
+        plan = apply_session_options(plan, optimized.session_options)
+        backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
+        stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
+        batcher = _make_batcher(f"{name}:{version}", config, backends, stats, self.settings)
+        elapsed = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.load_duration.labels(name).observe(elapsed)
+        selected = str(optimized.report.get("selected") or "original")
+        log.info(
+            "model %s version %s ready in %.2fs: %d instance(s), serving %s",
+            name,
+            version,
+            elapsed,
+            len(backends),
+            selected,
+        )
+        return ModelVersion(
+            name,
+            version,
+            config,
+            tensor_specs(config, inputs=True),
+            tensor_specs(config, inputs=False),
+            backends,
+            batcher,
+            stats,
+            variant=selected,
+            report=optimized.report,
+        )
+
+    def _optimize(
+        self,
+        name: str,
+        version: int,
+        model_path: Path,
+        loaded: LoadedConfig,
+        config: Any,
+        plan: list[SessionConfig],
+        progress: Progress,
+    ) -> PipelineResult:
+        """Run the optimization pipeline for this version (or skip it), recording its steps as metrics."""
+        block = loaded.optimize if loaded.optimize is not None else {"precision": self.settings.default_precision}
+        try:
+            options = OptimizeOptions.from_config_dict(
+                block,
+                target=_target(plan),
+                max_batch_size=int(config.max_batch_size),
+                preferred_batch_sizes=[int(s) for s in config.dynamic_batching.preferred_batch_size],
+            )
+        except OptionsError as exc:
+            raise LoadFailed(f"model {name!r}: {exc}") from None
+        try:
+            result = self.pipeline().run(model_path, options, progress, name=name, version=str(version))
+        except OptimizeError as exc:
+            raise LoadFailed(f"model {name!r} version {version}: {exc}") from None
+        self._record(name, result.report)
+        return result
+
+    def pipeline(self) -> Pipeline:
+        """The optimizer, built on first use (probing the device takes a moment)."""
+        with self._pipeline_lock:
+            if self._pipeline is None:
+                self._pipeline = Pipeline(
+                    cache_dir=self.settings.cache_dir,
+                    cache_max_bytes=self.settings.cache_max_bytes,
+                    device=probe_device(),
+                )
+            return self._pipeline
+
+    def _record(self, name: str, report: dict[str, Any]) -> None:
+        if self.metrics is None:
+            return
+        if report.get("cache_hit"):
+            self.metrics.cache_hits.labels(name).inc()
+        for step in report.get("steps", []):
+            duration = step.get("duration_s")
+            if isinstance(duration, (int, float)):
+                self.metrics.optimization_step.labels(name, str(step.get("name")), str(step.get("status"))).observe(
+                    duration
+                )
+
+
+def _target(plan: list[SessionConfig]) -> str:
+    """The optimizer's target: the best provider of the first instance."""
+    providers = plan[0].providers if plan else ("CPUExecutionProvider",)
+    if "TensorrtExecutionProvider" in providers:
+        return "tensorrt"
+    return "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+
+
+def apply_session_options(plan: list[SessionConfig], chosen: dict[str, Any]) -> list[SessionConfig]:
+    """Apply what the optimizer's compile step chose, keeping instances x threads <= cores."""
+    if not chosen:
+        return plan
+    cpu_instances = max(1, sum(1 for p in plan if not set(p.providers) & set(GPU_PROVIDERS)))
+    budget = max(1, available_cpus() // cpu_instances)
+    updated: list[SessionConfig] = []
+    for session in plan:
+        changes: dict[str, Any] = {}
+        if "intra_op_threads" in chosen:
+            changes["intra_op_threads"] = max(1, min(int(chosen["intra_op_threads"]), budget))
+        if "providers" in chosen:
+            changes["providers"] = tuple(chosen["providers"])
+            changes["provider_options"] = dict(chosen.get("provider_options", {}))
+        updated.append(SessionConfig(**{**session.__dict__, **changes}))
+    return updated
+
+
+def _make_batcher(label: str, config: Any, backends: list[Backend], stats: ModelStats, settings: Settings) -> Batcher:
+    batching = config.max_batch_size if config.HasField("dynamic_batching") else 0
+    policy = BatchPolicy.from_config(config, settings.default_max_queue_size)
+    batcher = Batcher(
+        label,
+        [b.infer for b in backends],
+        max_batch_size=batching,
+        max_queue_size=policy.default_queue.max_queue_size,
+        stats=stats,
+        policy=policy,
+    )
+    batcher.start()
+    return batcher
+
+
+def _make_backends(label: str, model_path: Path, plan: list[SessionConfig]) -> list[Backend]:
+    backends: list[Backend] = []
+    try:
+        for index, session_config in enumerate(plan):
+            backend: Backend = OnnxRuntimeBackend(f"{label}#{index}", model_path, session_config)
+            backend.load()
+            backends.append(backend)
+    except BaseException:
+        for backend in backends:
+            backend.unload()
+        raise
+    return backends
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the cgroup quota (a container's CPU limit) or the affinity mask, which
+    ``os.cpu_count()`` ignores (it sees the whole node)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
+    """One session config per instance of the model's instance groups. CPU threads are split so that
+    instances x intra-op threads <= cores unless ``intra_op_threads`` is set."""
+    kinds: list[bool] = []  # True = GPU instance
+    for group in config.instance_group:
+        count = group.count or 1
+        gpu = _group_wants_gpu(group, settings)
+        kinds.extend([gpu] * count)
+    cpu_instances = max(1, sum(1 for gpu in kinds if not gpu))
+    threads = settings.intra_op_threads or max(1, available_cpus() // cpu_instances)
+    return [
+        SessionConfig(
+            intra_op_threads=threads,
+            inter_op_threads=settings.inter_op_threads,
+            allow_spinning=settings.allow_spinning,
+            graph_optimization_level=settings.graph_optimization_level,
+            providers=choose_providers(settings.execution_providers, gpu=gpu),
+        )
+        for gpu in kinds
+    ]
+
+
+def _group_wants_gpu(group: Any, settings: Settings) -> bool:
+    """KIND_GPU needs a GPU provider (clear failure otherwise); KIND_AUTO uses one when present."""
+    has_gpu = any(p in GPU_PROVIDERS for p in choose_providers(settings.execution_providers, gpu=True))
+    if group.kind == mc.ModelInstanceGroup.KIND_GPU and not has_gpu:
+        raise LoadFailed("instance_group kind KIND_GPU, but no GPU execution provider (CUDA/TensorRT) is available")
+    return group.kind in (mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_AUTO) and has_gpu
