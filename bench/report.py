@@ -109,6 +109,8 @@ def _raw_rows(raw: dict[str, Any]) -> list[str]:
 
 def _server_row(run: dict[str, Any], raw: dict[str, Any] | None) -> str:
     label = f"server {run['protocol'].replace('grpc', 'gRPC').replace('http', 'HTTP')} c={run['concurrency']}"
+    if run.get("variant"):
+        label += f" ({run['variant']})"
     lat = run.get("latency_ms") or {}
     return (
         f"| {label} | {_num(lat.get('p50'), 3)} | {_num(lat.get('p99'), 3)} "

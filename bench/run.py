@@ -101,23 +101,48 @@ def _print_run(run: dict[str, Any]) -> None:
     )
 
 
+def variants(out: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """Two servers: the model as uploaded (the serving-overhead comparison: the same file raw ORT runs), and
+    the model after the load-time optimizer (what a user gets by default), with a fresh cache."""
+    cache = out / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    return [
+        ("as uploaded", ("--default-precision", "none")),
+        ("optimized", ("--default-precision", "auto", "--cache-dir", str(cache))),
+    ]
+
+
 def measure_server(args: argparse.Namespace, repo: Path, interval_ms: int, results: dict[str, Any]) -> None:
-    """Start the server, run every perf_analyzer point, and always stop the server again."""
-    server = ServerProcess(args.server_python, repo, args.out / "server.log", cwd=ROOT)
+    """For each variant start the server, run every perf_analyzer point, and always stop the server again."""
     (args.out / "perf").mkdir(parents=True, exist_ok=True)
-    print(f"[server] {' '.join(server.cmd)}", flush=True)
-    with server:
-        took = server.wait_ready(args.models)
-        print(f"[server] ready after {took:.1f} s", flush=True)
-        results["server_ready_s"] = took
-        for name in args.models:
-            print(f"[perf_analyzer] {name}", flush=True)
-            for concurrency in CONCURRENCIES:
-                for protocol in PROTOCOLS:
-                    run = perf_point(server, name, protocol, concurrency, interval_ms, args.out)
-                    results["models"][name]["server"].append(run)
-                    _print_run(run)
-    results["server_exit_code"] = server.proc.returncode if server.proc else None
+    for variant, extra in variants(args.out):
+        log = args.out / f"server-{variant.replace(' ', '-')}.log"
+        server = ServerProcess(args.server_python, repo, log, cwd=ROOT, extra_args=extra)
+        print(f"[server: {variant}] {' '.join(server.cmd)}", flush=True)
+        with server:
+            took = server.wait_ready(args.models)
+            print(f"[server: {variant}] ready after {took:.1f} s", flush=True)
+            results.setdefault("server_ready_s", {})[variant] = took
+            for name in args.models:
+                selected = _selected_variant(server, name)
+                print(f"[perf_analyzer] {name} ({variant}: {selected})", flush=True)
+                for concurrency in CONCURRENCIES:
+                    for protocol in PROTOCOLS:
+                        run = perf_point(server, name, protocol, concurrency, interval_ms, args.out)
+                        run["variant"] = variant if variant == "as uploaded" else f"{variant}: {selected}"
+                        results["models"][name]["server"].append(run)
+                        _print_run(run)
+        results.setdefault("server_exit_code", {})[variant] = server.proc.returncode if server.proc else None
+
+
+def _selected_variant(server: ServerProcess, model: str) -> str:
+    """What the optimizer chose for this model (its report's ``selected``)."""
+    from bench.serving import get_json
+
+    try:
+        return str(get_json(f"http://{server.http_url}/v2/models/{model}/optimization").get("selected", "?"))
+    except (OSError, RuntimeError, ValueError):
+        return "?"
 
 
 def write_outputs(out: Path, results: dict[str, Any]) -> str:

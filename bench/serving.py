@@ -53,7 +53,7 @@ def get_json(url: str) -> dict[str, Any]:
 class ServerProcess:
     """The server under test; use as a context manager so it is stopped even when the benchmark fails."""
 
-    def __init__(self, python: str, repo: Path, log_path: Path, cwd: Path) -> None:
+    def __init__(self, python: str, repo: Path, log_path: Path, cwd: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.cmd = [
@@ -62,6 +62,7 @@ class ServerProcess:
             "--host", "127.0.0.1",
             "--http-port", str(self.http_port),
             "--grpc-port", str(self.grpc_port),
+            *extra_args,
         ]  # fmt: skip
         self.log_path = log_path
         self.cwd = cwd

@@ -13,8 +13,11 @@ from collections.abc import Iterator
 import uvicorn
 from prometheus_client import start_http_server
 
+from server import tensors
+from server.auth import AccessPolicy
 from server.dataplane import DataPlane
 from server.http.app import create_http_app
+from server.http.fast import InferFastPath
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.models import ModelManager
@@ -44,6 +47,11 @@ class OptiServe:
         self.metrics.add_state_collector(self.models.metric_families)
         self.dataplane = DataPlane(self.models)
         self.http_app = create_http_app(self.dataplane, settings, self.metrics.registry if settings.metrics else None)
+        limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
+        # Inference skips FastAPI's middleware and routing (see server/http/fast.py); the rest goes through it.
+        self.asgi_app = InferFastPath(
+            self.http_app, self.dataplane, settings.max_request_bytes, limits, AccessPolicy.from_settings(settings)
+        )
         self.grpc_server = create_grpc_server(self.dataplane, settings)
         self._stop = asyncio.Event()
         self.http_port = 0
@@ -61,7 +69,7 @@ class OptiServe:
         await self.grpc_server.start()
         http_server = _UvicornServer(
             uvicorn.Config(
-                self.http_app,
+                self.asgi_app,
                 log_level=settings.log_level,
                 access_log=settings.access_log,
                 lifespan="off",
