@@ -62,7 +62,10 @@ class VersionLoader:
         config = complete_config(loaded, name, graph, self.settings.default_max_batch_size)
         plan = instance_plan(config, self.settings)
         optimized = self._optimize(name, version, model_path, loaded, config, plan, progress)
-        plan = apply_session_options(plan, optimized.session_options)
+        chosen = dict(optimized.session_options)
+        if thread_parameter(config, "intra_op_thread_count"):
+            chosen.pop("intra_op_threads", None)  # the model's own setting wins
+        plan = apply_session_options(plan, chosen)
         backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
         stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
         batcher = _make_batcher(f"{name}:{version}", config, backends, stats, self.settings)
@@ -220,17 +223,32 @@ def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
         gpu = _group_wants_gpu(group, settings)
         kinds.extend([gpu] * count)
     cpu_instances = max(1, sum(1 for gpu in kinds if not gpu))
-    threads = settings.intra_op_threads or max(1, available_cpus() // cpu_instances)
+    threads = (
+        thread_parameter(config, "intra_op_thread_count")
+        or settings.intra_op_threads
+        or max(1, available_cpus() // cpu_instances)
+    )
     return [
         SessionConfig(
             intra_op_threads=threads,
-            inter_op_threads=settings.inter_op_threads,
+            inter_op_threads=thread_parameter(config, "inter_op_thread_count") or settings.inter_op_threads,
             allow_spinning=settings.allow_spinning,
             graph_optimization_level=settings.graph_optimization_level,
             providers=choose_providers(settings.execution_providers, gpu=gpu),
         )
         for gpu in kinds
     ]
+
+
+def thread_parameter(config: Any, key: str) -> int:
+    """Triton's onnxruntime-backend thread parameters (``parameters { key: "intra_op_thread_count" ... }``),
+    0 when absent; a per-model setting beats the server's and the optimizer's choice."""
+    if key not in config.parameters:
+        return 0
+    text = config.parameters[key].string_value.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise LoadFailed(f"parameters.{key}: must be a positive integer string, got {text!r}")
+    return int(text)
 
 
 def _group_wants_gpu(group: Any, settings: Settings) -> bool:

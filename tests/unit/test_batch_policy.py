@@ -180,6 +180,20 @@ def test_cpu_threads_are_split_between_instances(monkeypatch: pytest.MonkeyPatch
     assert all(p.providers == ("CPUExecutionProvider",) for p in auto)
 
 
+def test_triton_thread_parameters_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.loader.available_cpus", lambda: 8)
+    config = _config(2)
+    config.parameters["intra_op_thread_count"].string_value = "1"
+    config.parameters["inter_op_thread_count"].string_value = "2"
+    plan = instance_plan(config, Settings(intra_op_threads=3))
+    assert [(p.intra_op_threads, p.inter_op_threads) for p in plan] == [(1, 2), (1, 2)]
+    config.parameters["intra_op_thread_count"].string_value = "many"
+    from server.errors import LoadFailed
+
+    with pytest.raises(LoadFailed, match="intra_op_thread_count"):
+        instance_plan(config, Settings())
+
+
 def test_kind_gpu_without_a_gpu_fails_clearly() -> None:
     from server.errors import LoadFailed
 
