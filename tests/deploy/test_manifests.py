@@ -552,6 +552,15 @@ def test_promtool_checks_rules_queries_and_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_promtool_unit_tests_the_rules() -> None:
+    """deploy/prometheus/rules_test.yaml drives synthetic series through every recording rule and the
+    queue-time, failure-ratio and model-not-ready alerts, with exact expected values and annotations."""
+    promtool = require("promtool", "apt-get install prometheus, or: bash tests/deploy/install-promtool.sh .venv")
+    result = run(promtool, "test", "rules", RULES.parent / "rules_test.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
 def test_prometheus_rule_resource_matches_the_rules_file() -> None:
     """The PrometheusRule carries exactly the groups of deploy/prometheus/rules.yaml."""
     rule = raw_sources()["deploy/kubernetes/optional/monitoring/prometheusrule.yaml"][0]

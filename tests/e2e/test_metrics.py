@@ -141,6 +141,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _every_shipped_query_answers(api: str) -> None:
+    """Each PromQL expression of the Grafana dashboard and of the recording rules, evaluated by the real
+    Prometheus on what it scraped from the real server, returns data (and not only NaN) where traffic flowed."""
+    from tests.deploy.test_manifests import prometheus_queries, rules_file_queries
+
+    queries = {name: q for name, q in prometheus_queries().items() if name.startswith("dashboard")}
+    queries |= {f"rule {i}": q for i, q in enumerate(rules_file_queries()) if "up{" not in q}
+    for name, query in queries.items():
+        response = httpx.get(api, params={"query": query.replace("[1m]", "[30s]").replace("[5m]", "[30s]")}).json()
+        assert response["status"] == "success", (name, response)
+        if "Failures" in name or " > " in query or "LOADING" in query:
+            continue  # no failures happened and no alert fires: empty is the right answer
+        results = response["data"]["result"]
+        assert results, f"{name}: no data for {query}"
+        assert any(float(r["value"][1]) == float(r["value"][1]) for r in results), f"{name}: only NaN for {query}"
+
+
 def test_real_prometheus_scrapes_us(metrics_server: ServerProcess, tmp_path: Path) -> None:
     binary = tool("prometheus")
     if binary is None:
@@ -185,6 +202,7 @@ def test_real_prometheus_scrapes_us(metrics_server: ServerProcess, tmp_path: Pat
         )
         result = httpx.get(api, params={"query": query}).json()["data"]["result"]
         assert result and 0 < float(result[0]["value"][1]) < 1.0
+        _every_shipped_query_answers(api)
     finally:
         proc.terminate()
         proc.wait(10)
