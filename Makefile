@@ -15,8 +15,13 @@ $(VENV)/.runtime: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The converter extras (server/convert) are part of the test install: torch first, pinned to the CPU wheel
+# (TORCH_SPEC; a bare "torch" would pull a CUDA build of several GB), then the extras (about 30 s, 2.8 GB).
+TORCH_SPEC ?= torch==2.13.0
+
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[test,torch,sklearn,tensorflow]'
 	bash bench/install-perf-analyzer.sh $(VENV) >/dev/null
 	bash tests/deploy/install-promtool.sh $(VENV) >/dev/null
 	touch $@

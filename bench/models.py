@@ -110,6 +110,33 @@ def build_resnet18_like() -> onnx.ModelProto:
     return g.finish("bench_resnet18", [3, 224, 224], 1000)
 
 
+def _bottleneck(g: _GraphBuilder, x: str, c_in: int, width: int, stride: int) -> str:
+    """ResNet bottleneck (1x1 reduce, 3x3, 1x1 expand x4), stride on the 3x3 as torchvision does."""
+    c_out = width * 4
+    y = g.op("Relu", [g.conv(x, c_in, width, 1)])
+    y = g.op("Relu", [g.conv(y, width, width, 3, stride)])
+    y = g.conv(y, width, c_out, 1, gain=0.5)
+    shortcut = x if stride == 1 and c_in == c_out else g.conv(x, c_in, c_out, 1, stride, gain=0.5)
+    return g.op("Relu", [g.op("Add", [y, shortcut])])
+
+
+def build_resnet50_like(base_width: int = 64) -> onnx.ModelProto:
+    """ResNet-50-sized CNN (~25.5M params at ``base_width`` 64; BatchNorm folded into conv biases) on
+    [batch,3,224,224]: the GPU benchmark's model. A smaller ``base_width`` keeps the topology for quick tests."""
+    g = _GraphBuilder()
+    x = g.op("Relu", [g.conv("input", 3, base_width, 7, stride=2)])
+    x = g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    c_in = base_width
+    for stage, blocks in enumerate((3, 4, 6, 3)):
+        width = base_width * 2**stage
+        for block in range(blocks):
+            x = _bottleneck(g, x, c_in, width, stride=2 if stage > 0 and block == 0 else 1)
+            c_in = width * 4
+    x = g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
+    g.gemm(x, c_in, 1000, output="output")
+    return g.finish("bench_resnet50", [3, 224, 224], 1000)
+
+
 BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {"mlp": build_mlp, "resnet18": build_resnet18_like}
 
 

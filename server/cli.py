@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizers import cli as optimizer_cli
+from server.convert import cli as convert_cli
 from server.settings import Settings
 
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         "optimize", help="run the load-time optimization pipeline offline on one ONNX file and print its report"
     )
     optimizer_cli.add_arguments(optimize)
+    convert = commands.add_parser(
+        "convert", help="convert your own trusted framework model (pickles too) to ONNX offline, with the same guard"
+    )
+    convert_cli.add_arguments(convert)
     return parser
 
 
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(Settings(**args))
     elif command == "optimize":
         raise SystemExit(optimizer_cli.run(argparse.Namespace(**args)))
+    elif command == "convert":
+        raise SystemExit(convert_cli.run(argparse.Namespace(**args)))
 
 
 if __name__ == "__main__":

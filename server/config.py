@@ -105,7 +105,13 @@ def _top_level_fields(text: str) -> set[str]:
     return fields
 
 
-def complete_config(loaded: LoadedConfig, model_name: str, model: onnx.ModelProto, default_max_batch_size: int) -> Any:
+def complete_config(
+    loaded: LoadedConfig,
+    model_name: str,
+    model: onnx.ModelProto,
+    default_max_batch_size: int,
+    gpus_visible: bool = False,
+) -> Any:
     """Fill what the config leaves out from the ONNX graph, then check the two agree."""
     config = ModelConfig()
     config.CopyFrom(loaded.config)
@@ -134,7 +140,9 @@ def complete_config(loaded: LoadedConfig, model_name: str, model: onnx.ModelProt
         # without dynamic_batching keeps Triton's meaning (no batching).
         config.dynamic_batching.SetInParent()
     if not config.instance_group:
-        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+        # As Triton's auto-complete: one instance on each GPU when there are GPUs, else one on the CPU.
+        kind = mc.ModelInstanceGroup.KIND_GPU if gpus_visible else mc.ModelInstanceGroup.KIND_CPU
+        config.instance_group.add(count=1, kind=kind)
     return config
 
 

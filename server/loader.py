@@ -19,10 +19,12 @@ import onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizers import OptimizeError, OptimizeOptions, OptionsError, Pipeline, PipelineResult, probe_device
+from server.backends import gpu
 from server.backends.base import Backend
 from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
 from server.batching import Batcher, BatchPolicy
 from server.config import LoadedConfig, complete_config, tensor_specs
+from server.convert import convert_version, is_convertible
 from server.errors import LoadFailed
 from server.metrics import ServerMetrics
 from server.modelfile import check_external_data
@@ -52,6 +54,9 @@ class VersionLoader:
         version_dir = self.repository.version_dir(name, version)
         filename = loaded.config.default_model_filename or "model.onnx"
         model_path = version_dir / filename
+        conversion: dict[str, Any] | None = None
+        if not model_path.is_file() and is_convertible(version_dir):
+            model_path, conversion = self._convert(version_dir, loaded, progress)
         if not model_path.is_file():
             raise LoadFailed(f"{label}: {filename} is missing")
         try:
@@ -59,26 +64,31 @@ class VersionLoader:
         except Exception as exc:
             raise LoadFailed(f"{label}: not a valid ONNX file ({exc})") from None
         check_external_data(graph, version_dir, label)
-        config = complete_config(loaded, name, graph, self.settings.default_max_batch_size)
+        config = complete_config(
+            loaded, name, graph, self.settings.default_max_batch_size, gpu_serving_available(self.settings)
+        )
         plan = instance_plan(config, self.settings)
         optimized = self._optimize(name, version, model_path, loaded, config, plan, progress)
         chosen = dict(optimized.session_options)
         if thread_parameter(config, "intra_op_thread_count"):
             chosen.pop("intra_op_threads", None)  # the model's own setting wins
         plan = apply_session_options(plan, chosen)
+        selected = str(optimized.report.get("selected") or "original")
+        plan = gpu.with_gpu_options(plan, config, self.settings, fp16=self._family(selected) == "fp16")
         backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
         stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
         batcher = _make_batcher(f"{name}:{version}", config, backends, stats, self.settings)
         elapsed = time.monotonic() - started
         if self.metrics is not None:
             self.metrics.load_duration.labels(name).observe(elapsed)
-        selected = str(optimized.report.get("selected") or "original")
+        instances = instance_report(backends)
         log.info(
-            "model %s version %s ready in %.2fs: %d instance(s), serving %s",
+            "model %s version %s ready in %.2fs: %d instance(s) on %s, serving %s",
             name,
             version,
             elapsed,
             len(backends),
+            ", ".join(sorted({str(i["device"]) for i in instances})),
             selected,
         )
         return ModelVersion(
@@ -91,8 +101,25 @@ class VersionLoader:
             batcher,
             stats,
             variant=selected,
-            report=optimized.report,
+            report=_with_conversion({**optimized.report, "instances": instances}, conversion),
         )
+
+    def _convert(self, version_dir: Path, loaded: LoadedConfig, progress: Progress) -> tuple[Path, dict[str, Any]]:
+        """A framework model (torch.export, SavedModel, XGBoost, LightGBM) becomes guarded ONNX, cached next
+        to the optimizer's artifacts; the original upload stays in the version folder."""
+        progress("converting to ONNX")
+        explicit_batch = "max_batch_size" in loaded.explicit
+        result = convert_version(
+            version_dir,
+            max_batch_size_hint=int(loaded.config.max_batch_size) if explicit_batch else None,
+            cache_dir=self.settings.cache_dir / "converted",
+            samples=None,
+        )
+        return result.onnx_path, result.report_step
+
+    def _family(self, selected: str) -> str:
+        """The precision family of the variant the optimizer selected ("fp32" for the original)."""
+        return next((str(p.family) for p in self.pipeline().passes if p.name == selected), "fp32")
 
     def _optimize(
         self,
@@ -146,6 +173,19 @@ class VersionLoader:
                 )
 
 
+def gpu_serving_available(settings: Settings) -> bool:
+    """A GPU execution provider is installed (and allowed by the settings) and a GPU is visible."""
+    providers = choose_providers(settings.execution_providers, gpu=True)
+    return any(p in GPU_PROVIDERS for p in providers) and gpu.visible_gpu_count() > 0
+
+
+def _with_conversion(report: dict[str, Any], conversion: dict[str, Any] | None) -> dict[str, Any]:
+    """The conversion, when there was one, is the report's first step."""
+    if conversion is None:
+        return report
+    return {**report, "steps": [conversion, *report.get("steps", [])]}
+
+
 def _target(plan: list[SessionConfig]) -> str:
     """The optimizer's target: the best provider of the first instance."""
     providers = plan[0].providers if plan else ("CPUExecutionProvider",)
@@ -155,17 +195,19 @@ def _target(plan: list[SessionConfig]) -> str:
 
 
 def apply_session_options(plan: list[SessionConfig], chosen: dict[str, Any]) -> list[SessionConfig]:
-    """Apply what the optimizer's compile step chose, keeping instances x threads <= cores."""
+    """Apply what the optimizer's compile step chose, keeping instances x threads <= cores. Its providers go
+    to the instances of their kind only: a GPU choice never lands on a CPU instance, nor a CPU one on a GPU."""
     if not chosen:
         return plan
     cpu_instances = max(1, sum(1 for p in plan if not set(p.providers) & set(GPU_PROVIDERS)))
     budget = max(1, available_cpus() // cpu_instances)
+    gpu_choice = any(p in GPU_PROVIDERS for p in chosen.get("providers", ()))
     updated: list[SessionConfig] = []
     for session in plan:
         changes: dict[str, Any] = {}
         if "intra_op_threads" in chosen:
             changes["intra_op_threads"] = max(1, min(int(chosen["intra_op_threads"]), budget))
-        if "providers" in chosen:
+        if "providers" in chosen and session.wants_gpu == gpu_choice:
             changes["providers"] = tuple(chosen["providers"])
             changes["provider_options"] = dict(chosen.get("provider_options", {}))
         updated.append(SessionConfig(**{**session.__dict__, **changes}))
@@ -215,14 +257,22 @@ def available_cpus() -> int:
 
 
 def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
-    """One session config per instance of the model's instance groups. CPU threads are split so that
-    instances x intra-op threads <= cores unless ``intra_op_threads`` is set."""
-    kinds: list[bool] = []  # True = GPU instance
-    for group in config.instance_group:
+    """One session config per instance of the model's instance groups, GPU instances placed on their GPU.
+    CPU threads are split so that instances x intra-op threads <= cores unless ``intra_op_threads`` is set."""
+    devices: list[int | None] = []  # GPU id per instance; None = CPU instance
+    visible: int | None = None  # the GPU count, asked for once and only when a group wants GPUs
+    for index, group in enumerate(config.instance_group):
         count = group.count or 1
-        gpu = _group_wants_gpu(group, settings)
-        kinds.extend([gpu] * count)
-    cpu_instances = max(1, sum(1 for gpu in kinds if not gpu))
+        if not _group_wants_gpu(group, settings):
+            devices.extend([None] * count)
+            continue
+        if visible is None:
+            visible = gpu.visible_gpu_count()
+        if group.kind == mc.ModelInstanceGroup.KIND_AUTO and visible < 1:
+            devices.extend([None] * count)  # a GPU provider is installed but no GPU is visible
+            continue
+        devices.extend(gpu.spread(count, gpu.group_gpus(group, index, visible)))
+    cpu_instances = max(1, sum(1 for device in devices if device is None))
     threads = (
         thread_parameter(config, "intra_op_thread_count")
         or settings.intra_op_threads
@@ -234,9 +284,10 @@ def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
             inter_op_threads=thread_parameter(config, "inter_op_thread_count") or settings.inter_op_threads,
             allow_spinning=settings.allow_spinning,
             graph_optimization_level=settings.graph_optimization_level,
-            providers=choose_providers(settings.execution_providers, gpu=gpu),
+            providers=choose_providers(settings.execution_providers, gpu=device is not None),
+            device_id=device,
         )
-        for gpu in kinds
+        for device in devices
     ]
 
 
@@ -249,6 +300,16 @@ def thread_parameter(config: Any, key: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise LoadFailed(f"parameters.{key}: must be a positive integer string, got {text!r}")
     return int(text)
+
+
+def instance_report(backends: list[Backend]) -> list[dict[str, Any]]:
+    """Where each instance really runs, for the optimization report: the providers onnxruntime gave it (a
+    fallback from TensorRT or CUDA shows here) and its device."""
+    return [
+        {"index": index, "device": backend.device, "providers": list(backend.providers)}
+        for index, backend in enumerate(backends)
+        if isinstance(backend, OnnxRuntimeBackend)
+    ]
 
 
 def _group_wants_gpu(group: Any, settings: Settings) -> bool:

@@ -1,5 +1,6 @@
 """Checks on one model version's files before any runtime reads them: the model file must be ONNX (never
-a pickle), and every tensor kept in external data must point at a regular file inside the version folder.
+a pickle; framework formats are checked in :mod:`server.convert`), and every tensor kept in external data
+must point at a regular file inside the version folder.
 
 The external-data check only resolves paths (lstat/readlink/stat); it never opens the files it checks, so
 a model cannot make the server read ``/etc/passwd`` or follow a symlink out of the repository.
@@ -15,12 +16,13 @@ from typing import Any
 
 import onnx
 
+from server.convert.formats import CONVERT_HINT, pickle_refusal, refuse_pickle_zip
 from server.errors import InvalidInput, UnsupportedMediaType
 
 PLAIN_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".ckpt", ".sav", ".dill", ".keras", ".h5")
 _FOREIGN_MAGIC = {
-    b"PK\x03\x04": "a zip archive (PyTorch and Keras checkpoints are pickles or weights in zips)",
+    b"PK\x03\x04": "a zip archive but not a torch.export archive (model.pt2)",
     b"\x89HDF\r\n\x1a\n": "an HDF5 file",
     b"\x93NUMPY": "a NumPy array file",
 }
@@ -31,7 +33,7 @@ def check_file_name(name: str, what: str) -> str:
     if not PLAIN_FILE_NAME.fullmatch(name):
         raise InvalidInput(f"{what} {name!r} must be a plain file name matching {PLAIN_FILE_NAME.pattern}")
     if name.lower().endswith(PICKLE_SUFFIXES):
-        raise UnsupportedMediaType(f"{what} {name!r}: pickle-based formats are refused; export the model to ONNX")
+        raise pickle_refusal(f"{what} {name!r}", "a pickle-based format by its name")
     return name
 
 
@@ -40,10 +42,12 @@ def sniff_format(path: Path, label: str) -> None:
     with open(path, "rb") as file:
         head = file.read(8)
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        raise UnsupportedMediaType(f"{label} is a Python pickle; only ONNX models are accepted")
+        raise pickle_refusal(label)
+    if head.startswith(b"PK\x03\x04"):
+        refuse_pickle_zip(path, label)
     for magic, what in _FOREIGN_MAGIC.items():
         if head.startswith(magic):
-            raise UnsupportedMediaType(f"{label} is {what}, not an ONNX model; export it to ONNX first")
+            raise UnsupportedMediaType(f"{label} is {what}, not a model format we accept; {CONVERT_HINT}")
 
 
 def load_graph(path: Path, label: str) -> onnx.ModelProto:

@@ -81,6 +81,15 @@ class Settings(BaseSettings):
     """onnxruntime execution providers in order of preference; empty picks TensorRT, CUDA, then CPU
     among those installed."""
 
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    """How the CUDA provider picks convolution kernels: EXHAUSTIVE benchmarks every cuDNN algorithm for each new
+    input shape (fastest kernels, but a batcher that forms many batch sizes pays that search again and again),
+    HEURISTIC asks cuDNN's heuristics (cheap, near the best), DEFAULT takes the first algorithm."""
+
+    tensorrt_workspace_bytes: int = Field(4 * GIB, gt=0)
+    """Scratch memory TensorRT may use per engine while building and running (trt_max_workspace_size): more
+    lets it consider faster tactics."""
+
     default_precision: Literal["auto", "fp32", "fp16", "int8", "none"] = "auto"
     """Optimization for models whose config has no optimize block: auto lets every candidate the accuracy
     guard accepts compete and serves the fastest (never slower than the original); none serves the file

@@ -37,6 +37,7 @@ from server.config import (
     parse_config,
     read_config,
 )
+from server.convert.staging import ACCEPTED, adopt_sources, check_sources
 from server.errors import InternalError, InvalidInput, PayloadTooLarge
 from server.modelfile import check_external_data, check_file_name, check_graph, load_graph, sniff_format
 from server.repository import check_model_name
@@ -48,17 +49,28 @@ MARKER = "COMMITTED"
 NEXT_VERSION = 0
 UPLOADED_CONFIG = "config.json"
 MAX_VERSION = 2**63 - 1
-FILE_KEY = re.compile(r"^([1-9][0-9]{0,18})/([^/]+)$")
+FILE_KEY = re.compile(r"^([1-9][0-9]{0,18})/([^/]+|saved_model(?:/[^/]+){1,8})$")
 
 Receiver = Callable[["StagedUpload"], Awaitable[None]]
 
 
 def parse_file_key(key: str) -> tuple[int, str]:
-    """``<positive version>/<plain file name>`` (Triton's ``file:`` parameters without the prefix)."""
+    """``<positive version>/<plain file name>`` (Triton's ``file:`` parameters without the prefix), or
+    ``<version>/saved_model/<plain names>`` for the files of a TensorFlow SavedModel."""
     match = FILE_KEY.fullmatch(key)
     if match is None or int(match.group(1)) > MAX_VERSION:
-        raise InvalidInput(f"file key {key!r} must be <version>/<file name> with a positive version number")
-    return int(match.group(1)), check_file_name(match.group(2), f"file key {key!r}: file name")
+        raise InvalidInput(
+            f"file key {key!r} must be <version>/<file name> (or <version>/saved_model/<path>) "
+            "with a positive version number"
+        )
+    return int(match.group(1)), check_file_path(match.group(2), f"file key {key!r}: file name")
+
+
+def check_file_path(name: str, what: str) -> str:
+    """A plain file name, or ``saved_model/`` followed by plain names."""
+    for part in name.split("/"):
+        check_file_name(part, what)
+    return name
 
 
 def parse_version(text: str) -> int:
@@ -159,9 +171,10 @@ class StagedUpload:
         """A new file ``<folder>/<name>``; the same name twice is refused."""
         folder_dir = self.incoming / str(folder)
         folder_dir.mkdir(exist_ok=True)
-        path = folder_dir / check_file_name(name, "file name")
+        path = folder_dir / check_file_path(name, "file name")
         if path.exists():
             raise InvalidInput(f"file {folder}/{name} is given twice")
+        path.parent.mkdir(parents=True, exist_ok=True)
         staged = StagedFile(path)
         self._open.append(staged)
         return staged
@@ -192,6 +205,7 @@ class StagedUpload:
         for folder in folders:
             folder_dir = self.incoming / str(folder)
             placeholder = folder_dir / DEFAULT_MODEL_FILENAME
+            adopt_sources(folder_dir, filename, self._label(folder_dir, filename))
             if folder == NEXT_VERSION and filename != DEFAULT_MODEL_FILENAME and placeholder.is_file():
                 placeholder.rename(folder_dir / filename)
             self._validate_version(folder_dir, filename, loaded, default_max_batch_size)
@@ -204,11 +218,19 @@ class StagedUpload:
         model_dir = self.root / self.model_name
         return read_config(model_dir) if model_dir.is_dir() else LoadedConfig(ModelConfig(), set())
 
+    @staticmethod
+    def _label(folder_dir: Path, filename: str) -> str:
+        return f"uploaded {folder_dir.name}/{filename}" if folder_dir.name != "0" else f"uploaded {filename}"
+
     def _validate_version(self, folder_dir: Path, filename: str, loaded: LoadedConfig, max_batch: int) -> None:
-        label = f"uploaded {folder_dir.name}/{filename}" if folder_dir.name != "0" else f"uploaded {filename}"
+        label = self._label(folder_dir, filename)
+        if check_sources(folder_dir, filename, label):
+            return  # a framework model: converted (and its config completed) when it loads
         model_path = folder_dir / filename
         if not model_path.is_file():
-            raise InvalidInput(f"{label}: the model file is missing (the config names {filename!r})")
+            raise InvalidInput(
+                f"{label}: the model file is missing (the config names {filename!r}; also accepted: {ACCEPTED})"
+            )
         sniff_format(model_path, label)
         graph = load_graph(model_path, label)
         used = check_external_data(graph, folder_dir, label)

@@ -1,7 +1,14 @@
-"""ONNX Runtime backend: one InferenceSession per instance, with threads and providers from settings."""
+"""ONNX Runtime backend: one InferenceSession per instance, with threads and providers from settings.
+
+A GPU instance runs through IO binding (inputs bound from host memory, outputs allocated on its device and
+copied back once); a CPU instance uses plain ``session.run``. onnxruntime quietly drops a provider it cannot
+create (a missing CUDA or TensorRT library), so after creating a session the providers it really got are
+compared with those asked for and any fallback is logged."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +22,10 @@ _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
 _PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
+log = logging.getLogger("optiserve.backends")
+_preload_lock = threading.Lock()
+_preloaded = False
+
 
 @dataclass(frozen=True)
 class SessionConfig:
@@ -26,6 +37,13 @@ class SessionConfig:
     graph_optimization_level: str = "all"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    device_id: int | None = None
+    """The GPU this instance is placed on (CUDA ordinal); None for a CPU instance."""
+
+    @property
+    def wants_gpu(self) -> bool:
+        """Whether a GPU provider was asked for."""
+        return any(p in GPU_PROVIDERS for p in self.providers)
 
 
 def available_providers() -> list[str]:
@@ -56,11 +74,33 @@ class OnnxRuntimeBackend(Backend):
         self.config = config
         self._session: Any = None
         self._string_inputs: set[str] = set()
+        self._outputs: list[tuple[str, bool]] = []  # (name, is a string tensor)
         self.providers: list[str] = []
+        """The providers onnxruntime really uses, best first (may be fewer than asked for)."""
+        self.gpu_device: int | None = None
+        """The GPU the session runs on (its first provider is CUDA or TensorRT); None on the CPU."""
 
     def load_impl(self) -> None:
         import onnxruntime as ort
 
+        if self.config.wants_gpu:
+            _preload_gpu_libraries(ort)
+        providers = provider_list(self.config)
+        try:
+            session = ort.InferenceSession(str(self.model_path), self._session_options(ort), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            raise LoadFailed(f"{self.name}: onnxruntime could not load the model: {exc}") from None
+        for value in [*session.get_inputs(), *session.get_outputs()]:
+            if value.type == "tensor(bfloat16)":
+                raise LoadFailed(f"{self.name}: {value.name!r} is BF16, which onnxruntime's Python API cannot feed")
+        self._session = session
+        self._string_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(string)"}
+        self._outputs = [(o.name, o.type == "tensor(string)") for o in session.get_outputs()]
+        self.providers = list(session.get_providers())
+        warn_on_fallback(self.name, self.config, session)
+        self.gpu_device = _running_device(session, self.providers, self.config)
+
+    def _session_options(self, ort: Any) -> Any:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.config.intra_op_threads
         options.inter_op_num_threads = self.config.inter_op_threads
@@ -69,25 +109,102 @@ class OnnxRuntimeBackend(Backend):
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         level = _OPT_LEVELS.get(self.config.graph_optimization_level, "ORT_ENABLE_ALL")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        providers = [(p, self.config.provider_options.get(p, {})) for p in self.config.providers]
-        try:
-            self._session = ort.InferenceSession(str(self.model_path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad models
-            raise LoadFailed(f"{self.name}: onnxruntime could not load the model: {exc}") from None
-        for value in [*self._session.get_inputs(), *self._session.get_outputs()]:
-            if value.type == "tensor(bfloat16)":
-                raise LoadFailed(f"{self.name}: {value.name!r} is BF16, which onnxruntime's Python API cannot feed")
-        self._string_inputs = {i.name for i in self._session.get_inputs() if i.type == "tensor(string)"}
-        self.providers = list(self._session.get_providers())
+        return options
+
+    @property
+    def device(self) -> str:
+        """Where the instance really runs: ``gpu:<id>`` or ``cpu``."""
+        return "cpu" if self.gpu_device is None else f"gpu:{self.gpu_device}"
 
     def infer_impl(self, inputs: Tensors) -> Tensors:
         feed = {name: _as_ort_strings(name, a) if name in self._string_inputs else a for name, a in inputs.items()}
-        names = [o.name for o in self._session.get_outputs()]
-        results = self._session.run(None, feed)
+        names = [name for name, _ in self._outputs]
+        results = self._session.run(None, feed) if self.gpu_device is None else self._run_bound(feed)
         return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
+
+    def _run_bound(self, feed: Tensors) -> list[Any]:
+        """One run through IO binding: inputs are bound from host memory, outputs are allocated on the
+        instance's GPU by onnxruntime's arena and copied back once, after the run. This is where pinned
+        host buffers and CUDA graphs would plug in. String outputs cannot live on a GPU and stay on the host."""
+        binding = self._session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, is_string in self._outputs:
+            if is_string:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, "cuda", self.gpu_device)
+        self._session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
 
     def unload_impl(self) -> None:
         self._session = None
+
+
+def provider_list(config: SessionConfig) -> list[tuple[str, dict[str, str]]]:
+    """(provider, options) pairs for onnxruntime; GPU providers always carry the instance's ``device_id``."""
+    pairs = []
+    for provider in config.providers:
+        options = dict(config.provider_options.get(provider, {}))
+        if provider in GPU_PROVIDERS and config.device_id is not None:
+            options["device_id"] = str(config.device_id)
+        pairs.append((provider, options))
+    return pairs
+
+
+def warn_on_fallback(name: str, config: SessionConfig, session: Any) -> str | None:
+    """Log (never silently accept) a session that did not get every provider asked for, or got its GPU
+    provider on another device than planned; returns the warning, None when all is as asked."""
+    actual = list(session.get_providers())
+    missing = [p for p in config.providers if p not in actual]
+    problems = []
+    if missing:
+        problems.append(f"onnxruntime could not use {', '.join(missing)}")
+    if config.device_id is not None:
+        placed = _provider_device(session, actual)
+        if placed is not None and placed != config.device_id:
+            problems.append(f"the GPU provider runs on GPU {placed}, not on GPU {config.device_id} as placed")
+    if not problems:
+        return None
+    message = (
+        f"{name}: {'; '.join(problems)} (asked for {', '.join(config.providers)}); running on {', '.join(actual)}. "
+        "Check that the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs are installed (onnxruntime logs why)."
+    )
+    log.warning(message)
+    return message
+
+
+def _provider_device(session: Any, actual: list[str]) -> int | None:
+    """The device id of the session's first GPU provider as onnxruntime reports it; None when unknown."""
+    gpu = next((p for p in actual if p in GPU_PROVIDERS), None)
+    if gpu is None or not hasattr(session, "get_provider_options"):
+        return None
+    value = str(session.get_provider_options().get(gpu, {}).get("device_id", ""))
+    return int(value) if value.isdigit() else None
+
+
+def _running_device(session: Any, actual: list[str], config: SessionConfig) -> int | None:
+    """The GPU the session computes on when its first provider is a GPU one, else None (CPU)."""
+    if not actual or actual[0] not in GPU_PROVIDERS:
+        return None
+    placed = _provider_device(session, actual)
+    if placed is not None:
+        return placed
+    return config.device_id if config.device_id is not None else 0
+
+
+def _preload_gpu_libraries(ort: Any) -> None:
+    """Load the CUDA and cuDNN libraries from the nvidia-* wheels (PyTorch's, for one) once per process, where
+    onnxruntime-gpu can find them (onnxruntime >= 1.21; a no-op for a CPU build and where they are loaded)."""
+    global _preloaded
+    with _preload_lock:
+        if _preloaded or not hasattr(ort, "preload_dlls"):
+            return
+        _preloaded = True
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # the libraries may still be on the loader's default path
+            log.info("onnxruntime.preload_dlls() failed (%s); relying on the default library path", exc)
 
 
 def _as_ort_strings(name: str, array: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from server.convert.formats import pickle_refusal
 from server.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from server.modelfile import PICKLE_SUFFIXES
 from server.upload import NEXT_VERSION, Receiver, StagedFile, StagedUpload, parse_version
@@ -102,7 +103,7 @@ class _Form:
         if name == FILE_FIELD:
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
             if filename.lower().endswith(PICKLE_SUFFIXES):  # the name is otherwise ignored
-                raise UnsupportedMediaType(f"uploaded file {filename!r}: pickle-based formats are refused")
+                raise pickle_refusal(f"uploaded file {filename!r}", "a pickle-based format by its name")
             self.file = self.staged.open(NEXT_VERSION, "model.onnx")
         elif name in TEXT_FIELDS:
             self.fields[name] = bytearray()

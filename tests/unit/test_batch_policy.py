@@ -172,6 +172,7 @@ def _config(count: int, kind: Any = mc.ModelInstanceGroup.KIND_CPU) -> Any:
 
 def test_cpu_threads_are_split_between_instances(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.loader.available_cpus", lambda: 8)
+    monkeypatch.setattr("server.backends.onnxruntime.available_providers", lambda: ["CPUExecutionProvider"])
     assert [p.intra_op_threads for p in instance_plan(_config(1), Settings())] == [8]
     assert [p.intra_op_threads for p in instance_plan(_config(4), Settings())] == [2, 2, 2, 2]
     assert [p.intra_op_threads for p in instance_plan(_config(16), Settings())] == [1] * 16
@@ -194,8 +195,10 @@ def test_triton_thread_parameters_override(monkeypatch: pytest.MonkeyPatch) -> N
         instance_plan(config, Settings())
 
 
-def test_kind_gpu_without_a_gpu_fails_clearly() -> None:
+def test_kind_gpu_without_a_gpu_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     from server.errors import LoadFailed
+
+    monkeypatch.setattr("server.backends.onnxruntime.available_providers", lambda: ["CPUExecutionProvider"])
 
     with pytest.raises(LoadFailed, match="KIND_GPU"):
         instance_plan(_config(1, mc.ModelInstanceGroup.KIND_GPU), Settings())

@@ -1,0 +1,209 @@
+"""GPU placement and the onnxruntime options of GPU instances.
+
+Placement follows Triton: an ``instance_group { kind: KIND_GPU, count: N, gpus: [...] }`` puts N instances on
+EACH listed GPU, and a group without ``gpus`` uses every visible GPU. Each GPU instance then gets CUDA and
+TensorRT provider options for its device: its ``device_id``, the cuDNN search mode, TensorRT's engine and
+timing caches (an engine build takes minutes, a cached one loads in seconds) and an optimization profile
+covering the batch sizes the batcher forms. What the optimizer's compile step chose is kept: these options
+only fill in what it left out.
+
+Nothing here imports a GPU library at import time: nvidia-ml-py is imported only to count GPUs, so a CPU
+install never needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from server.backends import onnxruntime as ort_backend
+from server.backends.onnxruntime import SessionConfig
+from server.errors import LoadFailed
+from server.settings import Settings
+
+log = logging.getLogger("optiserve.gpu")
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+PROFILE_KEYS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
+
+
+def visible_gpu_count(environ: Mapping[str, str] | None = None) -> int:
+    """GPUs this process may use. NVML's count when nvidia-ml-py is importable and a driver answers (capped
+    by CUDA_VISIBLE_DEVICES, which renumbers the devices CUDA sees), else the CUDA_VISIBLE_DEVICES entries,
+    else 1 when onnxruntime has the CUDA provider (a GPU we cannot count), else 0."""
+    env = os.environ if environ is None else environ
+    listed = visible_devices_entries(env.get("CUDA_VISIBLE_DEVICES"))
+    counted = _nvml_count()
+    if counted is not None:
+        return counted if listed is None else min(counted, listed)
+    if listed is not None:
+        return listed
+    return 1 if CUDA in ort_backend.available_providers() else 0
+
+
+def visible_devices_entries(value: str | None) -> int | None:
+    """How many devices CUDA_VISIBLE_DEVICES exposes; None when unset. CUDA reads indices or GPU-/MIG- UUIDs
+    and stops at the first invalid entry, so "" and "-1" hide every GPU."""
+    if value is None:
+        return None
+    count = 0
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        count += 1
+    return count
+
+
+def _nvml_count() -> int | None:
+    """NVML's device count; None when nvidia-ml-py is missing or no driver answers."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver, or not an NVIDIA machine
+        return None
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            log.debug("nvmlShutdown failed", exc_info=True)
+
+
+def group_gpus(group: Any, index: int, visible: int) -> list[int]:
+    """The GPUs of one GPU instance group: its ``gpus`` list, or every visible GPU; each must exist."""
+    kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
+    if visible < 1:
+        raise LoadFailed(
+            f"instance_group[{index}] kind {kind}: no GPU is visible to this process "
+            "(check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES)"
+        )
+    gpus = [int(g) for g in group.gpus] or list(range(visible))
+    missing = sorted({g for g in gpus if not 0 <= g < visible})
+    if missing:
+        raise LoadFailed(
+            f"instance_group[{index}].gpus: GPU {', '.join(map(str, missing))} is not visible; "
+            f"this process sees {visible} GPU(s), numbered 0..{visible - 1}"
+        )
+    return gpus
+
+
+def spread(count: int, gpus: list[int]) -> list[int]:
+    """``count`` instances on each GPU, in Triton's order (GPUs inner), so consecutive instances land on
+    different GPUs and a lightly loaded model still uses them all."""
+    return [gpu for _ in range(count) for gpu in gpus]
+
+
+def tensorrt_profile(config: Any) -> tuple[str, str, str] | None:
+    """TensorRT's (min, opt, max) shapes, ``name:AxBxC,...`` each: batch 1, the largest preferred batch size
+    (else max_batch_size), and max_batch_size, with the config's other dims. None when no profile is needed
+    (fixed shapes) or none can be given (a dynamic non-batch dim: TensorRT then builds for the shapes it sees)."""
+    inputs = [(t.name, _model_dims(t)) for t in config.input if t.data_type != mc.TYPE_STRING]
+    dynamic = [name for name, dims in inputs if any(d < 0 for d in dims)]
+    if dynamic:
+        log.warning(
+            "model %r: no TensorRT optimization profile, input(s) %s have a dynamic non-batch dimension; "
+            "TensorRT will build an engine for each new shape at inference time (fix the dims in the config)",
+            config.name,
+            ", ".join(dynamic),
+        )
+        return None
+    largest = int(config.max_batch_size)
+    if largest < 1 or not inputs:
+        return None
+    fitting = [int(s) for s in config.dynamic_batching.preferred_batch_size if 0 < s <= largest]
+    rows = (1, max(fitting) if fitting else largest, largest)
+    shapes = [",".join(f"{name}:{'x'.join(str(d) for d in (batch, *dims))}" for name, dims in inputs) for batch in rows]
+    return shapes[0], shapes[1], shapes[2]
+
+
+def _model_dims(tensor: Any) -> list[int]:
+    """The dims the model sees (after ``reshape``), without the batch dim."""
+    return [int(d) for d in (tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims)]
+
+
+def cuda_options(device_id: int, settings: Settings) -> dict[str, str]:
+    """CUDA provider options for one instance. Copies run on the compute stream (``do_copy_in_default_stream``):
+    onnxruntime warns that separate copy streams can race."""
+    return {
+        "device_id": str(device_id),
+        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+        "do_copy_in_default_stream": "True",
+    }
+
+
+def tensorrt_options(
+    device_id: int, settings: Settings, profile: tuple[str, str, str] | None, *, fp16: bool
+) -> dict[str, str]:
+    """TensorRT provider options for one instance: caches under the optimization cache folder (shared by the
+    instances: engine files are named by model and GPU architecture), workspace, profile, and FP16 only for an
+    FP16 model (on an FP32 model the flag would let TensorRT pick FP16 kernels the accuracy guard never checked)."""
+    root = settings.cache_dir / "tensorrt"
+    options = {
+        "device_id": str(device_id),
+        "trt_max_workspace_size": str(settings.tensorrt_workspace_bytes),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(root / "engines"),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(root / "timing"),
+        "trt_fp16_enable": str(fp16),
+    }
+    if profile is not None:
+        options |= dict(zip(PROFILE_KEYS, profile, strict=True))
+    return options
+
+
+def with_gpu_options(plan: list[SessionConfig], config: Any, settings: Settings, *, fp16: bool) -> list[SessionConfig]:
+    """The plan with per-device CUDA/TensorRT options on every GPU instance. Options already there (the
+    optimizer's compile step) win, except ``device_id``, which is the instance's placement."""
+    gpu_plan = [s for s in plan if s.device_id is not None and s.wants_gpu]
+    if not gpu_plan:
+        return plan
+    trt = [s for s in gpu_plan if TENSORRT in s.providers]
+    profiled = all(PROFILE_KEYS[0] in s.provider_options.get(TENSORRT, {}) for s in trt)
+    profile = tensorrt_profile(config) if trt and not profiled else None  # the optimizer's profile wins
+    if trt:
+        _make_cache_folders(settings)
+    updated = []
+    for session in plan:
+        if session.device_id is None or not session.wants_gpu:
+            updated.append(session)
+            continue
+        generated = {
+            CUDA: cuda_options(session.device_id, settings),
+            TENSORRT: tensorrt_options(session.device_id, settings, profile, fp16=fp16),
+        }
+        updated.append(replace(session, provider_options=merge_options(session, generated)))
+    return updated
+
+
+def _make_cache_folders(settings: Settings) -> None:
+    """TensorRT writes its caches there; a folder it cannot create would only show as slow engine rebuilds."""
+    for folder in ("engines", "timing"):
+        path = settings.cache_dir / "tensorrt" / folder
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LoadFailed(f"cannot create the TensorRT cache folder {path} ({exc}); check --cache-dir") from None
+
+
+def merge_options(session: SessionConfig, generated: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Per provider: generated options, then the session's own on top, then the placement's ``device_id``."""
+    merged = {name: dict(options) for name, options in session.provider_options.items()}
+    for provider in session.providers:
+        ours = generated.get(provider)
+        if ours is None:
+            continue
+        merged[provider] = {**ours, **merged.get(provider, {}), "device_id": ours["device_id"]}
+    return merged
