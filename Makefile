@@ -44,8 +44,11 @@ typecheck: $(VENV)/.test
 test: $(VENV)/.test models lint typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
 
+# Benchmarks (minutes, not part of make test): serving vs raw onnxruntime, the optimizer per model, metrics cost.
 bench: $(VENV)/.test
 	$(PY) -m bench.run
+	$(PY) -m bench.optimize
+	$(PY) -m bench.metrics_cost
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out

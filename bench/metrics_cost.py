@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(tempfile.mkdtemp(prefix="metrics-cost-"))
     repo = out / "repo"
     models.write_repo(repo, ["mlp"])
+    (out / "perf").mkdir()
     base = ("--default-precision", "none")
     on = ServerProcess(sys.executable, repo, out / "on.log", cwd=ROOT, extra_args=base)
     off = ServerProcess(sys.executable, repo, out / "off.log", cwd=ROOT, extra_args=(*base, "--no-metrics"))

@@ -59,6 +59,26 @@ class _GraphBuilder:
         pad = kernel // 2
         return self.op("Conv", [x, w, b], kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4)
 
+    def matmul(self, x: str, fan_in: int, fan_out: int) -> str:
+        """x @ W + b on the last axis (works on [batch, seq, fan_in] too, unlike Gemm)."""
+        name = self._name("proj")
+        w = self._const(f"{name}.weight", self.rng.normal(0.0, np.sqrt(1.0 / fan_in), size=(fan_in, fan_out)))
+        b = self._const(f"{name}.bias", np.zeros(fan_out))
+        return self.op("Add", [self.op("MatMul", [x, w]), b])
+
+    def layer_norm(self, x: str, width: int) -> str:
+        """LayerNormalization over the last axis with unit scale and zero bias."""
+        name = self._name("ln")
+        scale = self._const(f"{name}.scale", np.ones(width))
+        bias = self._const(f"{name}.bias", np.zeros(width))
+        return self.op("LayerNormalization", [x, scale, bias], axis=-1, epsilon=1e-5)
+
+    def shape_const(self, dims: list[int]) -> str:
+        """An INT64 shape tensor for Reshape (0 keeps that input dim)."""
+        name = self._name("shape")
+        self.initializers.append(numpy_helper.from_array(np.array(dims, dtype=np.int64), name))
+        return name
+
     def finish(self, graph_name: str, in_shape: list[int], out_features: int) -> onnx.ModelProto:
         """Wrap the graph with a dynamic 'batch' dimension on input and output and validate it."""
         graph = helper.make_graph(
@@ -137,7 +157,42 @@ def build_resnet50_like(base_width: int = 64) -> onnx.ModelProto:
     return g.finish("bench_resnet50", [3, 224, 224], 1000)
 
 
-BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {"mlp": build_mlp, "resnet18": build_resnet18_like}
+def _attention_block(g: _GraphBuilder, x: str, seq: int, width: int, heads: int) -> str:
+    """Post-norm encoder layer: multi-head self-attention + residual + LayerNorm, then a 4x FFN + residual
+    + LayerNorm. Tensors stay [batch, seq, width]; heads are split with Reshape/Transpose."""
+    head = width // heads
+    q, k, v = (g.matmul(x, width, width) for _ in range(3))
+    split = g.shape_const([0, seq, heads, head])
+
+    def heads_first(t: str) -> str:
+        return g.op("Transpose", [g.op("Reshape", [t, split])], perm=[0, 2, 1, 3])
+
+    scores = g.op("MatMul", [heads_first(q), g.op("Transpose", [heads_first(k)], perm=[0, 1, 3, 2])])
+    scores = g.op("Mul", [scores, g._const(g._name("scale"), np.array(1.0 / np.sqrt(head)))])
+    context = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), heads_first(v)])
+    merged = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 2, 1, 3]), g.shape_const([0, seq, width])])
+    x = g.layer_norm(g.op("Add", [x, g.matmul(merged, width, width)]), width)
+    hidden = g.op("Relu", [g.matmul(x, width, 4 * width)])
+    return g.layer_norm(g.op("Add", [x, g.matmul(hidden, 4 * width, width)]), width)
+
+
+def build_transformer_encoder(seq: int = 64, width: int = 256, heads: int = 4, layers: int = 4) -> onnx.ModelProto:
+    """A small BERT-like encoder (~3.2M params) on [batch, seq, width] embeddings, mean-pooled into a
+    10-class head: MatMul-heavy, the kind of model dynamic INT8 is for."""
+    g = _GraphBuilder()
+    x = "input"
+    for _ in range(layers):
+        x = _attention_block(g, x, seq, width, heads)
+    pooled = g.op("ReduceMean", [x], axes=[1], keepdims=0)
+    g.gemm(pooled, width, 10, output="output")
+    return g.finish("transformer_encoder", [seq, width], 10)
+
+
+BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
+    "mlp": build_mlp,
+    "resnet18": build_resnet18_like,
+    "transformer": build_transformer_encoder,
+}
 
 
 def param_count(model: onnx.ModelProto) -> int:
