@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import math
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -182,36 +182,26 @@ def _add_model_routes(app: FastAPI, dataplane: DataPlane, guard: list[Any]) -> N
     async def all_stats() -> Response:
         return json_response(dataplane.statistics())
 
+    per_model: list[tuple[str, Callable[[str, str], Any], str]] = [
+        ("", dataplane.model_metadata, "metadata"),
+        ("/config", dataplane.model_config_json, "metadata"),
+        ("/stats", dataplane.statistics, "statistics"),
+        ("/optimization", dataplane.optimization_report, "optimization"),
+    ]
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
-        app.add_api_route(prefix, _metadata_handler(dataplane), methods=["GET"], tags=["metadata"], dependencies=guard)
         app.add_api_route(f"{prefix}/ready", _ready_handler(dataplane), methods=["GET"], tags=["health"])
-        app.add_api_route(
-            f"{prefix}/config", _config_handler(dataplane), methods=["GET"], tags=["metadata"], dependencies=guard
-        )
-        app.add_api_route(
-            f"{prefix}/stats", _stats_handler(dataplane), methods=["GET"], tags=["statistics"], dependencies=guard
-        )
-        app.add_api_route(
-            f"{prefix}/optimization",
-            _optimization_handler(dataplane),
-            methods=["GET"],
-            tags=["optimization"],
-            dependencies=guard,
-        )
+        for suffix, read, tag in per_model:
+            app.add_api_route(prefix + suffix, _json_handler(read), methods=["GET"], tags=[tag], dependencies=guard)
 
 
-def _optimization_handler(dataplane: DataPlane) -> Any:
-    async def optimization_report(model_name: str, model_version: str = "") -> Response:
-        return json_response(dataplane.optimization_report(model_name, model_version))
+def _json_handler(read: Callable[[str, str], Any]) -> Any:
+    """A GET route answering ``read(model, version)`` as JSON."""
 
-    return optimization_report
+    async def handler(model_name: str, model_version: str = "") -> Response:
+        return json_response(read(model_name, model_version))
 
-
-def _metadata_handler(dataplane: DataPlane) -> Any:
-    async def model_metadata(model_name: str, model_version: str = "") -> Response:
-        return json_response(dataplane.model_metadata(model_name, model_version))
-
-    return model_metadata
+    handler.__name__ = getattr(read, "__name__", "handler")
+    return handler
 
 
 def _ready_handler(dataplane: DataPlane) -> Any:
@@ -220,20 +210,6 @@ def _ready_handler(dataplane: DataPlane) -> Any:
         return json_response({"name": model_name, "ready": is_ready}, 200 if is_ready else 503)
 
     return model_ready
-
-
-def _config_handler(dataplane: DataPlane) -> Any:
-    async def model_config(model_name: str, model_version: str = "") -> Response:
-        return json_response(dataplane.model_config_json(model_name, model_version))
-
-    return model_config
-
-
-def _stats_handler(dataplane: DataPlane) -> Any:
-    async def model_stats(model_name: str, model_version: str = "") -> Response:
-        return json_response(dataplane.statistics(model_name, model_version))
-
-    return model_stats
 
 
 def _add_infer_routes(
