@@ -99,6 +99,7 @@ class OptiServe:
         if not self._stop.is_set():
             log.info("shutting down: readiness off, draining for up to %.0fs", self.settings.exit_timeout_s)
             self.dataplane.shutting_down = True
+            self.models.draining()
             self._stop.set()
 
     async def _shutdown(

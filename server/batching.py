@@ -185,6 +185,11 @@ class Batcher:
         finally:
             if item.timer is not None:
                 item.timer.cancel()
+            if item.future.cancelled():
+                with self._cond:
+                    if not item.dispatched:  # the client went away while queued: free its slot now
+                        item.dispatched = True
+                        self._forget(item)
 
     def _level(self, priority: int) -> int:
         levels = self.policy.priority_levels
@@ -202,13 +207,23 @@ class Batcher:
             if item.dispatched or item.future.done():
                 return
             item.dispatched = True  # never run it now
+            self._forget(item)  # and free its queue slot at once
         item.future.set_exception(
             DeadlineExceeded(f"model {self.name!r}: request waited longer than its queue timeout")
         )
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop taking requests, let the queue drain (up to ``timeout_s``), then stop the workers.
-        Anything still queued at the deadline gets 503."""
+    def _forget(self, item: WorkItem) -> None:
+        """Under the lock: take a request that will never run out of its queue."""
+        for queue in self._queues:
+            if item in queue:
+                queue.remove(item)
+                self._queued -= 1
+                return
+
+    def close(self, timeout_s: float = 30.0, *, replaced: bool = False) -> None:
+        """Stop taking requests, let the queue drain (up to ``timeout_s``), then stop the workers. Anything
+        still queued at the deadline gets 503, or, when a newer version replaced this one, BatcherClosed so
+        the data plane retries it there."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._closing = True
@@ -221,7 +236,12 @@ class Batcher:
             for queue in self._queues:
                 queue.clear()
             self._queued = 0
-        _deliver_errors(leftover, ServerUnavailable(f"model {self.name!r} was unloaded", retry_after_s=1))
+        error: ServerUnavailable = (
+            BatcherClosed(f"model {self.name!r} was replaced", retry_after_s=1)
+            if replaced
+            else ServerUnavailable(f"model {self.name!r} was unloaded", retry_after_s=1)
+        )
+        _deliver_errors(leftover, error)
 
     # ---- worker side (threads) ---------------------------------------------------------------------
     def _work(self, runner: Runner) -> None:

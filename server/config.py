@@ -200,6 +200,8 @@ def _complete_tensor(tensor: Any, elem_type: int, graph_dims: list[int], max_bat
             f"{kind} {tensor.name!r}: max_batch_size is {max_batch_size} but the model's first "
             f"dimension is fixed at {graph_dims[0]}; set max_batch_size: 0"
         )
+    if tensor.HasField("reshape"):
+        raise LoadFailed(f"{kind} {tensor.name!r}: 'reshape' is not supported; give dims matching the ONNX graph")
     if not tensor.dims and not tensor.HasField("reshape"):
         tensor.dims.extend(model_dims)
     elif not tensor.HasField("reshape"):

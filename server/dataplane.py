@@ -10,7 +10,7 @@ from typing import Any
 from server import __version__
 from server.batching import BatcherClosed
 from server.config import config_to_json
-from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError
+from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, ServerUnavailable
 from server.inference import InferenceRequest, InferenceResponse
 from server.models import ModelManager, ModelState, ModelVersion
 from server.repository import check_model_name
@@ -82,16 +82,22 @@ class DataPlane:
     # ---- inference -------------------------------------------------------------------------------
     def check_model(self, name: str, version: str = "") -> None:
         """Fail fast (404/503) for a model that cannot serve, before the body is decoded."""
-        self.models.get(name, version)
+        self._serving(name, version)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Run one request through the model's batcher."""
-        served: ModelVersion = self.models.get(request.model_name, request.model_version)
+        served: ModelVersion = self._serving(request.model_name, request.model_version)
         try:
             return await served.infer(request)
         except BatcherClosed:
             # The version was swapped out between lookup and queueing: serve it on the current one.
-            return await self.models.get(request.model_name, request.model_version).infer(request)
+            return await self._serving(request.model_name, request.model_version).infer(request)
+
+    def _serving(self, name: str, version: str) -> ModelVersion:
+        """The version to run; while draining, 503 + Retry-After (another replica can serve), never 404."""
+        if self.shutting_down:
+            raise ServerUnavailable("the server is shutting down; retry on another replica", retry_after_s=1)
+        return self.models.get(name, version)
 
     # ---- statistics ------------------------------------------------------------------------------
     def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:

@@ -11,12 +11,13 @@ from enum import Enum
 from typing import Protocol
 
 from server.config import read_config
-from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError
+from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.loader import VersionLoader
 from server.metrics import Metric, ServerMetrics, state_families
 from server.repository import Repository, select_versions
 from server.served import ModelVersion
 from server.settings import Settings
+from server.threads import in_daemon_thread
 
 __all__ = ["ModelManager", "ModelState", "ModelVersion"]
 
@@ -69,11 +70,14 @@ class ModelManager:
         self.metrics = metrics
         self.loader = VersionLoader(repository, settings, metrics)
         self._entries: dict[str, ModelEntry] = {}
+        self._draining = False
         self._startup_done = False
 
     # ---- queries -------------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version to serve a request: a given one, or the highest ready one."""
+        if self._draining:
+            raise ServerUnavailable("the server is shutting down; retry on another replica", retry_after_s=1)
         entry = self._entries.get(name)
         if entry is None or (not entry.served and entry.model_status.state is not ModelState.LOADING):
             raise ModelNotFound(f"model {name!r} is not loaded" + self._reason_suffix(entry))
@@ -110,7 +114,7 @@ class ModelManager:
         (Triton's strict readiness). An explicit unload takes a model out of the count."""
         if not self._startup_done:
             return False
-        return all(entry.served for entry in self._entries.values() if entry.wanted)
+        return all(entry.served for entry in list(self._entries.values()) if entry.wanted)
 
     def metric_families(self) -> list[Metric]:
         """Scrape-time gauges: each version's state, pending requests, and selected variant."""
@@ -125,11 +129,12 @@ class ModelManager:
 
     def served_versions(self) -> list[ModelVersion]:
         """Every version currently served, for statistics."""
-        return [v for entry in self._entries.values() for v in entry.served.values()]
+        # Snapshots: a scrape on the --metrics-port thread may run while the event loop adds a model.
+        return [v for entry in list(self._entries.values()) for v in list(entry.served.values())]
 
     def index(self) -> list[dict[str, str]]:
         """Triton's repository index: every model on disk or known, with its state and reason."""
-        names = sorted(set(self.repository.model_names()) | set(self._entries))
+        names = sorted(set(self.repository.model_names()) | set(list(self._entries)))
         rows: list[dict[str, str]] = []
         for name in names:
             entry = self._entries.get(name)
@@ -174,7 +179,15 @@ class ModelManager:
             entry.wanted = True
             entry.model_status = VersionStatus(ModelState.LOADING, "loading")
             try:
-                built = await asyncio.to_thread(self._build_all, name, config_text, entry)
+                built = await in_daemon_thread(
+                    lambda: self._build_all(name, config_text, entry), name=f"load-{name}", orphan=_close_all
+                )
+            except asyncio.CancelledError:
+                # The caller went away (a client timeout, shutdown): the build finishes on its own and its
+                # result is closed; the model must not stay LOADING, nor an upload stay half-published.
+                self._mark_failed(entry, "load cancelled before it finished")
+                await asyncio.shield(self._withdraw(entry, change, wanted_before))
+                raise
             except ServerError as exc:
                 self._mark_failed(entry, exc.message)
                 await self._withdraw(entry, change, wanted_before)
@@ -208,10 +221,15 @@ class ModelManager:
 
     async def close(self, timeout_s: float) -> None:
         """Drain and release every model (shutdown)."""
+        self._draining = True
         versions = self.served_versions()
         for entry in self._entries.values():
             entry.served = {}
         await asyncio.gather(*(asyncio.to_thread(v.close, timeout_s) for v in versions))
+
+    def draining(self) -> None:
+        """Shutdown has begun: requests that reach a model from now on get 503 rather than 404."""
+        self._draining = True
 
     @staticmethod
     async def _withdraw(entry: ModelEntry, change: RepositoryChange | None, wanted_before: bool) -> None:
@@ -221,16 +239,21 @@ class ModelManager:
             await change.withdraw()
 
     async def _retire(self, versions: dict[int, ModelVersion]) -> None:
-        """Let in-flight requests of replaced versions finish, then release them."""
+        """Let in-flight requests of replaced versions finish, then release them. Anything still queued at the
+        deadline is told to retry on the current version (BatcherClosed), not failed."""
+        timeout = self.settings.exit_timeout_s
         if versions:
-            await asyncio.gather(*(asyncio.to_thread(v.close, self.settings.exit_timeout_s) for v in versions.values()))
+            await asyncio.gather(*(asyncio.to_thread(v.close, timeout, replaced=True) for v in versions.values()))
 
     @staticmethod
     def _mark_failed(entry: ModelEntry, reason: str) -> None:
-        """Record a failed load: versions still serving stay READY, the rest become UNAVAILABLE."""
+        """Record a failed load: versions still serving are READY again (progress may have shown them as
+        LOADING during the attempt), the rest become UNAVAILABLE with the reason."""
         entry.model_status = VersionStatus(ModelState.READY if entry.served else ModelState.UNAVAILABLE, reason)
         for version in list(entry.status):
-            if version not in entry.served:
+            if version in entry.served:
+                entry.status[version] = VersionStatus(ModelState.READY)
+            else:
                 entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, reason)
         log.warning("model %s failed to load: %s", entry.name, reason)
 
@@ -268,3 +291,9 @@ class ModelManager:
                 done.close(0)
             raise
         return built
+
+
+def _close_all(versions: dict[int, ModelVersion]) -> None:
+    """Release versions built for a load nobody waits for any more."""
+    for version in versions.values():
+        version.close(0)

@@ -75,9 +75,9 @@ class ModelVersion:
             if reason != "retried":
                 self.stats.record_request(reason is None, time.monotonic_ns() - started, reason or "")
 
-    def close(self, timeout_s: float) -> None:
-        """Drain the queue, then release every instance."""
-        self.batcher.close(timeout_s)
+    def close(self, timeout_s: float, *, replaced: bool = False) -> None:
+        """Drain the queue, then release every instance (``replaced``: a newer version now serves)."""
+        self.batcher.close(timeout_s, replaced=replaced)
         for backend in self.backends:
             backend.unload()
 
