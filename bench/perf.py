@@ -52,11 +52,14 @@ class PerfRun:
 def build_command(
     model: str, protocol: str, url: str, concurrency: int, interval_ms: int, csv_path: Path, stability: int
 ) -> list[str]:
-    """The perf_analyzer command line for one (model, protocol, concurrency) point."""
+    """The perf_analyzer command line for one (model, protocol, concurrency) point; ``grpc-stream`` is gRPC
+    over Triton's bidirectional ModelStreamInfer (perf_analyzer --streaming)."""
+    streaming = ["--streaming"] if protocol == "grpc-stream" else []
     return [
         perf_analyzer_path(),
         "-m", model,
-        "-i", protocol,
+        "-i", "grpc" if protocol == "grpc-stream" else protocol,
+        *streaming,
         "-u", url,
         "--concurrency-range", f"{concurrency}:{concurrency}",
         "--measurement-mode", "time_windows",

@@ -108,7 +108,8 @@ def _raw_rows(raw: dict[str, Any]) -> list[str]:
 
 
 def _server_row(run: dict[str, Any], raw: dict[str, Any] | None) -> str:
-    label = f"server {run['protocol'].replace('grpc', 'gRPC').replace('http', 'HTTP')} c={run['concurrency']}"
+    protocol = run["protocol"].replace("grpc-stream", "gRPC stream").replace("grpc", "gRPC").replace("http", "HTTP")
+    label = f"server {protocol} c={run['concurrency']}"
     if run.get("variant"):
         label += f" ({run['variant']})"
     lat = run.get("latency_ms") or {}

@@ -19,7 +19,7 @@ from bench.serving import ServerProcess, shape_args, stats_delta
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = {"mlp": [1, 2, 4, 8, 16, 32, 64], "resnet18": [1, 2, 4, 8, 16, 32]}
-PROTOCOLS = ("grpc", "http")
+PROTOCOLS = ("grpc", "grpc-stream", "http")
 CONCURRENCIES = (1, 16)
 
 
@@ -73,7 +73,7 @@ def perf_point(
     server: ServerProcess, model: str, protocol: str, concurrency: int, interval_ms: int, out: Path
 ) -> dict[str, Any]:
     """One perf_analyzer run bracketed by statistics snapshots, to see which batch sizes the server ran."""
-    url = server.grpc_url if protocol == "grpc" else server.http_url
+    url = server.grpc_url if protocol.startswith("grpc") else server.http_url
     try:
         extra = shape_args(server.model_config(model))
     except (OSError, RuntimeError, ValueError) as err:

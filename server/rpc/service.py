@@ -21,6 +21,7 @@ from server.rpc.codec import decode_request, encode_response, from_json, paramet
 from server.settings import Settings
 
 T = TypeVar("T")
+_END_OF_STREAM = object()
 Handler = Callable[..., Awaitable[T]]
 
 
@@ -97,6 +98,47 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         self.dataplane.check_model(request.model_name, request.model_version)
         response = await self.dataplane.infer(decode_request(request, self.limits))
         return encode_response(response)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        """Triton's bidirectional stream: every request is served concurrently (so a stream's requests
+        batch together) and answered as soon as it is done, matched by ``id``. A failed request gets an
+        ``error_message`` reply and the stream goes on, as Triton does. One call for many requests also
+        saves grpc.aio's per-call cost, its largest one here."""
+        try:
+            self._authorize(context, Scope.INFERENCE)
+        except ServerError as exc:
+            await _abort(context, exc)
+        replies: asyncio.Queue[Any] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, replies))
+        try:
+            while (reply := await replies.get()) is not _END_OF_STREAM:
+                yield reply
+        finally:
+            reader.cancel()
+
+    async def _read_stream(self, request_iterator: Any, replies: asyncio.Queue[Any]) -> None:
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve(request: Any) -> None:
+            await replies.put(await self._stream_reply(request))
+
+        async for request in request_iterator:
+            task = asyncio.ensure_future(serve(request))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running)
+        await replies.put(_END_OF_STREAM)
+
+    async def _stream_reply(self, request: Any) -> Any:
+        try:
+            self.dataplane.check_model(request.model_name, request.model_version)
+            response = await self.dataplane.infer(decode_request(request, self.limits))
+            return pb.ModelStreamInferResponse(infer_response=encode_response(response))
+        except Exception as exc:  # reported in-stream; one bad request must not end the stream
+            error = exc if isinstance(exc, ServerError) else InternalError(f"internal error: {exc}")
+            failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version)
+            failed.id = request.id
+            return pb.ModelStreamInferResponse(error_message=error.message, infer_response=failed)
 
     @translate_errors
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
