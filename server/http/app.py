@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import math
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,10 +19,10 @@ from server import tensors
 from server.auth import AccessPolicy, Scope
 from server.dataplane import DataPlane
 from server.errors import InternalError, InvalidInput, PayloadTooLarge, ServerError, wire_status
+from server.http import fast
 from server.http.codec import (
     HEADER_LENGTH,
     decode_request,
-    decompress,
     dumps,
     encode_response,
     parse_json_object,
@@ -32,7 +31,6 @@ from server.http.multipart import form_receiver
 from server.settings import Settings
 
 JSON = "application/json"
-T = TypeVar("T")
 UPLOAD_FORM = {
     "requestBody": {
         "required": True,
@@ -53,10 +51,6 @@ UPLOAD_FORM = {
 }
 
 
-class ClientGone(Exception):
-    """The HTTP client disconnected; nobody is left to answer."""
-
-
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON reply encoded with orjson."""
     return Response(dumps(value), status_code=status, media_type=JSON, headers=headers)
@@ -72,37 +66,7 @@ def error_response(error: ServerError) -> Response:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing (413) anything over ``limit`` before or after decompression."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return decompress(body, request.headers.get("content-encoding", ""), limit)
-
-
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Await ``work`` but cancel it if the client goes away first, so its queued request is dropped."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientGone("client disconnected before its response was ready")
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    return await fast.read_body(request.receive, {k.lower(): v for k, v in request.headers.items()}, limit)
 
 
 def create_http_app(dataplane: DataPlane, settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -141,8 +105,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return json_response({"error": str(exc.detail)}, exc.status_code, dict(exc.headers or {}))
 
-    @app.exception_handler(ClientGone)
-    async def client_gone(_: Request, exc: ClientGone) -> Response:
+    @app.exception_handler(fast.ClientGone)
+    async def client_gone(_: Request, exc: fast.ClientGone) -> Response:
         return json_response({"error": str(exc)}, 499)
 
     @app.exception_handler(Exception)
@@ -219,7 +183,7 @@ def _add_infer_routes(
         dataplane.check_model(model_name, model_version)
         body = await read_body(request, settings.max_request_bytes)
         decoded = decode_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
-        response = await _unless_disconnected(request, dataplane.infer(decoded))
+        response = await fast.unless_disconnected(request.receive, dataplane.infer(decoded))
         content, header_length = encode_response(response, decoded)
         if header_length is None:
             return Response(content, media_type=JSON)
@@ -268,7 +232,7 @@ def _add_repository_routes(app: FastAPI, dataplane: DataPlane, settings: Setting
         try:
             result = await dataplane.upload_model(model_name, receive, wait=wait)
         except ClientDisconnect:
-            raise ClientGone("client disconnected during the upload") from None
+            raise fast.ClientGone("client disconnected during the upload") from None
         if result.failed:
             return json_response({"error": result.reason, **result.to_json()}, 400)
         return json_response(result.to_json(), 201)
