@@ -11,15 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.models.fixtures import IR_VERSION, OPSET
-
-
-def _model(nodes: list[onnx.NodeProto], inputs: list, outputs: list, initializers: list) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "optimizer_fixture", inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
+from tests.models.fixtures import _model
 
 
 def conv_net(channels: int = 8, size: int = 16, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
