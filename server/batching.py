@@ -30,6 +30,8 @@ from server.stats import ModelStats
 
 Tensors = dict[str, np.ndarray]
 Runner = Callable[[Tensors], Tensors]
+Stager = Callable[[str, tuple[int, ...], np.dtype[Any]], np.ndarray | None]
+"""An instance's staging buffers (``Backend.staging_buffer``): where to concatenate one input of its next batch."""
 
 
 class BatcherClosed(ServerUnavailable):
@@ -125,7 +127,9 @@ class Batcher:
         max_queue_size: int,
         stats: ModelStats,
         policy: BatchPolicy | None = None,
+        stagers: list[Stager] | None = None,
     ) -> None:
+        """``stagers``, one per runner, give each instance's batches a buffer to be concatenated into."""
         self.name = name
         self.max_batch_size = max_batch_size
         self.stats = stats
@@ -137,8 +141,8 @@ class Batcher:
         self._busy = 0
         self._closing = False
         self._threads = [
-            threading.Thread(target=self._work, args=(runner,), name=f"{name}-worker-{i}", daemon=True)
-            for i, runner in enumerate(runners)
+            threading.Thread(target=self._work, args=(runner, stager), name=f"{name}-worker-{i}", daemon=True)
+            for i, (runner, stager) in enumerate(zip(runners, stagers or [_no_staging] * len(runners), strict=True))
         ]
         sizes = [s for s in self.policy.preferred_batch_sizes if 0 < s <= max_batch_size]
         self._target = max(sizes) if sizes else max_batch_size
@@ -244,7 +248,7 @@ class Batcher:
         _deliver_errors(leftover, error)
 
     # ---- worker side (threads) ---------------------------------------------------------------------
-    def _work(self, runner: Runner) -> None:
+    def _work(self, runner: Runner, stager: Stager) -> None:
         """Worker loop: take a batch, run it, deliver the results."""
         while True:
             with self._cond:
@@ -256,7 +260,7 @@ class Batcher:
                 self._busy += 1
             try:
                 if batch:
-                    self._run(runner, batch)
+                    self._run(runner, batch, stager)
             finally:
                 with self._cond:
                     self._busy -= 1
@@ -326,11 +330,11 @@ class Batcher:
             queue.extend(kept)
         return taken
 
-    def _run(self, runner: Runner, batch: list[WorkItem]) -> None:
+    def _run(self, runner: Runner, batch: list[WorkItem], stager: Stager | None = None) -> None:
         """Execute one batch and hand each request its slice of the outputs."""
         start = time.monotonic_ns()
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else _concat(batch)
+            inputs = batch[0].inputs if len(batch) == 1 else _concat(batch, stager)
             ran = time.monotonic_ns()
             outputs = runner(inputs)
             done = time.monotonic_ns()
@@ -349,9 +353,23 @@ class Batcher:
         _deliver(zip(batch, results, strict=True))
 
 
-def _concat(batch: list[WorkItem]) -> Tensors:
-    """Stack the requests' inputs along the batch dimension."""
-    return {name: np.concatenate([item.inputs[name] for item in batch]) for name in batch[0].inputs}
+def _no_staging(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
+    """The stager of a runner without staging buffers: numpy allocates each batch."""
+    return None
+
+
+def _concat(batch: list[WorkItem], stager: Stager | None = None) -> Tensors:
+    """Stack the requests' inputs along the batch dimension, into the instance's staging buffer when it
+    offers one (the copy is made anyway, so landing it in pinned memory is free)."""
+    stacked: Tensors = {}
+    for name in batch[0].inputs:
+        parts = [item.inputs[name] for item in batch]
+        first = parts[0]
+        target = None
+        if stager is not None:
+            target = stager(name, (sum(len(p) for p in parts), *first.shape[1:]), first.dtype)
+        stacked[name] = np.concatenate(parts) if target is None else np.concatenate(parts, out=target)
+    return stacked
 
 
 def _split(outputs: Tensors, sizes: list[int]) -> list[Tensors]:

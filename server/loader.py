@@ -220,6 +220,7 @@ def _make_batcher(label: str, config: Any, backends: list[Backend], stats: Model
     batcher = Batcher(
         label,
         [b.infer for b in backends],
+        stagers=[b.staging_buffer for b in backends],
         max_batch_size=batching,
         max_queue_size=policy.default_queue.max_queue_size,
         stats=stats,
@@ -304,12 +305,24 @@ def thread_parameter(config: Any, key: str) -> int:
 
 def instance_report(backends: list[Backend]) -> list[dict[str, Any]]:
     """Where each instance really runs, for the optimization report: the providers onnxruntime gave it (a
-    fallback from TensorRT or CUDA shows here) and its device."""
+    fallback from TensorRT or CUDA shows here), its device and, on a GPU, whether its batches are staged in
+    pinned memory and which batch sizes replay CUDA graphs (or why they do not)."""
     return [
-        {"index": index, "device": backend.device, "providers": list(backend.providers)}
+        _instance_entry(index, backend)
         for index, backend in enumerate(backends)
         if isinstance(backend, OnnxRuntimeBackend)
     ]
+
+
+def _instance_entry(index: int, backend: OnnxRuntimeBackend) -> dict[str, Any]:
+    entry: dict[str, Any] = {"index": index, "device": backend.device, "providers": list(backend.providers)}
+    if backend.gpu_device is not None:
+        entry["pinned_host_buffers"] = backend.pinned
+        sizes = backend.cuda_graph_sizes
+        entry["cuda_graphs"] = None if sizes is None else list(sizes)
+        if backend.graphs_off_reason is not None:
+            entry["cuda_graphs_off"] = backend.graphs_off_reason
+    return entry
 
 
 def _group_wants_gpu(group: Any, settings: Settings) -> bool:

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     input shape (fastest kernels, but a batcher that forms many batch sizes pays that search again and again),
     HEURISTIC asks cuDNN's heuristics (cheap, near the best), DEFAULT takes the first algorithm."""
 
+    pinned_host_buffers: bool = True
+    """GPU instances concatenate batches into page-locked host memory, so the upload to the GPU is one DMA
+    instead of a copy through the driver's bounce buffer (needs the CUDA runtime library; off: pageable memory)."""
+
     tensorrt_workspace_bytes: int = Field(4 * GIB, gt=0)
     """Scratch memory TensorRT may use per engine while building and running (trt_max_workspace_size): more
     lets it consider faster tactics."""

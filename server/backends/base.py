@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,11 @@ class Backend(ABC):
         if self._state is not Lifecycle.LOADED:
             raise ModelNotReady(f"{self.name}: backend is {self._state.value}, not loaded")
         return self.infer_impl(inputs)
+
+    def staging_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
+        """A buffer the batcher may concatenate input ``name`` of the next batch into, valid until that batch
+        has run (pinned host memory on a GPU instance); None: let numpy allocate."""
+        return None
 
     def unload(self) -> None:
         """Release the runtime session; safe to call more than once."""

@@ -5,7 +5,9 @@ EACH listed GPU, and a group without ``gpus`` uses every visible GPU. Each GPU i
 TensorRT provider options for its device: its ``device_id``, the cuDNN search mode, TensorRT's engine and
 timing caches (an engine build takes minutes, a cached one loads in seconds) and an optimization profile
 covering the batch sizes the batcher forms. What the optimizer's compile step chose is kept: these options
-only fill in what it left out.
+only fill in what it left out. Instances whose first provider is CUDA also get CUDA graphs when the config
+asks (Triton's ``optimization { cuda { graphs: true } }``), and every GPU instance stages its batches in
+pinned host memory unless ``--no-pinned-host-buffers``.
 
 Nothing here imports a GPU library at import time: nvidia-ml-py is imported only to count GPUs, so a CPU
 install never needs it.
@@ -22,7 +24,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from server.backends import onnxruntime as ort_backend
-from server.backends.onnxruntime import SessionConfig
+from server.backends.onnxruntime import CUDA_GRAPH_OPTION, SessionConfig
 from server.errors import LoadFailed
 from server.settings import Settings
 
@@ -133,6 +135,32 @@ def _model_dims(tensor: Any) -> list[int]:
     return [int(d) for d in (tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims)]
 
 
+def cuda_graph_sizes(config: Any) -> tuple[int, ...] | None:
+    """The batch sizes to capture as CUDA graphs; None when the config does not ask for graphs, empty for a
+    model without a batch dimension (one graph for its fixed shapes). ``graph_spec`` batch sizes win; the
+    default is every power of two up to ``max_batch_size``, and that size itself, so padding a batch up to its
+    graph at most doubles it. ``graph_spec`` input shapes and lower bounds are not used: the model's own
+    dims must be fixed."""
+    cuda = config.optimization.cuda
+    if not cuda.graphs:
+        return None
+    largest = int(config.max_batch_size)
+    specified = [int(spec.batch_size) for spec in cuda.graph_spec]
+    if largest < 1:
+        if any(specified):
+            raise LoadFailed("optimization.cuda.graph_spec.batch_size: must be 0 for a model with max_batch_size 0")
+        return ()
+    outside = [size for size in specified if not 1 <= size <= largest]
+    if outside:
+        raise LoadFailed(
+            f"optimization.cuda.graph_spec.batch_size: {outside[0]} is outside 1..max_batch_size ({largest})"
+        )
+    if specified:
+        return tuple(sorted(set(specified)))
+    powers = [1 << bit for bit in range(largest.bit_length()) if 1 << bit <= largest]
+    return tuple(sorted({*powers, largest}))
+
+
 def cuda_options(device_id: int, settings: Settings) -> dict[str, str]:
     """CUDA provider options for one instance. Copies run on the compute stream (``do_copy_in_default_stream``):
     onnxruntime warns that separate copy streams can race."""
@@ -165,11 +193,20 @@ def tensorrt_options(
 
 
 def with_gpu_options(plan: list[SessionConfig], config: Any, settings: Settings, *, fp16: bool) -> list[SessionConfig]:
-    """The plan with per-device CUDA/TensorRT options on every GPU instance. Options already there (the
-    optimizer's compile step) win, except ``device_id``, which is the instance's placement."""
+    """The plan with per-device CUDA/TensorRT options, CUDA graphs and pinned staging on every GPU instance.
+    Options already there (the optimizer's compile step) win, except ``device_id``, which is the instance's
+    placement."""
     gpu_plan = [s for s in plan if s.device_id is not None and s.wants_gpu]
     if not gpu_plan:
         return plan
+    graph_sizes = cuda_graph_sizes(config)
+    if graph_sizes is not None and any(s.providers[0] != CUDA for s in gpu_plan):
+        log.warning(
+            "model %r: CUDA graphs are used on instances whose first provider is %s only; instances on "
+            "TensorRT run without them (set execution_providers to CUDAExecutionProvider to use them)",
+            config.name,
+            CUDA,
+        )
     trt = [s for s in gpu_plan if TENSORRT in s.providers]
     profiled = all(PROFILE_KEYS[0] in s.provider_options.get(TENSORRT, {}) for s in trt)
     profile = tensorrt_profile(config) if trt and not profiled else None  # the optimizer's profile wins
@@ -180,11 +217,20 @@ def with_gpu_options(plan: list[SessionConfig], config: Any, settings: Settings,
         if session.device_id is None or not session.wants_gpu:
             updated.append(session)
             continue
+        graphs = graph_sizes is not None and session.providers[0] == CUDA
         generated = {
-            CUDA: cuda_options(session.device_id, settings),
+            CUDA: cuda_options(session.device_id, settings) | ({CUDA_GRAPH_OPTION: "1"} if graphs else {}),
             TENSORRT: tensorrt_options(session.device_id, settings, profile, fp16=fp16),
         }
-        updated.append(replace(session, provider_options=merge_options(session, generated)))
+        updated.append(
+            replace(
+                session,
+                provider_options=merge_options(session, generated),
+                cuda_graphs=graphs,
+                graph_batch_sizes=graph_sizes if graphs and graph_sizes is not None else (),
+                pinned_host_buffers=settings.pinned_host_buffers,
+            )
+        )
     return updated
 
 

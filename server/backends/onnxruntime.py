@@ -1,26 +1,31 @@
 """ONNX Runtime backend: one InferenceSession per instance, with threads and providers from settings.
 
 A GPU instance runs through IO binding (inputs bound from host memory, outputs allocated on its device and
-copied back once); a CPU instance uses plain ``session.run``. onnxruntime quietly drops a provider it cannot
-create (a missing CUDA or TensorRT library), so after creating a session the providers it really got are
-compared with those asked for and any fallback is logged."""
+copied back once), replays CUDA graphs where its config asks for them, and offers the batcher pinned staging
+buffers; a CPU instance uses plain ``session.run``. onnxruntime quietly drops a provider it cannot create (a
+missing CUDA or TensorRT library), so after creating a session the providers it really got are compared with
+those asked for and any fallback is logged. A model that cannot run as CUDA graphs is served without them,
+with a warning and the reason in the optimization report."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from server.backends.base import Backend, Tensors
+from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, CudaGraphs
+from server.backends.pinned import PinnedHost, StagingBuffers
 from server.errors import InvalidInput, LoadFailed
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
 _PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+CUDA_GRAPH_OPTION = "enable_cuda_graph"
 
 log = logging.getLogger("optiserve.backends")
 _preload_lock = threading.Lock()
@@ -39,6 +44,12 @@ class SessionConfig:
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
     device_id: int | None = None
     """The GPU this instance is placed on (CUDA ordinal); None for a CPU instance."""
+    cuda_graphs: bool = False
+    """Replay CUDA graphs on the CUDA provider (the provider options then carry ``enable_cuda_graph``)."""
+    graph_batch_sizes: tuple[int, ...] = ()
+    """The batch sizes to capture; empty for a model without a batch dimension (one graph, its fixed shapes)."""
+    pinned_host_buffers: bool = False
+    """Offer the batcher pinned host buffers to concatenate batches into (GPU instances only)."""
 
     @property
     def wants_gpu(self) -> bool:
@@ -79,26 +90,71 @@ class OnnxRuntimeBackend(Backend):
         """The providers onnxruntime really uses, best first (may be fewer than asked for)."""
         self.gpu_device: int | None = None
         """The GPU the session runs on (its first provider is CUDA or TensorRT); None on the CPU."""
+        self.graphs_off_reason: str | None = None
+        """Why CUDA graphs were asked for and are not used; None when they are, or were not asked for."""
+        self._graphs: CudaGraphs | None = None
+        self._plain_run_options: Any = None  # gpu_graph_id -1 for runs no graph fits
+        self._staging: StagingBuffers | None = None
 
     def load_impl(self) -> None:
         import onnxruntime as ort
 
         if self.config.wants_gpu:
             _preload_gpu_libraries(ort)
-        providers = provider_list(self.config)
+        config = self.config
         try:
-            session = ort.InferenceSession(str(self.model_path), self._session_options(ort), providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad models
-            raise LoadFailed(f"{self.name}: onnxruntime could not load the model: {exc}") from None
+            session = self._create_session(ort, config)
+        except LoadFailed as exc:
+            if not config.cuda_graphs:
+                raise
+            config = self._without_graphs(f"onnxruntime refused CUDA graphs for this model ({exc})")
+            session = self._create_session(ort, config)
         for value in [*session.get_inputs(), *session.get_outputs()]:
             if value.type == "tensor(bfloat16)":
                 raise LoadFailed(f"{self.name}: {value.name!r} is BF16, which onnxruntime's Python API cannot feed")
+        self.providers = list(session.get_providers())
+        warn_on_fallback(self.name, config, session)
+        self.gpu_device = _running_device(session, self.providers, config)
+        host = PinnedHost.shared() if self.gpu_device is not None and config.pinned_host_buffers else None
+        if config.cuda_graphs:
+            session, config = self._capture_graphs(ort, session, config, host)
         self._session = session
         self._string_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(string)"}
         self._outputs = [(o.name, o.type == "tensor(string)") for o in session.get_outputs()]
-        self.providers = list(session.get_providers())
-        warn_on_fallback(self.name, self.config, session)
-        self.gpu_device = _running_device(session, self.providers, self.config)
+        self._staging = StagingBuffers(host) if host is not None else None
+
+    def _create_session(self, ort: Any, config: SessionConfig) -> Any:
+        try:
+            options = self._session_options(ort)
+            return ort.InferenceSession(str(self.model_path), options, providers=provider_list(config))
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            raise LoadFailed(f"{self.name}: onnxruntime could not load the model: {exc}") from None
+
+    def _capture_graphs(
+        self, ort: Any, session: Any, config: SessionConfig, host: PinnedHost | None
+    ) -> tuple[Any, SessionConfig]:
+        """Capture the graphs now; a model that cannot be captured gets a fresh session without them."""
+        if self.gpu_device is None or self.providers[0] != "CUDAExecutionProvider":
+            reason = f"the instance runs on {self.providers[0]}, and CUDA graphs are used with the CUDA provider only"
+            return session, self._without_graphs(reason)
+        try:
+            self._graphs = CudaGraphs.capture(session, ort, self.gpu_device, config.graph_batch_sizes, host)
+        except Exception as exc:  # GraphsUnsupported, or onnxruntime's capture error
+            config = self._without_graphs(str(exc))
+            return self._create_session(ort, config), config
+        self._plain_run_options = ort.RunOptions()
+        self._plain_run_options.add_run_config_entry(GRAPH_ID, NO_GRAPH)
+        return session, config
+
+    def _without_graphs(self, reason: str) -> SessionConfig:
+        """The config without CUDA graphs; the reason is logged and kept for the optimization report."""
+        self.graphs_off_reason = reason
+        log.warning("%s: serving without CUDA graphs: %s", self.name, reason)
+        options = {
+            provider: {k: v for k, v in values.items() if k != CUDA_GRAPH_OPTION}
+            for provider, values in self.config.provider_options.items()
+        }
+        return replace(self.config, cuda_graphs=False, provider_options=options)
 
     def _session_options(self, ort: Any) -> Any:
         options = ort.SessionOptions()
@@ -112,6 +168,19 @@ class OnnxRuntimeBackend(Backend):
         return options
 
     @property
+    def cuda_graph_sizes(self) -> tuple[int, ...] | None:
+        """The batch sizes replayed as CUDA graphs (empty for an unbatched model's single graph); None when off."""
+        return None if self._graphs is None else self._graphs.sizes
+
+    @property
+    def pinned(self) -> bool:
+        """Whether batches are staged in pinned host memory."""
+        return self._staging is not None
+
+    def staging_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
+        return self._staging.get(name, shape, dtype) if self._staging is not None else None
+
+    @property
     def device(self) -> str:
         """Where the instance really runs: ``gpu:<id>`` or ``cpu``."""
         return "cpu" if self.gpu_device is None else f"gpu:{self.gpu_device}"
@@ -119,13 +188,19 @@ class OnnxRuntimeBackend(Backend):
     def infer_impl(self, inputs: Tensors) -> Tensors:
         feed = {name: _as_ort_strings(name, a) if name in self._string_inputs else a for name, a in inputs.items()}
         names = [name for name, _ in self._outputs]
-        results = self._session.run(None, feed) if self.gpu_device is None else self._run_bound(feed)
+        if self.gpu_device is None:
+            results = self._session.run(None, feed)
+        else:
+            replayed = self._graphs.run(feed) if self._graphs is not None else None
+            results = replayed if replayed is not None else self._run_bound(feed)
         return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
 
     def _run_bound(self, feed: Tensors) -> list[Any]:
         """One run through IO binding: inputs are bound from host memory, outputs are allocated on the
-        instance's GPU by onnxruntime's arena and copied back once, after the run. This is where pinned
-        host buffers and CUDA graphs would plug in. String outputs cannot live on a GPU and stay on the host."""
+        instance's GPU by onnxruntime's arena and copied back once, after the run (a fresh host array: the
+        batcher hands out views of it after the worker moved on). Inputs the batcher concatenated into the
+        instance's pinned staging buffers upload by DMA. String outputs cannot live on a GPU and stay on the
+        host. In a session with CUDA graphs on, this is the path for runs no graph fits."""
         binding = self._session.io_binding()
         for name, array in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
@@ -134,10 +209,15 @@ class OnnxRuntimeBackend(Backend):
                 binding.bind_output(name, "cpu")
             else:
                 binding.bind_output(name, "cuda", self.gpu_device)
-        self._session.run_with_iobinding(binding)
+        if self._plain_run_options is None:
+            self._session.run_with_iobinding(binding)
+        else:
+            self._session.run_with_iobinding(binding, self._plain_run_options)
         return list(binding.copy_outputs_to_cpu())
 
     def unload_impl(self) -> None:
+        self._graphs = None
+        self._staging = None
         self._session = None
 
 

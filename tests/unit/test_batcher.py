@@ -145,6 +145,69 @@ def test_queued_compatible_requests_leave_as_one_batch() -> None:
         batcher.close(1)
 
 
+def test_a_batch_is_concatenated_into_the_instance_staging_buffer() -> None:
+    """A GPU instance offers pinned memory to concatenate into; the runner gets that memory, outputs split back."""
+    runner = FakeRunner(blocked=True)
+    seen: list[np.ndarray] = []
+    original = runner.__call__
+
+    def recording(inputs: Tensors) -> Tensors:
+        seen.append(inputs["x"])
+        return original(inputs)
+
+    staging = np.full((8, 2), -1.0, np.float32)
+    asked: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = []
+
+    def stager(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
+        asked.append((name, shape, dtype))
+        return staging[: shape[0]]
+
+    batcher = Batcher("m", [recording], stagers=[stager], max_batch_size=8, max_queue_size=0, stats=ModelStats())
+    batcher.start()
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(10 * (i + 1), n) for i, n in enumerate([1, 2, 3])]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 4, "three queued + one running")
+        runner.gate.set()
+        results = await _wait_all([first, *tasks])
+        assert runner.sizes() == [1, 6]
+        assert asked == [("x", (6, 2), np.dtype(np.float32))]  # a lone request is never copied
+        assert not np.shares_memory(seen[0], staging) and np.shares_memory(seen[1], staging)
+        np.testing.assert_array_equal(staging[:6], np.concatenate(xs))
+        for result, x in zip(results, [first_x, *xs], strict=True):
+            _check(result, x)
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_a_stager_without_a_buffer_leaves_the_batch_to_numpy() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = Batcher("m", [runner], stagers=[lambda *_: None], max_batch_size=8, max_queue_size=0, stats=ModelStats())
+    batcher.start()
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(10 * (i + 1), 2) for i in range(2)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 3, "two queued + one running")
+        runner.gate.set()
+        for result, x in zip(await _wait_all([first, *tasks]), [first_x, *xs], strict=True):
+            _check(result, x)
+        assert runner.sizes() == [1, 4]
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
 def test_batches_never_exceed_max_batch_size() -> None:
     runner = FakeRunner(blocked=True)
     batcher = _batcher([runner], max_batch_size=4)

@@ -341,6 +341,7 @@ def fake_ort(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(onnxruntime, "InferenceSession", FakeSession)
     monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: preloads.append("called"), raising=False)
     monkeypatch.setattr(ort_backend, "_preloaded", False)
+    monkeypatch.setattr(ort_backend.PinnedHost, "shared", classmethod(lambda cls: None))  # as on a GPU-less machine
     return preloads
 
 
@@ -383,7 +384,9 @@ def test_gpu_instance_runs_through_io_binding(fake_ort: list[str]) -> None:
         ("copy_outputs_to_cpu",),
     ]
     assert np.array_equal(out["y"], x * 2) and out["labels"].tolist() == [[b"a"], [b"b"]]
-    assert instance_report([backend]) == [{"index": 0, "device": "gpu:1", "providers": [CUDA, CPU]}]
+    assert instance_report([backend]) == [
+        {"index": 0, "device": "gpu:1", "providers": [CUDA, CPU], "pinned_host_buffers": False, "cuda_graphs": None}
+    ]
 
 
 def test_cpu_instance_and_cpu_fallback_use_session_run(
@@ -433,9 +436,10 @@ def test_loader_places_gpu_instances_and_reports_them(
         asked = [dict(s.asked) for s in FakeSession.instances]
         assert [a[CUDA]["device_id"] for a in asked] == ["1", "0"]
         assert asked[0][TRT]["trt_profile_max_shapes"] == "x:8x8"
+        gpu_entry = {"providers": [TRT, CUDA, CPU], "pinned_host_buffers": False, "cuda_graphs": None}
         assert version.report["instances"] == [
-            {"index": 0, "device": "gpu:1", "providers": [TRT, CUDA, CPU]},
-            {"index": 1, "device": "gpu:0", "providers": [TRT, CUDA, CPU]},
+            {"index": 0, "device": "gpu:1", **gpu_entry},  # the CUDA runtime cannot pin memory here
+            {"index": 1, "device": "gpu:0", **gpu_entry},
         ]
         assert version.report["selected"] == "original"
     finally:

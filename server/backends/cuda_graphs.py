@@ -1,0 +1,171 @@
+"""CUDA graphs for GPU instances on onnxruntime's CUDA provider (Triton's ``optimization { cuda { graphs } }``).
+
+A captured graph replays a whole run with one launch, which removes the per-kernel launch cost that
+dominates small batches. onnxruntime's CUDA provider (``enable_cuda_graph``) captures one graph per shape and
+has three rules: every node runs on the CUDA provider, inputs and outputs are bound to device buffers whose
+addresses never change, and each shape has its own graph, chosen per run by the ``gpu_graph_id`` run option
+(onnxruntime >= 1.18). So every captured batch size gets its own device buffers and binding, captured at load.
+A batch is padded with zero rows up to the smallest captured size that fits and its outputs are cut back:
+padding is as safe as dynamic batching itself, which already assumes that the rows of a batch do not interact.
+A run no graph fits (a larger batch, another dtype) runs without one (``gpu_graph_id`` -1).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.backends.base import Tensors
+from server.backends.pinned import PinnedHost
+
+log = logging.getLogger("optiserve.gpu")
+GRAPH_ID = "gpu_graph_id"
+NO_GRAPH = "-1"
+WARMUP_RUNS = 3
+"""Runs per graph at load: onnxruntime runs a shape normally before it captures it, then replays."""
+ORT_TYPES: dict[str, np.dtype[Any]] = {
+    f"tensor({name})": np.dtype(dtype)
+    for name, dtype in [
+        ("float", np.float32),
+        ("float16", np.float16),
+        ("double", np.float64),
+        ("int8", np.int8),
+        ("uint8", np.uint8),
+        ("int16", np.int16),
+        ("uint16", np.uint16),
+        ("int32", np.int32),
+        ("uint32", np.uint32),
+        ("int64", np.int64),
+        ("uint64", np.uint64),
+        ("bool", np.bool_),
+    ]
+}
+
+
+class GraphsUnsupported(Exception):
+    """The model cannot run as CUDA graphs (the message says why)."""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    dims: tuple[int, ...]
+    """Without the batch dimension for a batched model."""
+    dtype: np.dtype[Any]
+
+
+@dataclass
+class _Graph:
+    rows: int | None
+    """The batch size it was captured for; None for a model without a batch dimension."""
+    binding: Any
+    run_options: Any
+    device_inputs: dict[str, Any]
+    padded: dict[str, np.ndarray]
+    """Host arrays of the graph's full shape (pinned when possible), for batches smaller than ``rows``."""
+
+
+class CudaGraphs:
+    """One instance's captured graphs, keyed by batch size. Used only from the instance's worker thread."""
+
+    def __init__(self, session: Any, ort: Any, device_id: int, sizes: tuple[int, ...], host: PinnedHost | None):
+        self._session = session
+        self._ort = ort
+        self._device_id = device_id
+        self._batched = bool(sizes)
+        self._inputs = [_static(v, batched=self._batched, kind="input") for v in session.get_inputs()]
+        self._outputs = [_static(v, batched=self._batched, kind="output") for v in session.get_outputs()]
+        self._host = host
+        self._graphs: dict[int | None, _Graph] = {}
+        for rows in sorted(set(sizes)) if sizes else [None]:
+            self._graphs[rows] = self._prepare(rows)
+        self.sizes = tuple(r for r in self._graphs if r is not None)
+        """The captured batch sizes, smallest first (empty for an unbatched model's single graph)."""
+
+    @classmethod
+    def capture(
+        cls, session: Any, ort: Any, device_id: int, sizes: tuple[int, ...], host: PinnedHost | None
+    ) -> CudaGraphs:
+        """Prepare and capture every graph now, so that a model that cannot be captured fails at load."""
+        graphs = cls(session, ort, device_id, sizes, host)
+        for graph in graphs._graphs.values():
+            for _ in range(WARMUP_RUNS):
+                session.run_with_iobinding(graph.binding, graph.run_options)
+        return graphs
+
+    def _prepare(self, rows: int | None) -> _Graph:
+        def shape(tensor: _Tensor) -> tuple[int, ...]:
+            return tensor.dims if rows is None else (rows, *tensor.dims)
+
+        ort = self._ort
+        binding = self._session.io_binding()
+        device_inputs, padded = {}, {}
+        for tensor in self._inputs:
+            zeros = np.zeros(shape(tensor), tensor.dtype)
+            value = ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", self._device_id)
+            binding.bind_ortvalue_input(tensor.name, value)
+            device_inputs[tensor.name] = value
+            if rows is not None and rows > 1:
+                host = self._host.empty(zeros.shape, zeros.dtype) if self._host is not None else None
+                padded[tensor.name] = zeros if host is None else host
+                padded[tensor.name][...] = 0
+        for tensor in self._outputs:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape(tensor), tensor.dtype.type, "cuda", self._device_id)
+            binding.bind_ortvalue_output(tensor.name, value)
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry(GRAPH_ID, str(len(self._graphs) + 1))  # 0 is onnxruntime's default id
+        return _Graph(rows, binding, run_options, device_inputs, padded)
+
+    def run(self, feed: Tensors) -> list[np.ndarray] | None:
+        """The outputs in the session's order, or None when no captured graph fits this feed."""
+        graph = self._fitting(feed)
+        if graph is None:
+            return None
+        rows = None if graph.rows is None else int(next(iter(feed.values())).shape[0])
+        for name, array in feed.items():
+            if rows is None or rows == graph.rows:
+                graph.device_inputs[name].update_inplace(np.ascontiguousarray(array))
+            else:
+                staged = graph.padded[name]
+                staged[:rows] = array
+                staged[rows:] = 0
+                graph.device_inputs[name].update_inplace(staged)
+        self._session.run_with_iobinding(graph.binding, graph.run_options)
+        outputs = list(graph.binding.copy_outputs_to_cpu())
+        return outputs if rows is None or rows == graph.rows else [o[:rows] for o in outputs]
+
+    def _fitting(self, feed: Tensors) -> _Graph | None:
+        """The graph for this feed: same inputs, dtypes and sample shapes, the smallest batch size that fits."""
+        if set(feed) != {t.name for t in self._inputs}:
+            return None
+        rows: int | None = None
+        for tensor in self._inputs:
+            array = feed[tensor.name]
+            sample = array.shape[1:] if self._batched else array.shape
+            if array.dtype != tensor.dtype or tuple(sample) != tensor.dims:
+                return None
+            if self._batched:
+                if rows is not None and array.shape[0] != rows:
+                    return None
+                rows = int(array.shape[0])
+        if not self._batched:
+            return self._graphs[None]
+        size = next((s for s in self.sizes if rows is not None and s >= rows), None)
+        return None if size is None else self._graphs[size]
+
+
+def _static(value: Any, *, batched: bool, kind: str) -> _Tensor:
+    """A session input or output with fixed dims (after the batch dimension, for a batched model)."""
+    dtype = ORT_TYPES.get(value.type)
+    if dtype is None:
+        raise GraphsUnsupported(f"{kind} {value.name!r} is {value.type}, which cannot live in a CUDA graph's buffers")
+    dims = list(value.shape)[1:] if batched else list(value.shape)
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise GraphsUnsupported(
+            f"{kind} {value.name!r} has shape {list(value.shape)}: CUDA graphs need fixed dims"
+            + (" after the batch dimension" if batched else "")
+        )
+    return _Tensor(value.name, tuple(int(d) for d in dims), dtype)
