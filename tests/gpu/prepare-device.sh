@@ -38,7 +38,7 @@ still warm), one call with carry [".whl/deps", ".whl/bin", ".whl/lib"], timeout_
   set -o pipefail; chmod +x .whl/bin/perf_analyzer; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
   .whl/deps/*.whl && export PYTHONPATH=$PWD/.whl/site:/tmp/site:$PWD PYTHONUNBUFFERED=1 \
   PERF_ANALYZER=$PWD/.whl/bin/perf_analyzer LD_LIBRARY_PATH=$PWD/.whl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} && \
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu tests/unit/test_gpu_placement.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu tests/unit/test_gpu_placement.py tests/unit/test_gpu_graphs_pinned.py \
   tests/unit/test_gpu_metrics.py tests/unit/test_gpu_imports.py tests/unit/test_bench_gpu.py \
   tests/unit/test_batch_policy.py 2>&1 | tee $OUT/gpu-tests.log; timeout 330 python3 -m bench.gpu --quick 2>&1 \
   | tee $OUT/bench.log

@@ -4,7 +4,8 @@ CUDA session really lands on a GPU (a CUDA build on a machine without a driver f
 Checks: instances are placed per GPU and run on CUDA (or TensorRT) through IO binding; served outputs equal CPU
 onnxruntime within fp32 tolerance (loosened for TF32, which onnxruntime's CUDA provider uses for FP32 convolutions
 and GEMMs on Ampere and newer); the optimization report lists each instance's providers; a fallback from TensorRT
-is logged; the GPU gauges appear on /metrics.
+is logged; the GPU gauges appear on /metrics; CUDA graphs are captured per batch size and replay the same
+outputs; batches staged in pinned host memory come out the same.
 """
 
 from __future__ import annotations
@@ -207,3 +208,84 @@ def test_served_on_gpu(tmp_path: Path, model_file: Path, start_server: Any) -> N
     for family in ("optiserve_gpu_utilization_ratio", "optiserve_gpu_memory_used_bytes"):
         assert f'{family}{{gpu="0"}}' in metrics
     assert 'optiserve_gpu_memory_total_bytes{gpu="0"}' in metrics
+
+
+GRAPHS_CONFIG = CONFIG.replace("count: 2", "count: 1") + "optimization { cuda { graphs: true } }\n"
+
+
+def test_pinned_memory_is_available_and_feeds_the_gpu(model_file: Path) -> None:
+    """The CUDA runtime onnxruntime-gpu loaded pins memory here, and a batch staged in it infers correctly."""
+    from server.backends.onnxruntime import SessionConfig
+    from server.backends.pinned import PinnedHost
+
+    host = PinnedHost.shared()
+    assert host is not None, "the CUDA runtime could not pin host memory on a GPU machine"
+    config = SessionConfig(providers=(CUDA, CPU), device_id=0, pinned_host_buffers=True)
+    backend = OnnxRuntimeBackend("cnn:1#0", model_file, config)
+    backend.load()
+    try:
+        assert backend.pinned
+        x = _images(6, seed=3)
+        staged = backend.staging_buffer("x", x.shape, x.dtype)
+        assert staged is not None and staged.shape == x.shape
+        staged[...] = x
+        np.testing.assert_allclose(
+            backend.infer({"x": staged})["y"], cpu_reference(model_file, x), rtol=RTOL, atol=ATOL
+        )
+    finally:
+        backend.unload()
+
+
+def test_cuda_graphs_are_captured_and_replay_correct_outputs(model_file: Path, tmp_path: Path) -> None:
+    """In process: the planned CUDA instance captures graphs 1, 2, 4, 8 at load, and every batch size from 1 to 8
+    (padded ones included, replayed twice so later replays see new data) matches the CPU."""
+    from server.backends import gpu
+    from server.loader import instance_plan
+
+    config = parse_config(GRAPHS_CONFIG, "pbtxt").config
+    settings = Settings(cache_dir=tmp_path, execution_providers=[CUDA, CPU])
+    (session_config, *_) = gpu.with_gpu_options(instance_plan(config, settings), config, settings, fp16=False)
+    assert session_config.cuda_graphs and session_config.graph_batch_sizes == (1, 2, 4, 8)
+    backend = OnnxRuntimeBackend("cnn:1#0", model_file, session_config)
+    backend.load()
+    try:
+        assert backend.graphs_off_reason is None, backend.graphs_off_reason
+        assert backend.cuda_graph_sizes == (1, 2, 4, 8)
+        for seed in (1, 2):
+            for batch in range(1, 9):
+                x = _images(batch, seed=seed * 100 + batch)
+                got = backend.infer({"x": x})["y"]
+                assert got.shape == (batch, 10)
+                np.testing.assert_allclose(got, cpu_reference(model_file, x), rtol=RTOL, atol=ATOL)
+    finally:
+        backend.unload()
+
+
+def test_served_with_cuda_graphs(tmp_path: Path, model_file: Path, start_server: Any) -> None:
+    """The real server with graphs asked for: the report shows them, concurrent requests get correct outputs."""
+    version_dir = tmp_path / "repo" / "cnn" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(model_file.read_bytes())
+    (tmp_path / "repo" / "cnn" / "config.pbtxt").write_text(GRAPHS_CONFIG)
+    server = start_server(
+        tmp_path / "repo",
+        env={"OPTISERVE_DEFAULT_PRECISION": "none", "OPTISERVE_EXECUTION_PROVIDERS": f'["{CUDA}","{CPU}"]'},
+    )
+    report = httpx.get(f"{server.http_url}/v2/models/cnn/optimization", timeout=10).json()
+    for instance in report["instances"]:
+        assert instance["cuda_graphs"] == [1, 2, 4, 8], instance
+        assert instance["pinned_host_buffers"] is True, instance
+
+    def infer_http(x: np.ndarray) -> np.ndarray:
+        body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        response = httpx.post(f"{server.http_url}/v2/models/cnn/infer", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        out = response.json()["outputs"][0]
+        return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+    inputs = [_images(1 + i % 3, seed=300 + i) for i in range(48)]
+    with ThreadPoolExecutor(16) as pool:
+        outputs = list(pool.map(infer_http, inputs))
+    for x, got in zip(inputs, outputs, strict=True):
+        np.testing.assert_allclose(got, cpu_reference(model_file, x), rtol=RTOL, atol=ATOL)
+    assert "serving without CUDA graphs" not in server.log
