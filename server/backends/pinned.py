@@ -16,8 +16,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import re
 import threading
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +53,7 @@ class PinnedHost:
     def _open(cls) -> PinnedHost | None:
         """The first CUDA runtime that loads and pins a probe allocation (a CUDA toolkit on a machine without a
         GPU loads, then fails every allocation)."""
-        for name in CUDA_RUNTIMES:
+        for name in runtime_names():
             try:
                 runtime = ctypes.CDLL(name)
             except OSError:
@@ -86,7 +88,8 @@ class PinnedHost:
             log.warning("cudaHostAlloc(%d bytes) failed with CUDA error %d; using pageable memory", nbytes, status)
             return None
         block = _PinnedBlock(pointer.value, nbytes)
-        weakref.finalize(block, self._free, pointer.value)
+        release = weakref.finalize(block, self._free, pointer.value)
+        release.atexit = False  # at exit the CUDA runtime may already be torn down; the OS takes the pages back
         flat: np.ndarray = np.asarray(block)  # the array keeps the block (and so the memory) alive
         return flat[: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
@@ -94,6 +97,16 @@ class PinnedHost:
         status = self._runtime.cudaFreeHost(ctypes.c_void_p(address))
         if status != 0:
             log.warning("cudaFreeHost failed with CUDA error %d", status)
+
+
+def runtime_names(maps: Path = Path("/proc/self/maps")) -> list[str]:
+    """CUDA runtime sonames to try: those this process already loaded first (onnxruntime-gpu's own, so no second
+    runtime is loaded beside it), then ``CUDA_RUNTIMES``."""
+    try:
+        loaded = re.findall(r"libcudart\.so\.\d+", maps.read_text())
+    except OSError:
+        loaded = []
+    return list(dict.fromkeys([*loaded, *CUDA_RUNTIMES]))
 
 
 class _PinnedBlock:

@@ -87,6 +87,15 @@ def test_no_cuda_runtime_means_no_allocator(monkeypatch: pytest.MonkeyPatch, cap
     assert "upload from pageable memory" in caplog.text
 
 
+def test_the_cuda_runtime_already_loaded_is_tried_first(tmp_path: Path) -> None:
+    from server.backends.pinned import CUDA_RUNTIMES, runtime_names
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f10 r-xp 0 08:01 1 /venv/nvidia/cu12/lib/libcudart.so.12\n7f10-7f20 r--p 0 0 0 [heap]\n")
+    assert runtime_names(maps) == ["libcudart.so.12", *[n for n in CUDA_RUNTIMES if n != "libcudart.so.12"]]
+    assert runtime_names(tmp_path / "missing") == list(CUDA_RUNTIMES)
+
+
 def test_staging_buffers_are_reused_and_grow_to_the_next_power_of_two() -> None:
     runtime = FakeCudaRuntime()
     host = PinnedHost.probed(runtime)
