@@ -1,12 +1,16 @@
 """GPU benchmark for a session with an NVIDIA GPU: the in-process onnxruntime CUDA ceiling, then the server.
 
-Usage: python -m bench.gpu [--quick] [--batches 1,64,256] [--concurrency 16,64] [--instances 2] [--skip-server]
+Usage: python -m bench.gpu [--quick] [--batches 1,64,256] [--concurrency 16,64] [--instances 2]
+                         [--variants plain,graphs] [--skip-server]
 
 1. Builds a ResNet-50-sized CNN (random weights) and times onnxruntime's CUDA provider in-process at each batch
-   size three ways: ``session.run`` with host arrays (copies both ways every run), IO binding from host arrays
-   (what the server does per batch), and IO binding with the data resident on the GPU (the compute ceiling).
-2. Starts the server on a KIND_GPU config (optimizer off, so the same file is served) and runs perf_analyzer over
-   gRPC and HTTP at each concurrency; a Python gRPC client stands in when perf_analyzer cannot run.
+   size four ways: ``session.run`` with host arrays (copies both ways every run), IO binding from pageable host
+   arrays, IO binding from pinned host memory (the server's batched path: a plain DMA upload), and IO binding
+   with the data resident on the GPU (the compute ceiling).
+2. Starts the server on KIND_GPU configs (optimizer off, so the same file is served), one model per variant:
+   "plain" (resnet50) and "graphs" (resnet50_graphs, with ``optimization { cuda { graphs: true } }``), and runs
+   perf_analyzer over gRPC and HTTP at each concurrency against each; a Python gRPC client stands in when
+   perf_analyzer cannot run. The table notes each variant's instances: pinned staging, CUDA graph batch sizes.
 
 Results go to $OUT (default bench/out/gpu): results.json, results.md and server.log; the table is printed last.
 Scratch files (model, repository, perf_analyzer CSVs and logs, caches) go to --work, not $OUT: the device tool
@@ -39,10 +43,13 @@ from bench.serving import ServerProcess, get_json, http_get, stats_delta
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "resnet50"
+VARIANTS = {"plain": MODEL, "graphs": f"{MODEL}_graphs"}
+"""Server variant -> the model (and folder) name it is served under."""
 PROTOCOLS = ("grpc", "http")
 MODES = {
     "host": "ORT CUDA, host arrays (session.run)",
     "iobinding": "ORT CUDA, IO binding from host (the server's path)",
+    "pinned": "ORT CUDA, IO binding from pinned host memory (the server's batched path)",
     "device": "ORT CUDA, IO binding, data on the GPU",
 }
 CUDA = "CUDAExecutionProvider"
@@ -65,12 +72,23 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _variants(text: str) -> list[str]:
+    values = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [value for value in values if value not in VARIANTS]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(VARIANTS)} separated by commas, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 s timing windows instead of 2 s")
     parser.add_argument("--batches", type=_ints, default=[1, 64, 256], help="in-process batch sizes")
     parser.add_argument("--concurrency", type=_ints, default=[16, 64], help="perf_analyzer concurrency levels")
     parser.add_argument("--instances", type=int, default=2, help="server instances per GPU (instance_group count)")
+    parser.add_argument(
+        "--variants", type=_variants, default=["plain", "graphs"], help="server variants: plain, graphs (CUDA graphs)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=64, help="the served model's max_batch_size")
     parser.add_argument("--queue-delay-us", type=int, default=200, help="dynamic_batching max_queue_delay")
     parser.add_argument("--base-width", type=int, default=64, help="64 = ResNet-50; smaller for a smoke run")
@@ -84,26 +102,42 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None)
     return parser.parse_args(argv)
 
 
-def model_config(max_batch_size: int, instances: int, queue_delay_us: int, kind: str = "KIND_GPU") -> str:
-    """The served config: fixed image dims (so TensorRT gets a profile), dynamic batching, instances per GPU."""
-    return (
-        f'name: "{MODEL}"\n'
+def model_config(
+    max_batch_size: int, instances: int, queue_delay_us: int, kind: str = "KIND_GPU", *, graphs: bool = False
+) -> str:
+    """The served config: fixed image dims (so TensorRT gets a profile), dynamic batching, instances per GPU;
+    ``graphs`` asks for CUDA graphs under the "graphs" variant's name (a config's name must match its folder)."""
+    config = (
+        f'name: "{VARIANTS["graphs" if graphs else "plain"]}"\n'
         f"max_batch_size: {max_batch_size}\n"
         'input [ { name: "input" data_type: TYPE_FP32 dims: [ 3, 224, 224 ] } ]\n'
         'output [ { name: "output" data_type: TYPE_FP32 dims: [ 1000 ] } ]\n'
         f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
         f"instance_group [ {{ kind: {kind} count: {instances} }} ]\n"
     )
+    return config + ("optimization { cuda { graphs: true } }\n" if graphs else "")
+
+
+def model_file(work: Path) -> Path:
+    """The built ONNX file, outside the repository: the ceiling times it whichever variants are served."""
+    return work / "model.onnx"
 
 
 def write_repo(work: Path, args: argparse.Namespace) -> Path:
-    """work/repo/resnet50/{config.pbtxt,1/model.onnx}, rebuilt each run (a few seconds)."""
+    """work/repo/<variant's model>/{config.pbtxt,1/model.onnx} per variant, rebuilt each run (a few seconds):
+    the model is built and saved once, then its bytes are copied into each folder."""
     repo = work / "repo"
     shutil.rmtree(repo, ignore_errors=True)
-    (repo / MODEL / "1").mkdir(parents=True)
-    onnx.save(models.build_resnet50_like(args.base_width), str(repo / MODEL / "1" / "model.onnx"))
-    config = model_config(args.max_batch_size, args.instances, args.queue_delay_us, args.kind)
-    (repo / MODEL / "config.pbtxt").write_text(config)
+    onnx.save(models.build_resnet50_like(args.base_width), str(model_file(work)))
+    data = model_file(work).read_bytes()
+    for variant in args.variants:
+        folder = repo / VARIANTS[variant]
+        (folder / "1").mkdir(parents=True)
+        (folder / "1" / "model.onnx").write_bytes(data)
+        config = model_config(
+            args.max_batch_size, args.instances, args.queue_delay_us, args.kind, graphs=variant == "graphs"
+        )
+        (folder / "config.pbtxt").write_text(config)
     return repo
 
 
@@ -133,19 +167,41 @@ def make_call(session: Any, mode: str, batch: int) -> Callable[[], None]:
 
         return copied
     if mode == "iobinding":
-
-        def bound() -> None:
-            binding = session.io_binding()
-            binding.bind_cpu_input("input", x)
-            binding.bind_output("output", "cuda", 0)
-            session.run_with_iobinding(binding)
-            binding.copy_outputs_to_cpu()
-
-        return bound
+        return _bound_call(session, x)
+    if mode == "pinned":
+        return _bound_call(session, pinned_copy(x))
     resident = session.io_binding()
     resident.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
     resident.bind_output("output", "cuda", 0)
     return lambda: session.run_with_iobinding(resident)  # Run waits for the GPU before it returns
+
+
+def _bound_call(session: Any, x: np.ndarray) -> Callable[[], None]:
+    """Bind host array ``x`` as the input, run, and copy the output back: what the server does per batch."""
+
+    def bound() -> None:
+        binding = session.io_binding()
+        binding.bind_cpu_input("input", x)
+        binding.bind_output("output", "cuda", 0)
+        session.run_with_iobinding(binding)
+        binding.copy_outputs_to_cpu()
+
+    return bound
+
+
+def pinned_copy(x: np.ndarray) -> np.ndarray:
+    """``x`` copied once into page-locked memory, as the server stages its batches: the upload is then a plain
+    DMA, without the driver's bounce through its own pinned buffer. Raises when memory cannot be pinned."""
+    from server.backends.pinned import PinnedHost
+
+    host = PinnedHost.shared()
+    if host is None:
+        raise RuntimeError("no CUDA runtime here can pin host memory (PinnedHost.shared() is None)")
+    staged = host.empty(x.shape, x.dtype)
+    if staged is None:
+        raise RuntimeError(f"cudaHostAlloc refused {x.nbytes:,} bytes of pinned host memory")
+    staged[...] = x
+    return staged
 
 
 def time_calls(call: Callable[[], None], batch: int, seconds: float) -> Point:
@@ -265,7 +321,7 @@ def summarise_samples(samples: list[dict[str, float]]) -> dict[str, dict[str, fl
     return summary
 
 
-def python_grpc_load(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+def python_grpc_load(url: str, model: str, concurrency: int, seconds: float) -> dict[str, Any]:
     """A closed-loop tritonclient gRPC load at batch 1, for when perf_analyzer cannot run."""
     import tritonclient.grpc as grpcclient
 
@@ -282,7 +338,7 @@ def python_grpc_load(url: str, concurrency: int, seconds: float) -> dict[str, An
         while time.perf_counter() < deadline:
             start = time.perf_counter()
             try:
-                client.infer(MODEL, [tensor])
+                client.infer(model, [tensor])
             except Exception as exc:
                 with lock:
                     errors.append(str(exc)[:200])
@@ -336,9 +392,7 @@ def wait_loaded(http_url: str, model: str, timeout_s: float, alive: Callable[[],
 
 
 def measure_server(args: argparse.Namespace, repo: Path, window_s: float, results: dict[str, Any]) -> None:
-    """Start the server, record where its instances run, drive it, and always stop it."""
-    from bench.run import perf_point
-
+    """Start the server, record where each variant's instances run, drive each variant, and always stop it."""
     log_path = args.work / "server.log"
     extra = ("--default-precision", "none", "--cache-dir", str(args.work / "cache"))
     server = ServerProcess(sys.executable, repo, log_path, cwd=ROOT, extra_args=extra)
@@ -347,32 +401,64 @@ def measure_server(args: argparse.Namespace, repo: Path, window_s: float, result
     results["perf_analyzer"] = missing or "ok"
     try:
         with server:
-            results["server_ready_s"] = wait_loaded(server.http_url, MODEL, 600, server._check_alive)
-            optimization = get_json(f"http://{server.http_url}/v2/models/{MODEL}/optimization")
-            results["instances"] = optimization.get("instances", [])
+            results["server_ready_s"] = wait_all_loaded(server, args.variants, 600)
+            results["instances"] = {}
+            for variant in args.variants:
+                optimization = get_json(f"http://{server.http_url}/v2/models/{VARIANTS[variant]}/optimization")
+                results["instances"][variant] = optimization.get("instances", [])
             print(f"[server] ready after {results['server_ready_s']:.1f} s: {results['instances']}", flush=True)
             (args.work / "perf").mkdir(exist_ok=True)
-            for concurrency in args.concurrency:
-                for protocol in PROTOCOLS:
-                    if missing is not None and protocol != "grpc":
-                        continue
-                    with MetricsSampler(f"http://{server.http_url}/metrics") as sampler:
-                        if missing is None:
-                            run = perf_point(server, MODEL, protocol, concurrency, int(window_s * 1000), args.work)
-                            run["client"] = "perf_analyzer"
-                        else:
-                            before = server.model_stats(MODEL)
-                            run = python_grpc_load(server.grpc_url, concurrency, max(window_s * 3, 5.0))
-                            run["stats_delta"] = stats_delta(before, server.model_stats(MODEL))
-                    run["gpu_metrics"] = sampler.summary()
-                    results["server"].append(run)
-                    print(f"[server] {_run_text(run)}", flush=True)
+            for variant in args.variants:
+                for concurrency in args.concurrency:
+                    for protocol in PROTOCOLS:
+                        if missing is not None and protocol != "grpc":
+                            continue
+                        run = server_point(server, args, variant, protocol, concurrency, window_s, missing is None)
+                        results["server"].append(run)
+                        print(f"[server] {_run_text(run)}", flush=True)
     finally:
         _copy_tail(log_path, args.out / "server.log")
 
 
+def wait_all_loaded(server: ServerProcess, variants: list[str], timeout_s: float) -> float:
+    """Seconds until every variant's model is READY (they load side by side, so this is the slowest one's time),
+    all within one ``timeout_s``."""
+    started = time.monotonic()
+    for variant in variants:
+        left = max(1.0, timeout_s - (time.monotonic() - started))
+        wait_loaded(server.http_url, VARIANTS[variant], left, server._check_alive)
+    return time.monotonic() - started
+
+
+def server_point(
+    server: ServerProcess,
+    args: argparse.Namespace,
+    variant: str,
+    protocol: str,
+    concurrency: int,
+    window_s: float,
+    perf_analyzer: bool,
+) -> dict[str, Any]:
+    """One load on ``variant``'s model, by perf_analyzer or else the Python gRPC client, with the GPU metrics
+    sampled while it ran."""
+    from bench.run import perf_point
+
+    model = VARIANTS[variant]
+    with MetricsSampler(f"http://{server.http_url}/metrics") as sampler:
+        if perf_analyzer:
+            run = perf_point(server, model, protocol, concurrency, int(window_s * 1000), args.work)
+            run["client"] = "perf_analyzer"
+        else:
+            before = server.model_stats(model)
+            run = python_grpc_load(server.grpc_url, model, concurrency, max(window_s * 3, 5.0))
+            run["stats_delta"] = stats_delta(before, server.model_stats(model))
+    run["gpu_metrics"] = sampler.summary()
+    run["variant"] = variant
+    return run
+
+
 def _run_text(run: dict[str, Any]) -> str:
-    head = f"{run['protocol']:>4} c={run['concurrency']:<3}"
+    head = f"{run.get('variant', 'plain'):>6} {run['protocol']:>4} c={run['concurrency']:<3}"
     if run.get("error"):
         return f"{head} FAILED {run['error']}"
     latency = run.get("latency_ms") or {}
@@ -407,12 +493,33 @@ def render(results: dict[str, Any]) -> str:
         lines += ["|---|---|---|---|---|---|---|"]
         lines += [_server_row(run) for run in runs]
         lines.append("")
-    if results.get("instances"):
-        placed = ", ".join(f"#{i['index']} {i['device']} {'>'.join(i['providers'])}" for i in results["instances"])
-        lines.append(f"instances: {placed}")
+    if isinstance(results.get("server_ready_s"), (int, float)):
+        lines.append(f"server ready after {results['server_ready_s']:.1f} s (all variants)")
+    for variant, instances in _instances_by_variant(results.get("instances")).items():
+        if instances:
+            lines.append(f"instances ({variant}): " + "; ".join(_instance_text(i) for i in instances))
     if results.get("server_error"):
         lines.append(f"server error: {results['server_error']}")
     return "\n".join(lines)
+
+
+def _instances_by_variant(instances: Any) -> dict[str, list[dict[str, Any]]]:
+    """Variant -> instances; an older result's plain list is the only variant it served, "plain"."""
+    if isinstance(instances, list):
+        return {"plain": instances}
+    return dict(instances or {})
+
+
+def _instance_text(instance: dict[str, Any]) -> str:
+    """'#0 gpu:0 CUDAExecutionProvider>CPUExecutionProvider pinned graphs 1,2,4' (or 'no graphs: why')."""
+    words = [f"#{instance['index']}", str(instance["device"]), ">".join(instance["providers"])]
+    if instance.get("pinned_host_buffers"):
+        words.append("pinned")
+    if instance.get("cuda_graphs"):
+        words.append("graphs " + ",".join(str(size) for size in instance["cuda_graphs"]))
+    if instance.get("cuda_graphs_off"):
+        words.append("no graphs: " + " ".join(str(instance["cuda_graphs_off"]).split()))
+    return " ".join(words)
 
 
 def _cell(row: dict[str, Any] | None) -> str:
@@ -422,7 +529,7 @@ def _cell(row: dict[str, Any] | None) -> str:
 
 
 def _server_row(run: dict[str, Any]) -> str:
-    name = f"{run['protocol']} c={run['concurrency']}"
+    name = f"{run.get('variant', 'plain')} {run['protocol']} c={run['concurrency']}"
     if run.get("error"):
         error = " ".join(str(run["error"]).split()).replace("|", "/")[:120]
         return f"| {name} | {run.get('client', '?')} | failed: {error} | | | | |"
@@ -476,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     if not args.skip_raw:
         try:
-            results["ceiling"] = measure_ceiling(repo / MODEL / "1" / "model.onnx", args.batches, window_s)
+            results["ceiling"] = measure_ceiling(model_file(args.work), args.batches, window_s)
         except Exception as exc:
             results["ceiling_error"] = f"{type(exc).__name__}: {exc}"
             print(f"[ceiling] FAILED: {results['ceiling_error']}", file=sys.stderr, flush=True)

@@ -23,9 +23,18 @@ def test_results_go_to_out_when_set() -> None:
     assert bench_gpu.out_dir({}) == bench_gpu.ROOT / "bench" / "out" / "gpu"
     args = bench_gpu.parse_args([], {"OUT": "/tmp/o"})
     assert args.out == Path("/tmp/o") and args.batches == [1, 64, 256] and args.concurrency == [16, 64]
+    assert args.variants == ["plain", "graphs"]
     assert bench_gpu.parse_args(["--batches", "1,8", "--concurrency", "4"]).batches == [1, 8]
+    assert bench_gpu.parse_args(["--variants", "graphs"]).variants == ["graphs"]
     with pytest.raises(SystemExit):
         bench_gpu.parse_args(["--batches", "0,8"])
+
+
+@pytest.mark.parametrize("variants", ["plain,bogus", "", ","])
+def test_unknown_or_no_variants_are_rejected(variants: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_gpu.parse_args(["--variants", variants])
+    assert exit_info.value.code == 2 and "--variants" in capsys.readouterr().err
 
 
 def test_served_config_is_kind_gpu_with_a_tensorrt_profile() -> None:
@@ -34,6 +43,25 @@ def test_served_config_is_kind_gpu_with_a_tensorrt_profile() -> None:
     assert (group.count, group.kind, config.max_batch_size) == (2, mc.ModelInstanceGroup.KIND_GPU, 64)
     assert config.dynamic_batching.max_queue_delay_microseconds == 200
     assert tensorrt_profile(config) == ("input:1x3x224x224", "input:64x3x224x224", "input:64x3x224x224")
+    assert config.name == "resnet50" and not config.optimization.cuda.graphs
+
+
+def test_graphs_variant_config_asks_for_cuda_graphs_under_its_own_name() -> None:
+    config = parse_config(bench_gpu.model_config(32, 1, 100, graphs=True), "pbtxt").config
+    assert config.name == bench_gpu.VARIANTS["graphs"] == "resnet50_graphs"
+    assert config.optimization.cuda.graphs
+    assert (config.max_batch_size, config.instance_group[0].count) == (32, 1)
+
+
+def test_repo_has_one_folder_per_variant_with_the_same_model(tmp_path: Path) -> None:
+    args = bench_gpu.parse_args(["--base-width", "1"])
+    repo = bench_gpu.write_repo(tmp_path, args)
+    assert sorted(path.name for path in repo.iterdir()) == ["resnet50", "resnet50_graphs"]
+    built = bench_gpu.model_file(tmp_path).read_bytes()
+    for variant, model in bench_gpu.VARIANTS.items():
+        assert (repo / model / "1" / "model.onnx").read_bytes() == built
+        config = parse_config((repo / model / "config.pbtxt").read_text(), "pbtxt").config
+        assert (config.name, config.optimization.cuda.graphs) == (model, variant == "graphs")
 
 
 def test_resnet50_like_topology_runs_on_cpu() -> None:
@@ -56,8 +84,10 @@ def test_time_calls_takes_the_median_of_windows() -> None:
 class Binding:
     def __init__(self, log: list[Any]) -> None:
         self.log = log
+        self.inputs: list[np.ndarray] = []
 
     def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
+        self.inputs.append(array)
         self.log.append(("in", name, array.shape))
 
     def bind_output(self, name: str, device: str, device_id: int) -> None:
@@ -71,13 +101,15 @@ class Binding:
 class Session:
     def __init__(self) -> None:
         self.log: list[Any] = []
+        self.bindings: list[Binding] = []
 
     def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.log.append(("run", feed["input"].shape))
         return []
 
     def io_binding(self) -> Binding:
-        return Binding(self.log)
+        self.bindings.append(Binding(self.log))
+        return self.bindings[-1]
 
     def run_with_iobinding(self, binding: Binding) -> None:
         self.log.append(("run_with_iobinding",))
@@ -94,6 +126,55 @@ def test_host_and_iobinding_calls() -> None:
         ("run_with_iobinding",),
         ("copy",),
     ]
+
+
+class FakePinnedHost:
+    """Hands out one recognisable array (filled with -1) in place of page-locked memory, or None when refusing."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.asked: list[tuple[tuple[int, ...], np.dtype[Any]]] = []
+        self.given: np.ndarray | None = None
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
+        self.asked.append((shape, dtype))
+        if self.refuse:
+            return None
+        self.given = np.full(shape, -1.0, dtype)
+        return self.given
+
+
+def test_pinned_call_binds_the_pinned_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.backends import pinned
+
+    host = FakePinnedHost()
+    monkeypatch.setattr(pinned.PinnedHost, "shared", classmethod(lambda cls: host))
+    session = Session()
+    call = bench_gpu.make_call(session, "pinned", 2)
+    call()
+    call()
+    assert host.asked == [((2, 3, 224, 224), np.dtype(np.float32))]  # staged once, not per call
+    assert host.given is not None and len(session.bindings) == 2
+    assert all(len(binding.inputs) == 1 and binding.inputs[0] is host.given for binding in session.bindings)
+    expected = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    np.testing.assert_array_equal(host.given, expected)  # the random input was copied in (no -1 left)
+    assert session.log[:4] == [
+        ("in", "input", (2, 3, 224, 224)),
+        ("out", "output", "cuda", 0),
+        ("run_with_iobinding",),
+        ("copy",),
+    ]
+
+
+def test_pinned_call_fails_clearly_without_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.backends import pinned
+
+    monkeypatch.setattr(pinned.PinnedHost, "shared", classmethod(lambda cls: None))
+    with pytest.raises(RuntimeError, match="pin host memory"):
+        bench_gpu.make_call(Session(), "pinned", 1)
+    monkeypatch.setattr(pinned.PinnedHost, "shared", classmethod(lambda cls: FakePinnedHost(refuse=True)))
+    with pytest.raises(RuntimeError, match="cudaHostAlloc refused"):
+        bench_gpu.make_call(Session(), "pinned", 1)
 
 
 def test_missing_perf_analyzer_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -119,6 +200,9 @@ def test_gpu_metrics_are_parsed_and_summarised() -> None:
     assert summary['optiserve_gpu_utilization_ratio{gpu="0"}'] == {"mean": pytest.approx(0.7), "max": 0.9}
 
 
+PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 def test_table() -> None:
     results = {
         "machine": {"date": "2026-12-01 10:00 UTC"},
@@ -130,6 +214,7 @@ def test_table() -> None:
         ],
         "server": [
             {
+                "variant": "graphs",
                 "protocol": "grpc",
                 "concurrency": 16,
                 "client": "perf_analyzer",
@@ -141,14 +226,47 @@ def test_table() -> None:
             },
             {"protocol": "http", "concurrency": 64, "client": "perf_analyzer", "error": "exit 1: a | b"},
         ],
-        "instances": [{"index": 0, "device": "gpu:0", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}],
+        "server_ready_s": 41.04,
+        "instances": {
+            "plain": [{"index": 0, "device": "gpu:0", "providers": PROVIDERS, "pinned_host_buffers": False}],
+            "graphs": [
+                {
+                    "index": 0,
+                    "device": "gpu:0",
+                    "providers": PROVIDERS,
+                    "pinned_host_buffers": True,
+                    "cuda_graphs": [1, 2, 4],
+                },
+                {
+                    "index": 1,
+                    "device": "gpu:1",
+                    "providers": PROVIDERS,
+                    "pinned_host_buffers": True,
+                    "cuda_graphs": None,
+                    "cuda_graphs_off": "capture failed:\n  out of memory",
+                },
+            ],
+        },
     }
     text = bench_gpu.render(results)
     assert "| ORT CUDA, host arrays (session.run) | 437 | failed |" in text
+    assert "| ORT CUDA, IO binding from pinned host memory (the server's batched path) | — | — |" in text
     assert "| ORT CUDA, IO binding, data on the GPU | — | 6,597 |" in text
-    assert "| grpc c=16 | perf_analyzer | 3,900 | 4.10 | 6.00 | gpu0 83% | avg 16.0: b16:10 |" in text
-    assert "| http c=64 | perf_analyzer | failed: exit 1: a / b |" in text
-    assert text.endswith("instances: #0 gpu:0 CUDAExecutionProvider>CPUExecutionProvider")
+    assert "| graphs grpc c=16 | perf_analyzer | 3,900 | 4.10 | 6.00 | gpu0 83% | avg 16.0: b16:10 |" in text
+    assert "| plain http c=64 | perf_analyzer | failed: exit 1: a / b |" in text  # a run without a variant: plain
+    assert text.endswith(
+        "server ready after 41.0 s (all variants)\n"
+        "instances (plain): #0 gpu:0 CUDAExecutionProvider>CPUExecutionProvider\n"
+        "instances (graphs): #0 gpu:0 CUDAExecutionProvider>CPUExecutionProvider pinned graphs 1,2,4; "
+        "#1 gpu:1 CUDAExecutionProvider>CPUExecutionProvider pinned no graphs: capture failed: out of memory"
+    )
+
+
+def test_table_of_an_older_result_reads_its_instances_as_plain() -> None:
+    instances = [{"index": 0, "device": "gpu:0", "providers": PROVIDERS}]
+    text = bench_gpu.render({"machine": {}, "instances": instances})
+    assert text.endswith("\ninstances (plain): #0 gpu:0 CUDAExecutionProvider>CPUExecutionProvider")
+    assert "graphs" not in text and "pinned" not in text
 
 
 class Answer:
