@@ -71,10 +71,21 @@ class _Graph:
 class CudaGraphs:
     """One instance's captured graphs, keyed by batch size. Used only from the instance's worker thread."""
 
-    def __init__(self, session: Any, ort: Any, device_id: int, sizes: tuple[int, ...], host: PinnedHost | None):
+    def __init__(
+        self,
+        session: Any,
+        ort: Any,
+        device_id: int,
+        sizes: tuple[int, ...],
+        host: PinnedHost | None,
+        device_type: str = "cuda",
+    ):
+        """``device_type`` is where the bound buffers live: "cuda", or "cpu" to exercise the bookkeeping with
+        the real onnxruntime API on a machine without a GPU (no graph is captured there)."""
         self._session = session
         self._ort = ort
         self._device_id = device_id
+        self._device_type = device_type
         self._batched = bool(sizes)
         self._inputs = [_static(v, batched=self._batched, kind="input") for v in session.get_inputs()]
         self._outputs = [_static(v, batched=self._batched, kind="output") for v in session.get_outputs()]
@@ -87,10 +98,16 @@ class CudaGraphs:
 
     @classmethod
     def capture(
-        cls, session: Any, ort: Any, device_id: int, sizes: tuple[int, ...], host: PinnedHost | None
+        cls,
+        session: Any,
+        ort: Any,
+        device_id: int,
+        sizes: tuple[int, ...],
+        host: PinnedHost | None,
+        device_type: str = "cuda",
     ) -> CudaGraphs:
         """Prepare and capture every graph now, so that a model that cannot be captured fails at load."""
-        graphs = cls(session, ort, device_id, sizes, host)
+        graphs = cls(session, ort, device_id, sizes, host, device_type)
         for graph in graphs._graphs.values():
             for _ in range(WARMUP_RUNS):
                 session.run_with_iobinding(graph.binding, graph.run_options)
@@ -105,7 +122,7 @@ class CudaGraphs:
         device_inputs, padded = {}, {}
         for tensor in self._inputs:
             zeros = np.zeros(shape(tensor), tensor.dtype)
-            value = ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", self._device_id)
+            value = ort.OrtValue.ortvalue_from_numpy(zeros, self._device_type, self._device_id)
             binding.bind_ortvalue_input(tensor.name, value)
             device_inputs[tensor.name] = value
             if rows is not None and rows > 1:
@@ -113,7 +130,9 @@ class CudaGraphs:
                 padded[tensor.name] = zeros if host is None else host
                 padded[tensor.name][...] = 0
         for tensor in self._outputs:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(shape(tensor), tensor.dtype.type, "cuda", self._device_id)
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                shape(tensor), tensor.dtype.type, self._device_type, self._device_id
+            )
             binding.bind_ortvalue_output(tensor.name, value)
         run_options = ort.RunOptions()
         run_options.add_run_config_entry(GRAPH_ID, str(len(self._graphs) + 1))  # 0 is onnxruntime's default id

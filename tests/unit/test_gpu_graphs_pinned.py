@@ -303,6 +303,29 @@ def test_an_unbatched_model_has_one_graph_for_its_fixed_shapes(
     assert graphs.run({"x": _rows(2)}) is None
 
 
+def test_the_onnxruntime_calls_are_real(tmp_path: Path) -> None:
+    """The same bookkeeping against the real onnxruntime API (CPU buffers, as no GPU is here): OrtValue
+    creation, binding, update_inplace, the gpu_graph_id run option and copying bound outputs back."""
+    from tests.models import fixtures
+
+    model = fixtures.float_mlp()
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(model.SerializeToString())
+    session = onnxruntime.InferenceSession(str(path), providers=[CPU])
+    (x_meta,) = session.get_inputs()
+    graphs = CudaGraphs.capture(session, onnxruntime, 0, (1, 2, 4), None, device_type="cpu")
+    assert graphs.sizes == (1, 2, 4)
+    for rows in (1, 3, 4):
+        x = np.random.default_rng(rows).standard_normal((rows, x_meta.shape[1])).astype(np.float32)
+        outputs = graphs.run({x_meta.name: x})
+        assert outputs is not None
+        expected = session.run(None, {x_meta.name: x})
+        for got, want in zip(outputs, expected, strict=True):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert graphs.run({x_meta.name: np.zeros((5, x_meta.shape[1]), np.float32)}) is None
+
+
 # ---- the backend: graphs on, fallbacks, the report ------------------------------------------------------------------
 def _graph_config(providers: tuple[str, ...] = (CUDA, CPU), sizes: tuple[int, ...] = (1, 2, 4)) -> SessionConfig:
     return SessionConfig(
