@@ -516,7 +516,8 @@ def _instance_text(instance: dict[str, Any]) -> str:
     if instance.get("pinned_host_buffers"):
         words.append("pinned")
     if instance.get("cuda_graphs"):
-        words.append("graphs " + ",".join(str(size) for size in instance["cuda_graphs"]))
+        sizes = instance.get("cuda_graph_batch_sizes") or []
+        words.append("graphs " + (",".join(str(size) for size in sizes) or "(fixed shapes)"))
     if instance.get("cuda_graphs_off"):
         words.append("no graphs: " + " ".join(str(instance["cuda_graphs_off"]).split()))
     return " ".join(words)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +29,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, InvalidInput, ServerUnavailable
 from server.stats import ModelStats
 
+log = logging.getLogger("optiserve.batching")
 Tensors = dict[str, np.ndarray]
 Runner = Callable[[Tensors], Tensors]
 Stager = Callable[[str, tuple[int, ...], np.dtype[Any]], np.ndarray | None]
@@ -128,8 +130,10 @@ class Batcher:
         stats: ModelStats,
         policy: BatchPolicy | None = None,
         stagers: list[Stager] | None = None,
+        preparers: list[Callable[[], None]] | None = None,
     ) -> None:
-        """``stagers``, one per runner, give each instance's batches a buffer to be concatenated into."""
+        """``stagers``, one per runner, give each instance's batches a buffer to be concatenated into;
+        ``preparers``, one per runner, run on the runner's worker thread before its first batch."""
         self.name = name
         self.max_batch_size = max_batch_size
         self.stats = stats
@@ -140,17 +144,27 @@ class Batcher:
         self._cond = threading.Condition()
         self._busy = 0
         self._closing = False
+        count = len(runners)
+        self._ready = [threading.Event() for _ in range(count)]
+        self._prepare_errors: list[BaseException] = []
+        workers = zip(runners, stagers or [_no_staging] * count, preparers or [_nothing] * count, strict=True)
         self._threads = [
-            threading.Thread(target=self._work, args=(runner, stager), name=f"{name}-worker-{i}", daemon=True)
-            for i, (runner, stager) in enumerate(zip(runners, stagers or [_no_staging] * len(runners), strict=True))
+            threading.Thread(target=self._work, args=(*worker, self._ready[i]), name=f"{name}-worker-{i}", daemon=True)
+            for i, worker in enumerate(workers)
         ]
         sizes = [s for s in self.policy.preferred_batch_sizes if 0 < s <= max_batch_size]
         self._target = max(sizes) if sizes else max_batch_size
 
     def start(self) -> None:
-        """Start the worker threads."""
+        """Start the worker threads and wait until each has run its preparer; the first preparer error stops
+        the workers and is raised here (so a model whose instances cannot get ready fails its load)."""
         for thread in self._threads:
             thread.start()
+        for ready in self._ready:
+            ready.wait()
+        if self._prepare_errors:
+            self.close(0)
+            raise self._prepare_errors[0]
 
     @property
     def pending(self) -> int:
@@ -248,8 +262,15 @@ class Batcher:
         _deliver_errors(leftover, error)
 
     # ---- worker side (threads) ---------------------------------------------------------------------
-    def _work(self, runner: Runner, stager: Stager) -> None:
-        """Worker loop: take a batch, run it, deliver the results."""
+    def _work(self, runner: Runner, stager: Stager, prepare: Callable[[], None], ready: threading.Event) -> None:
+        """Worker loop: prepare, then take a batch, run it, deliver the results."""
+        try:
+            prepare()
+        except BaseException as exc:  # reported by start(); this worker never serves
+            self._prepare_errors.append(exc)
+            return
+        finally:
+            ready.set()
         while True:
             with self._cond:
                 while not self._queued and not self._closing:
@@ -353,6 +374,10 @@ class Batcher:
         _deliver(zip(batch, results, strict=True))
 
 
+def _nothing() -> None:
+    """The preparer of a runner that needs none."""
+
+
 def _no_staging(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
     """The stager of a runner without staging buffers: numpy allocates each batch."""
     return None
@@ -364,12 +389,21 @@ def _concat(batch: list[WorkItem], stager: Stager | None = None) -> Tensors:
     stacked: Tensors = {}
     for name in batch[0].inputs:
         parts = [item.inputs[name] for item in batch]
-        first = parts[0]
-        target = None
-        if stager is not None:
-            target = stager(name, (sum(len(p) for p in parts), *first.shape[1:]), first.dtype)
-        stacked[name] = np.concatenate(parts) if target is None else np.concatenate(parts, out=target)
+        staged = _staged(name, parts, stager) if stager is not None else None
+        stacked[name] = staged if staged is not None else np.concatenate(parts)
     return stacked
+
+
+def _staged(name: str, parts: list[np.ndarray], stager: Stager) -> np.ndarray | None:
+    """``parts`` concatenated into the stager's buffer; None when it offers none or staging fails (then numpy
+    allocates: a staging problem must never fail the batch)."""
+    first = parts[0]
+    try:
+        target = stager(name, (sum(len(p) for p in parts), *first.shape[1:]), first.dtype)
+        return None if target is None else np.concatenate(parts, out=target, casting="no")
+    except (TypeError, ValueError, RuntimeError, OSError) as exc:
+        log.warning("input %r: staging the batch failed (%s); concatenating in ordinary memory", name, exc)
+        return None
 
 
 def _split(outputs: Tensors, sizes: list[int]) -> list[Tensors]:

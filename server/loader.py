@@ -77,7 +77,12 @@ class VersionLoader:
         plan = gpu.with_gpu_options(plan, config, self.settings, fp16=self._family(selected) == "fp16")
         backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
         stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
-        batcher = _make_batcher(f"{name}:{version}", config, backends, stats, self.settings)
+        try:
+            batcher = _make_batcher(f"{name}:{version}", config, backends, stats, self.settings)
+        except BaseException:  # an instance could not get ready on its worker thread (CUDA graph capture)
+            for backend in backends:
+                backend.unload()
+            raise
         elapsed = time.monotonic() - started
         if self.metrics is not None:
             self.metrics.load_duration.labels(name).observe(elapsed)
@@ -221,6 +226,7 @@ def _make_batcher(label: str, config: Any, backends: list[Backend], stats: Model
         label,
         [b.infer for b in backends],
         stagers=[b.staging_buffer for b in backends],
+        preparers=[b.prepare for b in backends],
         max_batch_size=batching,
         max_queue_size=policy.default_queue.max_queue_size,
         stats=stats,
@@ -306,7 +312,7 @@ def thread_parameter(config: Any, key: str) -> int:
 def instance_report(backends: list[Backend]) -> list[dict[str, Any]]:
     """Where each instance really runs, for the optimization report: the providers onnxruntime gave it (a
     fallback from TensorRT or CUDA shows here), its device and, on a GPU, whether its batches are staged in
-    pinned memory and which batch sizes replay CUDA graphs (or why they do not)."""
+    pinned memory and whether it replays CUDA graphs (for which batch sizes, or why not)."""
     return [
         _instance_entry(index, backend)
         for index, backend in enumerate(backends)
@@ -319,7 +325,9 @@ def _instance_entry(index: int, backend: OnnxRuntimeBackend) -> dict[str, Any]:
     if backend.gpu_device is not None:
         entry["pinned_host_buffers"] = backend.pinned
         sizes = backend.cuda_graph_sizes
-        entry["cuda_graphs"] = None if sizes is None else list(sizes)
+        entry["cuda_graphs"] = sizes is not None
+        if sizes:
+            entry["cuda_graph_batch_sizes"] = list(sizes)
         if backend.graphs_off_reason is not None:
             entry["cuda_graphs_off"] = backend.graphs_off_reason
     return entry

@@ -53,6 +53,11 @@ class Backend(ABC):
             raise ModelNotReady(f"{self.name}: backend is {self._state.value}, not loaded")
         return self.infer_impl(inputs)
 
+    def prepare(self) -> None:
+        """Called once on the worker thread that will run this instance, before its first batch: for work tied to
+        that thread (CUDA graphs). Nothing by default."""
+        return None
+
     def staging_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
         """A buffer the batcher may concatenate input ``name`` of the next batch into, valid until that batch
         has run (pinned host memory on a GPU instance); None: let numpy allocate."""

@@ -13,13 +13,14 @@ A run no graph fits (a larger batch, another dtype) runs without one (``gpu_grap
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from server.backends.base import Tensors
-from server.backends.pinned import PinnedHost
+from server.backends.pinned import PinnedHost, as_array
 
 log = logging.getLogger("optiserve.gpu")
 GRAPH_ID = "gpu_graph_id"
@@ -64,12 +65,11 @@ class _Graph:
     binding: Any
     run_options: Any
     device_inputs: dict[str, Any]
-    padded: dict[str, np.ndarray]
-    """Host arrays of the graph's full shape (pinned when possible), for batches smaller than ``rows``."""
 
 
 class CudaGraphs:
-    """One instance's captured graphs, keyed by batch size. Used only from the instance's worker thread."""
+    """One instance's captured graphs, keyed by batch size. onnxruntime keeps captured graphs per thread, so
+    capture and every replay must happen on the same thread: the instance's worker thread."""
 
     def __init__(
         self,
@@ -89,10 +89,15 @@ class CudaGraphs:
         self._batched = bool(sizes)
         self._inputs = [_static(v, batched=self._batched, kind="input") for v in session.get_inputs()]
         self._outputs = [_static(v, batched=self._batched, kind="output") for v in session.get_outputs()]
-        self._host = host
         self._graphs: dict[int | None, _Graph] = {}
         for rows in sorted(set(sizes)) if sizes else [None]:
             self._graphs[rows] = self._prepare(rows)
+        largest = max(sizes, default=1)
+        self._padding = {
+            t.name: _host_block(host, largest * math.prod(t.dims) * t.dtype.itemsize) for t in self._inputs
+        }
+        """One host block per input (pinned when possible) that padded batches of every size are assembled in:
+        runs are serial, so the graphs can share it."""
         self.sizes = tuple(r for r in self._graphs if r is not None)
         """The captured batch sizes, smallest first (empty for an unbatched model's single graph)."""
 
@@ -106,7 +111,8 @@ class CudaGraphs:
         host: PinnedHost | None,
         device_type: str = "cuda",
     ) -> CudaGraphs:
-        """Prepare and capture every graph now, so that a model that cannot be captured fails at load."""
+        """Prepare and capture every graph now, on the calling thread (the one that will replay them), so that a
+        model that cannot be captured fails before it serves. Hold ``CUDA_CAPTURE`` exclusively around this."""
         graphs = cls(session, ort, device_id, sizes, host, device_type)
         for graph in graphs._graphs.values():
             for _ in range(WARMUP_RUNS):
@@ -119,16 +125,12 @@ class CudaGraphs:
 
         ort = self._ort
         binding = self._session.io_binding()
-        device_inputs, padded = {}, {}
+        device_inputs = {}
         for tensor in self._inputs:
             zeros = np.zeros(shape(tensor), tensor.dtype)
             value = ort.OrtValue.ortvalue_from_numpy(zeros, self._device_type, self._device_id)
             binding.bind_ortvalue_input(tensor.name, value)
             device_inputs[tensor.name] = value
-            if rows is not None and rows > 1:
-                host = self._host.empty(zeros.shape, zeros.dtype) if self._host is not None else None
-                padded[tensor.name] = zeros if host is None else host
-                padded[tensor.name][...] = 0
         for tensor in self._outputs:
             value = ort.OrtValue.ortvalue_from_shape_and_type(
                 shape(tensor), tensor.dtype.type, self._device_type, self._device_id
@@ -136,7 +138,7 @@ class CudaGraphs:
             binding.bind_ortvalue_output(tensor.name, value)
         run_options = ort.RunOptions()
         run_options.add_run_config_entry(GRAPH_ID, str(len(self._graphs) + 1))  # 0 is onnxruntime's default id
-        return _Graph(rows, binding, run_options, device_inputs, padded)
+        return _Graph(rows, binding, run_options, device_inputs)
 
     def run(self, feed: Tensors) -> list[np.ndarray] | None:
         """The outputs in the session's order, or None when no captured graph fits this feed."""
@@ -145,10 +147,10 @@ class CudaGraphs:
             return None
         rows = None if graph.rows is None else int(next(iter(feed.values())).shape[0])
         for name, array in feed.items():
-            if rows is None or rows == graph.rows:
+            if graph.rows is None or rows == graph.rows:
                 graph.device_inputs[name].update_inplace(np.ascontiguousarray(array))
             else:
-                staged = graph.padded[name]
+                staged = as_array(self._padding[name], (graph.rows, *array.shape[1:]), array.dtype)
                 staged[:rows] = array
                 staged[rows:] = 0
                 graph.device_inputs[name].update_inplace(staged)
@@ -174,6 +176,12 @@ class CudaGraphs:
             return self._graphs[None]
         size = next((s for s in self.sizes if rows is not None and s >= rows), None)
         return None if size is None else self._graphs[size]
+
+
+def _host_block(host: PinnedHost | None, nbytes: int) -> np.ndarray:
+    """``nbytes`` of pinned memory, or of ordinary memory when none can be pinned."""
+    block = host.allocate(nbytes) if host is not None else None
+    return np.empty(max(1, nbytes), np.uint8) if block is None else block
 
 
 def _static(value: Any, *, batched: bool, kind: str) -> _Tensor:

@@ -138,9 +138,9 @@ def _model_dims(tensor: Any) -> list[int]:
 def cuda_graph_sizes(config: Any) -> tuple[int, ...] | None:
     """The batch sizes to capture as CUDA graphs; None when the config does not ask for graphs, empty for a
     model without a batch dimension (one graph for its fixed shapes). ``graph_spec`` batch sizes win; the
-    default is every power of two up to ``max_batch_size``, and that size itself, so padding a batch up to its
-    graph at most doubles it. ``graph_spec`` input shapes and lower bounds are not used: the model's own
-    dims must be fixed."""
+    default is every power of two up to ``max_batch_size``, the preferred batch sizes (the batcher aims at
+    them) and ``max_batch_size`` itself, so padding a batch up to its graph at most doubles it. ``graph_spec``
+    input shapes and lower bounds are not used: the model's own dims must be fixed."""
     cuda = config.optimization.cuda
     if not cuda.graphs:
         return None
@@ -158,7 +158,8 @@ def cuda_graph_sizes(config: Any) -> tuple[int, ...] | None:
     if specified:
         return tuple(sorted(set(specified)))
     powers = [1 << bit for bit in range(largest.bit_length()) if 1 << bit <= largest]
-    return tuple(sorted({*powers, largest}))
+    preferred = [int(s) for s in config.dynamic_batching.preferred_batch_size if 0 < s <= largest]
+    return tuple(sorted({*powers, *preferred, largest}))
 
 
 def cuda_options(device_id: int, settings: Settings) -> dict[str, str]:

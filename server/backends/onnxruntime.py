@@ -9,6 +9,7 @@ with a warning and the reason in the optimization report."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from server.backends.base import Backend, Tensors
+from server.backends.capture_lock import CUDA_CAPTURE
 from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, CudaGraphs
 from server.backends.pinned import PinnedHost, StagingBuffers
 from server.errors import InvalidInput, LoadFailed
@@ -83,6 +85,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(name)
         self.model_path = model_path
         self.config = config
+        self._ort: Any = None
         self._session: Any = None
         self._string_inputs: set[str] = set()
         self._outputs: list[tuple[str, bool]] = []  # (name, is a string tensor)
@@ -93,68 +96,91 @@ class OnnxRuntimeBackend(Backend):
         self.graphs_off_reason: str | None = None
         """Why CUDA graphs were asked for and are not used; None when they are, or were not asked for."""
         self._graphs: CudaGraphs | None = None
-        self._plain_run_options: Any = None  # gpu_graph_id -1 for runs no graph fits
+        self._graphs_pending = False  # captured by prepare(), on the worker thread that will replay them
+        self._plain_run_options: Any = None  # gpu_graph_id -1: a run that must not be captured
         self._staging: StagingBuffers | None = None
 
     def load_impl(self) -> None:
         import onnxruntime as ort
 
+        self._ort = ort
         if self.config.wants_gpu:
             _preload_gpu_libraries(ort)
         config = self.config
         try:
-            session = self._create_session(ort, config)
+            session = self._create_session(config)
         except LoadFailed as exc:
-            if not config.cuda_graphs:
+            if not (config.cuda_graphs and "graph" in str(exc).lower()):
                 raise
-            config = self._without_graphs(f"onnxruntime refused CUDA graphs for this model ({exc})")
-            session = self._create_session(ort, config)
+            config = self._without_graphs(config, f"onnxruntime refused CUDA graphs for this model ({exc})")
+            session = self._create_session(config)
+        self._adopt(session, config)
+        if not config.cuda_graphs:
+            return
+        if self.gpu_device is None or self.providers[0] != "CUDAExecutionProvider":
+            first = self.providers[0] if self.providers else "no provider"
+            self._without_graphs(config, f"the instance runs on {first}; CUDA graphs are for the CUDA provider only")
+        else:
+            self._graphs_pending = True
+
+    def prepare(self) -> None:
+        """Capture the CUDA graphs, on the calling thread: onnxruntime keeps captured graphs per thread, so this
+        runs on the instance's worker thread before it takes work. Other CUDA work of the server waits meanwhile
+        (see capture_lock). A model that cannot be captured gets a fresh session without graphs."""
+        if not self._graphs_pending or self.gpu_device is None:
+            return
+        self._graphs_pending = False
+        host = PinnedHost.shared() if self.config.pinned_host_buffers else None
+        try:
+            with CUDA_CAPTURE.exclusive():
+                self._graphs = CudaGraphs.capture(
+                    self._session, self._ort, self.gpu_device, self.config.graph_batch_sizes, host
+                )
+            return
+        except Exception as exc:  # GraphsUnsupported, or onnxruntime's capture error
+            reason = str(exc) or type(exc).__name__
+        config = self._without_graphs(self.config, reason)
+        with CUDA_CAPTURE.shared():
+            self._session = None  # free the graph session's GPU memory before the new one takes its own
+        self._adopt(self._create_session(config), config)
+
+    def _create_session(self, config: SessionConfig) -> Any:
+        ort = self._ort
+        try:
+            with CUDA_CAPTURE.shared() if config.wants_gpu else contextlib.nullcontext():
+                options = self._session_options(ort)
+                return ort.InferenceSession(str(self.model_path), options, providers=provider_list(config))
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            raise LoadFailed(f"{self.name}: onnxruntime could not load the model: {exc}") from None
+
+    def _adopt(self, session: Any, config: SessionConfig) -> None:
+        """Serve ``session``, created from ``config``: check its tensors, see where it really runs (logging any
+        fallback), and set up IO binding's run options and the pinned staging buffers."""
         for value in [*session.get_inputs(), *session.get_outputs()]:
             if value.type == "tensor(bfloat16)":
                 raise LoadFailed(f"{self.name}: {value.name!r} is BF16, which onnxruntime's Python API cannot feed")
         self.providers = list(session.get_providers())
         warn_on_fallback(self.name, config, session)
         self.gpu_device = _running_device(session, self.providers, config)
-        host = PinnedHost.shared() if self.gpu_device is not None and config.pinned_host_buffers else None
-        if config.cuda_graphs:
-            session, config = self._capture_graphs(ort, session, config, host)
-        self._session = session
         self._string_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(string)"}
         self._outputs = [(o.name, o.type == "tensor(string)") for o in session.get_outputs()]
+        self._plain_run_options = None
+        if CUDA_GRAPH_OPTION in config.provider_options.get("CUDAExecutionProvider", {}):
+            self._plain_run_options = self._ort.RunOptions()  # runs no graph fits must not be captured
+            self._plain_run_options.add_run_config_entry(GRAPH_ID, NO_GRAPH)
+        host = PinnedHost.shared() if self.gpu_device is not None and config.pinned_host_buffers else None
         self._staging = StagingBuffers(host) if host is not None else None
+        self._session = session
 
-    def _create_session(self, ort: Any, config: SessionConfig) -> Any:
-        try:
-            options = self._session_options(ort)
-            return ort.InferenceSession(str(self.model_path), options, providers=provider_list(config))
-        except Exception as exc:  # onnxruntime raises its own exception types for bad models
-            raise LoadFailed(f"{self.name}: onnxruntime could not load the model: {exc}") from None
-
-    def _capture_graphs(
-        self, ort: Any, session: Any, config: SessionConfig, host: PinnedHost | None
-    ) -> tuple[Any, SessionConfig]:
-        """Capture the graphs now; a model that cannot be captured gets a fresh session without them."""
-        if self.gpu_device is None or self.providers[0] != "CUDAExecutionProvider":
-            reason = f"the instance runs on {self.providers[0]}, and CUDA graphs are used with the CUDA provider only"
-            return session, self._without_graphs(reason)
-        try:
-            self._graphs = CudaGraphs.capture(session, ort, self.gpu_device, config.graph_batch_sizes, host)
-        except Exception as exc:  # GraphsUnsupported, or onnxruntime's capture error
-            config = self._without_graphs(str(exc))
-            return self._create_session(ort, config), config
-        self._plain_run_options = ort.RunOptions()
-        self._plain_run_options.add_run_config_entry(GRAPH_ID, NO_GRAPH)
-        return session, config
-
-    def _without_graphs(self, reason: str) -> SessionConfig:
-        """The config without CUDA graphs; the reason is logged and kept for the optimization report."""
+    def _without_graphs(self, config: SessionConfig, reason: str) -> SessionConfig:
+        """``config`` without CUDA graphs; the reason is logged and kept for the optimization report."""
         self.graphs_off_reason = reason
         log.warning("%s: serving without CUDA graphs: %s", self.name, reason)
         options = {
             provider: {k: v for k, v in values.items() if k != CUDA_GRAPH_OPTION}
-            for provider, values in self.config.provider_options.items()
+            for provider, values in config.provider_options.items()
         }
-        return replace(self.config, cuda_graphs=False, provider_options=options)
+        return replace(config, cuda_graphs=False, provider_options=options)
 
     def _session_options(self, ort: Any) -> Any:
         options = ort.SessionOptions()
@@ -174,8 +200,8 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def pinned(self) -> bool:
-        """Whether batches are staged in pinned host memory."""
-        return self._staging is not None
+        """Whether batches are staged in pinned host memory (false again once pinned memory was refused)."""
+        return self._staging is not None and self._staging.active
 
     def staging_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
         return self._staging.get(name, shape, dtype) if self._staging is not None else None
@@ -191,8 +217,9 @@ class OnnxRuntimeBackend(Backend):
         if self.gpu_device is None:
             results = self._session.run(None, feed)
         else:
-            replayed = self._graphs.run(feed) if self._graphs is not None else None
-            results = replayed if replayed is not None else self._run_bound(feed)
+            with CUDA_CAPTURE.shared():
+                replayed = self._graphs.run(feed) if self._graphs is not None else None
+                results = replayed if replayed is not None else self._run_bound(feed)
         return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
 
     def _run_bound(self, feed: Tensors) -> list[Any]:
@@ -216,9 +243,10 @@ class OnnxRuntimeBackend(Backend):
         return list(binding.copy_outputs_to_cpu())
 
     def unload_impl(self) -> None:
-        self._graphs = None
-        self._staging = None
-        self._session = None
+        with CUDA_CAPTURE.shared() if self.gpu_device is not None else contextlib.nullcontext():
+            self._graphs = None
+            self._staging = None
+            self._session = None  # freeing GPU memory must not interleave with a capture elsewhere
 
 
 def provider_list(config: SessionConfig) -> list[tuple[str, dict[str, str]]]:

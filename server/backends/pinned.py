@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from server.backends.capture_lock import CUDA_CAPTURE
+
 log = logging.getLogger("optiserve.gpu")
 CUDA_RUNTIMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 """Sonames tried in order: a name already loaded by onnxruntime-gpu (``preload_dlls``) resolves to that copy."""
@@ -70,33 +72,46 @@ class PinnedHost:
     def probed(cls, runtime: Any, name: str = "the CUDA runtime") -> PinnedHost | None:
         """An allocator on ``runtime`` if it can pin one page now, else None (logged)."""
         pointer = ctypes.c_void_p()
-        status = runtime.cudaHostAlloc(ctypes.byref(pointer), 4096, _HOST_ALLOC_PORTABLE)
+        with CUDA_CAPTURE.shared():
+            status = runtime.cudaHostAlloc(ctypes.byref(pointer), 4096, _HOST_ALLOC_PORTABLE)
         if status != 0 or not pointer.value:
             log.warning(
                 "%s cannot pin host memory (CUDA error %d): GPU instances upload from pageable memory", name, status
             )
             return None
-        runtime.cudaFreeHost(pointer)
+        with CUDA_CAPTURE.shared():
+            runtime.cudaFreeHost(pointer)
         return cls(runtime)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
         """An uninitialized array in pinned memory; None when the driver refuses (out of pinned memory)."""
-        nbytes = max(1, math.prod(shape) * dtype.itemsize)
+        block = self.allocate(math.prod(shape) * dtype.itemsize)
+        return None if block is None else as_array(block, shape, dtype)
+
+    def allocate(self, nbytes: int) -> np.ndarray | None:
+        """``nbytes`` (at least 1) of pinned memory as a uint8 array; None when the driver refuses (logged)."""
+        nbytes = max(1, nbytes)
         pointer = ctypes.c_void_p()
-        status = self._runtime.cudaHostAlloc(ctypes.byref(pointer), nbytes, _HOST_ALLOC_PORTABLE)
+        with CUDA_CAPTURE.shared():
+            status = self._runtime.cudaHostAlloc(ctypes.byref(pointer), nbytes, _HOST_ALLOC_PORTABLE)
         if status != 0 or not pointer.value:
             log.warning("cudaHostAlloc(%d bytes) failed with CUDA error %d; using pageable memory", nbytes, status)
             return None
         block = _PinnedBlock(pointer.value, nbytes)
         release = weakref.finalize(block, self._free, pointer.value)
         release.atexit = False  # at exit the CUDA runtime may already be torn down; the OS takes the pages back
-        flat: np.ndarray = np.asarray(block)  # the array keeps the block (and so the memory) alive
-        return flat[: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+        return np.asarray(block)  # the array keeps the block (and so the memory) alive
 
     def _free(self, address: int) -> None:
-        status = self._runtime.cudaFreeHost(ctypes.c_void_p(address))
+        with CUDA_CAPTURE.shared():
+            status = self._runtime.cudaFreeHost(ctypes.c_void_p(address))
         if status != 0:
             log.warning("cudaFreeHost failed with CUDA error %d", status)
+
+
+def as_array(block: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """A ``shape``/``dtype`` view of the start of a byte block (pinned blocks are page-aligned)."""
+    return block[: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 def runtime_names(maps: Path = Path("/proc/self/maps")) -> list[str]:
@@ -122,7 +137,9 @@ class _PinnedBlock:
 
 
 class StagingBuffers:
-    """One instance's reusable pinned input buffers, one per input name, grown to the largest batch seen.
+    """One instance's reusable pinned input buffers: one byte block per input name, grown (to a power of two) to
+    the largest batch seen, whatever its dtype or sample shape (a text model's sequence length changes from
+    batch to batch, and ``cudaFreeHost`` waits for the whole device).
 
     The batcher concatenates a batch into ``get(...)``'s view; the instance's worker thread runs batches one
     after another and the upload finishes inside the run, so the buffer is free again when the next batch of
@@ -130,20 +147,25 @@ class StagingBuffers:
 
     def __init__(self, host: PinnedHost) -> None:
         self._host: PinnedHost | None = host
-        self._buffers: dict[str, np.ndarray] = {}
+        self._blocks: dict[str, np.ndarray] = {}
+
+    @property
+    def active(self) -> bool:
+        """False once pinned memory was refused: batches then go to numpy's memory."""
+        return self._host is not None
 
     def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
         """A pinned array of ``shape`` and ``dtype`` for input ``name``; None for object (BYTES) tensors, an
         empty shape, or when pinned memory cannot be had."""
         if dtype.hasobject or not shape or self._host is None:
             return None
-        rows, sample = shape[0], shape[1:]
-        held = self._buffers.get(name)
-        if held is None or held.dtype != dtype or held.shape[1:] != sample or held.shape[0] < rows:
-            capacity = 1 << max(0, rows - 1).bit_length()  # next power of two: a few regrowths, then none
-            grown = self._host.empty((capacity, *sample), dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        block = self._blocks.get(name)
+        if block is None or len(block) < nbytes:
+            grown = self._host.allocate(1 << max(0, nbytes - 1).bit_length())
             if grown is None:
                 self._host = None  # out of pinned memory: stop asking (the failure was logged once)
+                self._blocks.clear()
                 return None
-            held = self._buffers[name] = grown
-        return held[:rows]
+            block = self._blocks[name] = grown
+        return as_array(block, shape, dtype)

@@ -249,6 +249,7 @@ def test_cuda_graphs_are_captured_and_replay_correct_outputs(model_file: Path, t
     backend = OnnxRuntimeBackend("cnn:1#0", model_file, session_config)
     backend.load()
     try:
+        backend.prepare()  # captures on this thread, which also replays (onnxruntime keeps graphs per thread)
         assert backend.graphs_off_reason is None, backend.graphs_off_reason
         assert backend.cuda_graph_sizes == (1, 2, 4, 8)
         for seed in (1, 2):
@@ -273,7 +274,7 @@ def test_served_with_cuda_graphs(tmp_path: Path, model_file: Path, start_server:
     )
     report = httpx.get(f"{server.http_url}/v2/models/cnn/optimization", timeout=10).json()
     for instance in report["instances"]:
-        assert instance["cuda_graphs"] == [1, 2, 4, 8], instance
+        assert instance["cuda_graphs"] is True and instance["cuda_graph_batch_sizes"] == [1, 2, 4, 8], instance
         assert instance["pinned_host_buffers"] is True, instance
 
     def infer_http(x: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
@@ -203,6 +204,33 @@ def test_a_stager_without_a_buffer_leaves_the_batch_to_numpy() -> None:
 
     try:
         _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+
+
+def test_a_failing_stager_never_fails_the_batch(caplog: pytest.LogCaptureFixture) -> None:
+    runner = FakeRunner(blocked=True)
+
+    def broken(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
+        return np.zeros((1, 1), np.float64)  # the wrong shape and dtype: concatenating into it fails
+
+    batcher = Batcher("m", [runner], stagers=[broken], max_batch_size=8, max_queue_size=0, stats=ModelStats())
+    batcher.start()
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        xs = [_rows(10 * (i + 1), 1) for i in range(2)]
+        tasks = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 3, "two queued + one running")
+        runner.gate.set()
+        for result, x in zip(await _wait_all([first, *tasks]), [first_x, *xs], strict=True):
+            _check(result, x)
+
+    try:
+        with caplog.at_level(logging.WARNING, "optiserve.batching"):
+            _run(scenario)
+        assert "input 'x': staging the batch failed" in caplog.text
     finally:
         runner.gate.set()
         batcher.close(1)

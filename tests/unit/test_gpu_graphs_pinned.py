@@ -4,9 +4,12 @@ cutting back, fallbacks and their reasons, where the batcher concatenates). test
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,12 @@ from server.backends import onnxruntime as ort_backend
 from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, WARMUP_RUNS, CudaGraphs, GraphsUnsupported
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig
 from server.backends.pinned import PinnedHost, StagingBuffers
+from server.batching import Batcher
 from server.config import parse_config
 from server.errors import LoadFailed
 from server.loader import instance_report
 from server.settings import Settings
+from server.stats import ModelStats
 
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -101,18 +106,41 @@ def test_staging_buffers_are_reused_and_grow_to_the_next_power_of_two() -> None:
     host = PinnedHost.probed(runtime)
     assert host is not None
     staging = StagingBuffers(host)
-    first = staging.get("x", (3, 5), np.dtype(np.float32))
+    first = staging.get("x", (3, 5), np.dtype(np.float32))  # 60 bytes: a 64-byte block
     assert first is not None and first.shape == (3, 5) and len(runtime.live) == 1
     again = staging.get("x", (2, 5), np.dtype(np.float32))
     assert again is not None and again.ctypes.data == first.ctypes.data and len(runtime.live) == 1
-    bigger = staging.get("x", (9, 5), np.dtype(np.float32))
+    bigger = staging.get("x", (9, 5), np.dtype(np.float32))  # 180 bytes: a 256-byte block
     assert bigger is not None and bigger.shape == (9, 5)
-    assert ctypes.sizeof(runtime.live[bigger.ctypes.data]) == 16 * 5 * 4  # room for 16 rows
-    assert staging.get("x", (2, 6), np.dtype(np.float32)).shape == (2, 6)  # type: ignore[union-attr]
+    assert ctypes.sizeof(runtime.live[bigger.ctypes.data]) == 256
+    del first, again
+    gc.collect()
+    assert len(runtime.live) == 1  # the outgrown block was freed
+    other = staging.get("x", (2, 6), np.dtype(np.int64))  # another dtype and sample shape fit the same block
+    assert other is not None and other.shape == (2, 6) and other.ctypes.data == bigger.ctypes.data
     assert staging.get("names", (2,), np.dtype(object)) is None  # BYTES stays in numpy's hands
+    assert staging.active
     runtime.fail = True
     assert staging.get("z", (2,), np.dtype(np.int64)) is None
+    assert not staging.active
     assert staging.get("x", (2, 6), np.dtype(np.float32)) is None  # after a refusal it stops asking
+
+
+def test_changing_sequence_lengths_do_not_reallocate() -> None:
+    """A text model's batches differ in length; pinned memory is allocated only when a batch needs more bytes."""
+    runtime = FakeCudaRuntime()
+    host = PinnedHost.probed(runtime)
+    assert host is not None
+    staging = StagingBuffers(host)
+    frees = len(runtime.freed)  # the probe's page
+    for length in (7, 9, 11, 13, 7, 9, 13, 2):
+        staged = staging.get("tokens", (4, length), np.dtype(np.int64))
+        assert staged is not None and staged.shape == (4, length)
+        del staged
+    gc.collect()
+    (block,) = runtime.live.values()
+    assert ctypes.sizeof(block) == 512  # 4x7 int64 took 256 bytes, 4x9 grew it once to 512, then it fit
+    assert len(runtime.freed) - frees == 1
 
 
 # ---- a fake onnxruntime for CUDA graphs ---------------------------------------------------------------------------
@@ -273,11 +301,13 @@ def test_a_feed_no_graph_was_captured_for_is_refused(fake_graph_ort: Any) -> Non
 def test_padding_buffers_are_pinned_when_pinned_memory_is_there(fake_graph_ort: Any) -> None:
     runtime = FakeCudaRuntime()
     host = PinnedHost.probed(runtime)
-    graphs = CudaGraphs.capture(GraphSession("m.onnx", providers=[(CUDA, {})]), fake_graph_ort, 0, (1, 4), host)
-    padded = graphs._graphs[4].padded["x"]
-    assert padded.ctypes.data in runtime.live and not graphs._graphs[1].padded  # a graph of 1 never pads
+    graphs = CudaGraphs.capture(GraphSession("m.onnx", providers=[(CUDA, {})]), fake_graph_ort, 0, (1, 4, 8), host)
+    padding = graphs._padding["x"]
+    assert padding.ctypes.data in runtime.live and len(padding) == 8 * 2 * 4  # one block, for the largest graph
     graphs.run({"x": _rows(3)})
-    assert FakeOrtValue.uploads[-1] == (padded.ctypes.data, (4, 2))  # uploaded from pinned memory
+    assert FakeOrtValue.uploads[-1] == (padding.ctypes.data, (4, 2))  # uploaded from pinned memory
+    graphs.run({"x": _rows(5)})
+    assert FakeOrtValue.uploads[-1] == (padding.ctypes.data, (8, 2))  # every size pads in the same block
 
 
 def test_models_that_cannot_be_graphs_say_why(fake_graph_ort: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -337,12 +367,16 @@ def _graph_config(providers: tuple[str, ...] = (CUDA, CPU), sizes: tuple[int, ..
     )
 
 
-def test_a_gpu_instance_replays_graphs_and_runs_the_rest_without(fake_graph_ort: Any) -> None:
+def test_graphs_are_captured_by_prepare_and_replayed(fake_graph_ort: Any) -> None:
     backend = OnnxRuntimeBackend("m:1#0", Path("m.onnx"), _graph_config())
     backend.load()
     (session,) = GraphSession.instances
-    session.runs.clear()
+    assert backend.cuda_graph_sizes is None and session.runs == []  # load captures nothing: wrong thread
     x = _rows(3)
+    np.testing.assert_array_equal(backend.infer({"x": x})["y"], 2 * x + 1)
+    assert session.runs == [(NO_GRAPH, 3)]  # before prepare(): plain runs, never captured by accident
+    backend.prepare()
+    assert backend.cuda_graph_sizes == (1, 2, 4) and len(session.runs) == 1 + 3 * WARMUP_RUNS
     np.testing.assert_array_equal(backend.infer({"x": x})["y"], 2 * x + 1)
     assert session.runs[-1][1] == 4 and session.runs[-1][0] not in (None, NO_GRAPH)
     x = _rows(6)  # larger than every captured size: an ordinary run, marked as not-a-graph
@@ -354,9 +388,62 @@ def test_a_gpu_instance_replays_graphs_and_runs_the_rest_without(fake_graph_ort:
             "device": "gpu:0",
             "providers": [CUDA, CPU],
             "pinned_host_buffers": False,
-            "cuda_graphs": [1, 2, 4],
+            "cuda_graphs": True,
+            "cuda_graph_batch_sizes": [1, 2, 4],
         }
     ]
+
+
+def test_graphs_are_captured_on_the_worker_thread_that_replays_them(fake_graph_ort: Any) -> None:
+    """onnxruntime keeps captured graphs per thread: the batcher runs prepare() on each instance's worker."""
+    threads: list[tuple[str | None, str]] = []
+    original = GraphSession.run_with_iobinding
+
+    def recording(self: GraphSession, binding: GraphBinding, run_options: FakeRunOptions | None = None) -> None:
+        graph = run_options.entries.get(GRAPH_ID) if run_options is not None else None
+        threads.append((graph, threading.current_thread().name))
+        original(self, binding, run_options)
+
+    GraphSession.run_with_iobinding = recording  # type: ignore[method-assign]
+    try:
+        backends = [OnnxRuntimeBackend(f"m:1#{i}", Path("m.onnx"), _graph_config()) for i in range(2)]
+        for backend in backends:
+            backend.load()
+        batcher = Batcher(
+            "m:1",
+            [b.infer for b in backends],
+            preparers=[b.prepare for b in backends],
+            max_batch_size=4,
+            max_queue_size=0,
+            stats=ModelStats(),
+        )
+        batcher.start()  # returns once every worker has captured
+        try:
+            assert all(b.cuda_graph_sizes == (1, 2, 4) for b in backends)
+            captures = {name for _, name in threads}
+            assert captures == {"m:1-worker-0", "m:1-worker-1"}
+            threads.clear()
+
+            async def one() -> Any:
+                return await batcher.submit({"x": _rows(3)}, 3, (("x", (2,)),))
+
+            out = asyncio.run(one())
+            np.testing.assert_array_equal(out["y"], 2 * _rows(3) + 1)
+            ((graph, name),) = threads
+            assert graph not in (None, NO_GRAPH) and name.startswith("m:1-worker-")
+        finally:
+            batcher.close(1)
+    finally:
+        GraphSession.run_with_iobinding = original  # type: ignore[method-assign]
+
+
+def test_a_preparer_that_fails_fails_the_start() -> None:
+    def broken() -> None:
+        raise LoadFailed("m:1#0: onnxruntime could not load the model: out of memory")
+
+    batcher = Batcher("m:1", [lambda x: x], preparers=[broken], max_batch_size=4, max_queue_size=0, stats=ModelStats())
+    with pytest.raises(LoadFailed, match="out of memory"):
+        batcher.start()
 
 
 def test_graphs_onnxruntime_refuses_are_dropped_with_a_warning(
@@ -366,13 +453,26 @@ def test_graphs_onnxruntime_refuses_are_dropped_with_a_warning(
     backend = OnnxRuntimeBackend("m:1#0", Path("m.onnx"), _graph_config())
     with caplog.at_level(logging.WARNING, "optiserve.backends"):
         backend.load()
+        backend.prepare()
     assert "m:1#0: serving without CUDA graphs: onnxruntime refused CUDA graphs" in caplog.text
     (session,) = GraphSession.instances
     assert "enable_cuda_graph" not in session.asked[CUDA]
     np.testing.assert_array_equal(backend.infer({"x": _rows(2)})["y"], 2 * _rows(2) + 1)
     assert session.runs == [(None, 2)]  # a plain IO-binding run
     (entry,) = instance_report([backend])
-    assert entry["cuda_graphs"] is None and "not been partitioned to the CUDA EP" in entry["cuda_graphs_off"]
+    assert entry["cuda_graphs"] is False and "not been partitioned to the CUDA EP" in entry["cuda_graphs_off"]
+    assert "cuda_graph_batch_sizes" not in entry
+
+
+def test_other_load_errors_are_not_retried_without_graphs(fake_graph_ort: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def corrupt(self: GraphSession, path: str, options: Any = None, providers: Any = None) -> None:
+        raise RuntimeError("Protobuf parsing failed")
+
+    monkeypatch.setattr(GraphSession, "__init__", corrupt)
+    backend = OnnxRuntimeBackend("m:1#0", Path("m.onnx"), _graph_config())
+    with pytest.raises(LoadFailed, match="Protobuf parsing failed"):
+        backend.load()
+    assert backend.graphs_off_reason is None
 
 
 def test_a_model_that_cannot_be_captured_gets_a_session_without_graphs(
@@ -381,6 +481,7 @@ def test_a_model_that_cannot_be_captured_gets_a_session_without_graphs(
     monkeypatch.setattr(GraphSession, "x_shape", ["batch", "features"])
     backend = OnnxRuntimeBackend("m:1#0", Path("m.onnx"), _graph_config())
     backend.load()
+    backend.prepare()
     first, second = GraphSession.instances
     assert first.asked[CUDA]["enable_cuda_graph"] == "1" and "enable_cuda_graph" not in second.asked[CUDA]
     assert backend.cuda_graph_sizes is None and "fixed dims" in str(backend.graphs_off_reason)
@@ -391,7 +492,10 @@ def test_a_model_that_cannot_be_captured_gets_a_session_without_graphs(
 def test_tensorrt_instances_run_without_graphs(fake_graph_ort: Any) -> None:
     backend = OnnxRuntimeBackend("m:1#0", Path("m.onnx"), _graph_config(providers=(TRT, CUDA, CPU)))
     backend.load()
+    backend.prepare()
     assert backend.cuda_graph_sizes is None and "CUDA provider only" in str(backend.graphs_off_reason)
+    backend.infer({"x": _rows(2)})
+    assert GraphSession.instances[-1].runs == [(NO_GRAPH, 2)]  # the session has the option: runs opt out
 
 
 # ---- configuration: Triton's optimization { cuda { graphs } } --------------------------------------------------------
@@ -457,3 +561,70 @@ def test_gpu_options_turn_graphs_on_for_cuda_instances_only(tmp_path: Path, capl
     assert not plain.cuda_graphs and "enable_cuda_graph" not in plain.provider_options[CUDA]
     assert plain.pinned_host_buffers  # on by default
     assert mc.ModelConfig().optimization.cuda.graphs is False  # Triton's default: graphs are asked for
+
+
+# ---- the capture lock --------------------------------------------------------------------------------------------
+def test_a_capture_waits_for_runs_and_runs_wait_for_a_capture() -> None:
+    from server.backends.capture_lock import SharedExclusiveLock
+
+    lock = SharedExclusiveLock()
+    order: list[str] = []
+    run_started, capture_waiting = threading.Event(), threading.Event()
+    release_run = threading.Event()
+
+    def run() -> None:
+        with lock.shared():
+            run_started.set()
+            order.append("run")
+            assert release_run.wait(5)
+        order.append("run done")
+
+    def capture() -> None:
+        capture_waiting.set()
+        with lock.exclusive():
+            order.append("capture")
+
+    def late_run() -> None:
+        with lock.shared():
+            order.append("late run")
+
+    first = threading.Thread(target=run)
+    first.start()
+    assert run_started.wait(5)
+    writer = threading.Thread(target=capture)
+    writer.start()
+    assert capture_waiting.wait(5)
+    time.sleep(0.05)  # the capture is now waiting for the run
+    late = threading.Thread(target=late_run)
+    late.start()
+    time.sleep(0.05)
+    assert order == ["run"]  # neither the capture nor a new run got in
+    release_run.set()
+    for thread in (first, writer, late):
+        thread.join(5)
+    assert order == ["run", "run done", "capture", "late run"]  # the waiting capture went before the new run
+
+
+def test_the_lock_is_reentrant_where_the_garbage_collector_needs_it() -> None:
+    """A pinned buffer freed by the collector takes the lock shared from inside a capture or a run."""
+    from server.backends.capture_lock import SharedExclusiveLock
+
+    lock = SharedExclusiveLock()
+    with lock.exclusive(), lock.shared():
+        pass
+    writer_waiting = threading.Event()
+    with lock.shared():
+
+        def capture() -> None:
+            writer_waiting.set()
+            with lock.exclusive():
+                pass
+
+        writer = threading.Thread(target=capture)
+        writer.start()
+        assert writer_waiting.wait(5)
+        time.sleep(0.05)
+        with lock.shared():  # nested shared while a capture waits: must not deadlock
+            pass
+    writer.join(5)
+    assert not writer.is_alive()

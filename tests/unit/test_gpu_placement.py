@@ -385,7 +385,7 @@ def test_gpu_instance_runs_through_io_binding(fake_ort: list[str]) -> None:
     ]
     assert np.array_equal(out["y"], x * 2) and out["labels"].tolist() == [[b"a"], [b"b"]]
     assert instance_report([backend]) == [
-        {"index": 0, "device": "gpu:1", "providers": [CUDA, CPU], "pinned_host_buffers": False, "cuda_graphs": None}
+        {"index": 0, "device": "gpu:1", "providers": [CUDA, CPU], "pinned_host_buffers": False, "cuda_graphs": False}
     ]
 
 
@@ -436,7 +436,7 @@ def test_loader_places_gpu_instances_and_reports_them(
         asked = [dict(s.asked) for s in FakeSession.instances]
         assert [a[CUDA]["device_id"] for a in asked] == ["1", "0"]
         assert asked[0][TRT]["trt_profile_max_shapes"] == "x:8x8"
-        gpu_entry = {"providers": [TRT, CUDA, CPU], "pinned_host_buffers": False, "cuda_graphs": None}
+        gpu_entry = {"providers": [TRT, CUDA, CPU], "pinned_host_buffers": False, "cuda_graphs": False}
         assert version.report["instances"] == [
             {"index": 0, "device": "gpu:1", **gpu_entry},  # the CUDA runtime cannot pin memory here
             {"index": 1, "device": "gpu:0", **gpu_entry},
