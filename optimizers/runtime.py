@@ -3,7 +3,9 @@ both what the pipeline times and what it hands the server to serve with."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,21 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 OPENVINO = "OpenVINOExecutionProvider"
 TARGET_PROVIDERS = {"cpu": (CPU,), "cuda": (CUDA, CPU), "tensorrt": (TENSORRT, CUDA, CPU)}
+GPU_PROVIDERS = frozenset({CUDA, TENSORRT})
+_device_guard: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
+
+
+def set_device_guard(guard: Callable[[], AbstractContextManager[object]]) -> None:
+    """Have the optimizer's GPU work (creating, running and dropping sessions) run inside ``guard()``: the
+    server passes its CUDA-graph capture lock, taken shared, because onnxruntime captures in CUDA's global mode
+    and a synchronous copy or an allocation from any other thread would break a capture."""
+    global _device_guard
+    _device_guard = guard
+
+
+def device_work(spec: SessionSpec) -> AbstractContextManager[object]:
+    """The host's guard for GPU work with ``spec``; nothing for a CPU-only spec."""
+    return _device_guard() if GPU_PROVIDERS & set(spec.providers) else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -60,14 +77,27 @@ def open_session(model_path: Path, spec: SessionSpec) -> Any:
     options.log_severity_level = 3  # candidates are expected to warn (e.g. FP16 casts); keep logs readable
     if spec.intra_op_threads is not None:
         options.intra_op_num_threads = spec.intra_op_threads
-    return ort.InferenceSession(str(model_path), options, providers=providers)
+    with device_work(spec):
+        return ort.InferenceSession(str(model_path), options, providers=providers)
 
 
-def run_batches(session: Any, batches: Sequence[Feed]) -> list[Feed]:
-    """Outputs of every batch, by output name."""
+def outputs_of(model_path: Path, spec: SessionSpec, batches: Sequence[Feed]) -> list[Feed]:
+    """Open ``model_path`` with ``spec``, run every batch, and drop the session inside the device guard
+    (freeing its GPU memory is GPU work too)."""
+    session = open_session(model_path, spec)
+    try:
+        return run_batches(session, batches, spec)
+    finally:
+        with device_work(spec):
+            del session
+
+
+def run_batches(session: Any, batches: Sequence[Feed], spec: SessionSpec | None = None) -> list[Feed]:
+    """Outputs of every batch, by output name (each run inside the device guard when ``spec`` uses a GPU)."""
     names = [output.name for output in session.get_outputs()]
     results = []
     for feed in batches:
-        values = session.run(names, feed)
+        with device_work(spec) if spec is not None else contextlib.nullcontext():
+            values = session.run(names, feed)
         results.append({name: np.asarray(value) for name, value in zip(names, values, strict=True)})
     return results

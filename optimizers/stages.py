@@ -21,7 +21,7 @@ from optimizers.passes import compile as compiling
 from optimizers.passes.base import ModelPass, PassContext
 from optimizers.reference import ReferenceSet, resize_batch
 from optimizers.report import BeforeAfter, Report, Step
-from optimizers.runtime import Feed, SessionSpec, open_session, run_batches
+from optimizers.runtime import Feed, SessionSpec, outputs_of
 from optimizers.selection import select_fastest
 from optimizers.timing import Benchmark, Latencies
 
@@ -107,7 +107,7 @@ class OptimizationRun:
         """Reference outputs, baseline timing, every candidate, selection, compile."""
         base_spec = compiling.target_spec(self.compile_config)
         self.progress(f"optimize: reference ({self.reference.source}, {self.reference.count} inputs)")
-        self.reference.outputs = run_batches(open_session(self.model_path, base_spec), self.reference.batches)
+        self.reference.outputs = outputs_of(self.model_path, base_spec, self.reference.batches)
         self.progress("optimize: timing the original")
         baseline = self.benchmark("original", self.model_path, base_spec, self.feeds)
         original = Candidate("original", self.model_path, "fp32", base_spec, baseline)
@@ -215,7 +215,7 @@ class OptimizationRun:
         """Run the candidate on the reference set and check the family's budgets; fills the step."""
         thresholds = accuracy.thresholds_for(family, self.options.accuracy)
         try:
-            outputs = run_batches(open_session(path, spec), self.reference.batches)
+            outputs = outputs_of(path, spec, self.reference.batches)
         except Exception as exc:  # onnxruntime refuses some converted graphs (missing kernels)
             step.thresholds = thresholds
             return [f"does not run: {type(exc).__name__}: {exc}"]

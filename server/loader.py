@@ -19,8 +19,10 @@ import onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizers import OptimizeError, OptimizeOptions, OptionsError, Pipeline, PipelineResult, probe_device
+from optimizers.runtime import set_device_guard
 from server.backends import gpu
 from server.backends.base import Backend
+from server.backends.capture_lock import CUDA_CAPTURE
 from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
 from server.batching import Batcher, BatchPolicy
 from server.config import LoadedConfig, complete_config, tensor_specs
@@ -158,6 +160,7 @@ class VersionLoader:
         """The optimizer, built on first use (probing the device takes a moment)."""
         with self._pipeline_lock:
             if self._pipeline is None:
+                set_device_guard(CUDA_CAPTURE.shared)  # the optimizer's GPU runs must not break a graph capture
                 self._pipeline = Pipeline(
                     cache_dir=self.settings.cache_dir,
                     cache_max_bytes=self.settings.cache_max_bytes,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from optimizers.passes.base import ModelPass, PassConfig, PassContext
-from optimizers.runtime import CPU, CUDA
+from optimizers.runtime import CPU, CUDA, SessionSpec, device_work
 
 _LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -44,5 +44,6 @@ class GraphOptPass(ModelPass[GraphOptConfig]):
         options.log_severity_level = 3
         installed = set(ort.get_available_providers())
         providers = [p for p in config.providers if p in installed] or [CPU]
-        ort.InferenceSession(str(source), options, providers=providers)
+        with device_work(SessionSpec(providers=tuple(providers))):  # created and dropped inside the guard
+            ort.InferenceSession(str(source), options, providers=providers)
         return {"level": config.level, "providers": providers}
