@@ -131,17 +131,18 @@ class OnnxRuntimeBackend(Backend):
             return
         self._graphs_pending = False
         host = PinnedHost.shared() if self.config.pinned_host_buffers else None
-        try:
-            with CUDA_CAPTURE.exclusive():
+        with CUDA_CAPTURE.exclusive():
+            try:
                 self._graphs = CudaGraphs.capture(
                     self._session, self._ort, self.gpu_device, self.config.graph_batch_sizes, host
                 )
-            return
-        except Exception as exc:  # GraphsUnsupported, or onnxruntime's capture error
-            reason = str(exc) or type(exc).__name__
+                return
+            except Exception as exc:  # GraphsUnsupported, or onnxruntime's capture error
+                reason = str(exc) or type(exc).__name__
+            # still inside the lock: the half-built graphs' buffers and the session are freed here, before the
+            # new session takes its own GPU memory
+            self._session = None
         config = self._without_graphs(self.config, reason)
-        with CUDA_CAPTURE.shared():
-            self._session = None  # free the graph session's GPU memory before the new one takes its own
         self._adopt(self._create_session(config), config)
 
     def _create_session(self, config: SessionConfig) -> Any:
