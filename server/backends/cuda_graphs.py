@@ -18,32 +18,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto
 
 from server.backends.base import Tensors
 from server.backends.pinned import PinnedHost, as_array
+from server.datatypes import BY_ONNX_TYPE
 
 log = logging.getLogger("optiserve.gpu")
 GRAPH_ID = "gpu_graph_id"
 NO_GRAPH = "-1"
 WARMUP_RUNS = 3
 """Runs per graph at load: onnxruntime runs a shape normally before it captures it, then replays."""
-ORT_TYPES: dict[str, np.dtype[Any]] = {
-    f"tensor({name})": np.dtype(dtype)
-    for name, dtype in [
-        ("float", np.float32),
-        ("float16", np.float16),
-        ("double", np.float64),
-        ("int8", np.int8),
-        ("uint8", np.uint8),
-        ("int16", np.int16),
-        ("uint16", np.uint16),
-        ("int32", np.int32),
-        ("uint32", np.uint32),
-        ("int64", np.int64),
-        ("uint64", np.uint64),
-        ("bool", np.bool_),
-    ]
-}
 
 
 class GraphsUnsupported(Exception):
@@ -184,9 +169,22 @@ def _host_block(host: PinnedHost | None, nbytes: int) -> np.ndarray:
     return np.empty(max(1, nbytes), np.uint8) if block is None else block
 
 
+def _numeric_dtype(ort_type: str) -> np.dtype[Any] | None:
+    """The numpy dtype of an onnxruntime type string such as ``tensor(float16)`` (via the project's datatype
+    table); None for strings and anything a device buffer cannot hold."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")").upper()
+    try:
+        datatype = BY_ONNX_TYPE.get(TensorProto.DataType.Value(name))
+    except ValueError:  # not a tensor type name (a sequence, a map)
+        return None
+    if datatype is None or datatype.numpy.hasobject or datatype.name == "BF16":
+        return None
+    return datatype.numpy
+
+
 def _static(value: Any, *, batched: bool, kind: str) -> _Tensor:
     """A session input or output with fixed dims (after the batch dimension, for a batched model)."""
-    dtype = ORT_TYPES.get(value.type)
+    dtype = _numeric_dtype(value.type)
     if dtype is None:
         raise GraphsUnsupported(f"{kind} {value.name!r} is {value.type}, which cannot live in a CUDA graph's buffers")
     dims = list(value.shape)[1:] if batched else list(value.shape)
