@@ -124,10 +124,15 @@ def tensorrt_profile(config: Any) -> tuple[str, str, str] | None:
     largest = int(config.max_batch_size)
     if largest < 1 or not inputs:
         return None
-    fitting = [int(s) for s in config.dynamic_batching.preferred_batch_size if 0 < s <= largest]
+    fitting = preferred_sizes(config, largest)
     rows = (1, max(fitting) if fitting else largest, largest)
     shapes = [",".join(f"{name}:{'x'.join(str(d) for d in (batch, *dims))}" for name, dims in inputs) for batch in rows]
     return shapes[0], shapes[1], shapes[2]
+
+
+def preferred_sizes(config: Any, largest: int) -> list[int]:
+    """The config's preferred batch sizes the batcher can form (1..``largest``)."""
+    return [int(s) for s in config.dynamic_batching.preferred_batch_size if 0 < s <= largest]
 
 
 def _model_dims(tensor: Any) -> list[int]:
@@ -158,8 +163,7 @@ def cuda_graph_sizes(config: Any) -> tuple[int, ...] | None:
     if specified:
         return tuple(sorted(set(specified)))
     powers = [1 << bit for bit in range(largest.bit_length()) if 1 << bit <= largest]
-    preferred = [int(s) for s in config.dynamic_batching.preferred_batch_size if 0 < s <= largest]
-    return tuple(sorted({*powers, *preferred, largest}))
+    return tuple(sorted({*powers, *preferred_sizes(config, largest), largest}))
 
 
 def cuda_options(device_id: int, settings: Settings) -> dict[str, str]:
