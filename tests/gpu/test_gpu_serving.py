@@ -120,6 +120,24 @@ def _images(batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
 
 
+def _serve_cnn(tmp_path: Path, model_file: Path, config: str, start_server: Any, **env: str) -> Any:
+    """The real server on a repository holding the CNN as model "cnn" with ``config``; optimizer off."""
+    version_dir = tmp_path / "repo" / "cnn" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(model_file.read_bytes())
+    (tmp_path / "repo" / "cnn" / "config.pbtxt").write_text(config)
+    return start_server(tmp_path / "repo", env={"OPTISERVE_DEFAULT_PRECISION": "none", **env})
+
+
+def _infer_http(http_url: str, x: np.ndarray) -> np.ndarray:
+    """One JSON inference of model "cnn"; must answer 200."""
+    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    response = httpx.post(f"{http_url}/v2/models/cnn/infer", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][0]
+    return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+
 def test_gpu_backends_match_cpu(model_file: Path, tmp_path: Path) -> None:
     """In process, no server: the plan, the provider options, the session and IO binding on every GPU."""
     from server.backends import gpu
@@ -159,18 +177,10 @@ def test_served_on_gpu(tmp_path: Path, model_file: Path, start_server: Any) -> N
 
     from server.backends.gpu import visible_gpu_count
 
-    version_dir = tmp_path / "repo" / "cnn" / "1"
-    version_dir.mkdir(parents=True)
-    (version_dir / "model.onnx").write_bytes(model_file.read_bytes())
-    (tmp_path / "repo" / "cnn" / "config.pbtxt").write_text(CONFIG)
-    server = start_server(tmp_path / "repo", env={"OPTISERVE_DEFAULT_PRECISION": "none"})
+    server = _serve_cnn(tmp_path, model_file, CONFIG, start_server)
 
     def infer_http(x: np.ndarray) -> np.ndarray:
-        body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-        response = httpx.post(f"{server.http_url}/v2/models/cnn/infer", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        out = response.json()["outputs"][0]
-        return np.asarray(out["data"], np.float32).reshape(out["shape"])
+        return _infer_http(server.http_url, x)
 
     for batch in (1, 3):
         x = _images(batch, seed=10 + batch)
@@ -264,13 +274,8 @@ def test_cuda_graphs_are_captured_and_replay_correct_outputs(model_file: Path, t
 
 def test_served_with_cuda_graphs(tmp_path: Path, model_file: Path, start_server: Any) -> None:
     """The real server with graphs asked for: the report shows them, concurrent requests get correct outputs."""
-    version_dir = tmp_path / "repo" / "cnn" / "1"
-    version_dir.mkdir(parents=True)
-    (version_dir / "model.onnx").write_bytes(model_file.read_bytes())
-    (tmp_path / "repo" / "cnn" / "config.pbtxt").write_text(GRAPHS_CONFIG)
-    server = start_server(
-        tmp_path / "repo",
-        env={"OPTISERVE_DEFAULT_PRECISION": "none", "OPTISERVE_EXECUTION_PROVIDERS": f'["{CUDA}","{CPU}"]'},
+    server = _serve_cnn(
+        tmp_path, model_file, GRAPHS_CONFIG, start_server, OPTISERVE_EXECUTION_PROVIDERS=f'["{CUDA}","{CPU}"]'
     )
     report = httpx.get(f"{server.http_url}/v2/models/cnn/optimization", timeout=10).json()
     for instance in report["instances"]:
@@ -278,11 +283,7 @@ def test_served_with_cuda_graphs(tmp_path: Path, model_file: Path, start_server:
         assert instance["pinned_host_buffers"] is True, instance
 
     def infer_http(x: np.ndarray) -> np.ndarray:
-        body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-        response = httpx.post(f"{server.http_url}/v2/models/cnn/infer", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        out = response.json()["outputs"][0]
-        return np.asarray(out["data"], np.float32).reshape(out["shape"])
+        return _infer_http(server.http_url, x)
 
     inputs = [_images(1 + i % 3, seed=300 + i) for i in range(48)]
     with ThreadPoolExecutor(16) as pool:

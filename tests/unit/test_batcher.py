@@ -63,9 +63,16 @@ async def _entered(runner: FakeRunner) -> None:
     assert await asyncio.to_thread(runner.entered.wait, WAIT_S), "runner was never called"
 
 
-def _batcher(runners: list[FakeRunner], max_batch_size: int = 8, max_queue_size: int = 0) -> Batcher:
+def _batcher(
+    runners: list[Any], max_batch_size: int = 8, max_queue_size: int = 0, stagers: list[Any] | None = None
+) -> Batcher:
     batcher = Batcher(
-        "m", list(runners), max_batch_size=max_batch_size, max_queue_size=max_queue_size, stats=ModelStats()
+        "m",
+        list(runners),
+        max_batch_size=max_batch_size,
+        max_queue_size=max_queue_size,
+        stats=ModelStats(),
+        stagers=stagers,
     )
     batcher.start()
     return batcher
@@ -163,8 +170,7 @@ def test_a_batch_is_concatenated_into_the_instance_staging_buffer() -> None:
         asked.append((name, shape, dtype))
         return staging[: shape[0]]
 
-    batcher = Batcher("m", [recording], stagers=[stager], max_batch_size=8, max_queue_size=0, stats=ModelStats())
-    batcher.start()
+    batcher = _batcher([recording], stagers=[stager])
 
     async def scenario() -> None:
         first, first_x = await _block_worker(batcher, runner)
@@ -189,8 +195,7 @@ def test_a_batch_is_concatenated_into_the_instance_staging_buffer() -> None:
 
 def test_a_stager_without_a_buffer_leaves_the_batch_to_numpy() -> None:
     runner = FakeRunner(blocked=True)
-    batcher = Batcher("m", [runner], stagers=[lambda *_: None], max_batch_size=8, max_queue_size=0, stats=ModelStats())
-    batcher.start()
+    batcher = _batcher([runner], stagers=[lambda *_: None])
 
     async def scenario() -> None:
         first, first_x = await _block_worker(batcher, runner)
@@ -215,8 +220,7 @@ def test_a_failing_stager_never_fails_the_batch(caplog: pytest.LogCaptureFixture
     def broken(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
         return np.zeros((1, 1), np.float64)  # the wrong shape and dtype: concatenating into it fails
 
-    batcher = Batcher("m", [runner], stagers=[broken], max_batch_size=8, max_queue_size=0, stats=ModelStats())
-    batcher.start()
+    batcher = _batcher([runner], stagers=[broken])
 
     async def scenario() -> None:
         first, first_x = await _block_worker(batcher, runner)
