@@ -351,7 +351,7 @@ class Batcher:
             queue.extend(kept)
         return taken
 
-    def _run(self, runner: Runner, batch: list[WorkItem], stager: Stager | None = None) -> None:
+    def _run(self, runner: Runner, batch: list[WorkItem], stager: Stager) -> None:
         """Execute one batch and hand each request its slice of the outputs."""
         start = time.monotonic_ns()
         try:
@@ -383,13 +383,13 @@ def _no_staging(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.n
     return None
 
 
-def _concat(batch: list[WorkItem], stager: Stager | None = None) -> Tensors:
+def _concat(batch: list[WorkItem], stager: Stager) -> Tensors:
     """Stack the requests' inputs along the batch dimension, into the instance's staging buffer when it
     offers one (the copy is made anyway, so landing it in pinned memory is free)."""
     stacked: Tensors = {}
     for name in batch[0].inputs:
         parts = [item.inputs[name] for item in batch]
-        staged = _staged(name, parts, stager) if stager is not None else None
+        staged = _staged(name, parts, stager)
         stacked[name] = staged if staged is not None else np.concatenate(parts)
     return stacked
 
