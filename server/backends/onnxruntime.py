@@ -237,10 +237,7 @@ class OnnxRuntimeBackend(Backend):
                 binding.bind_output(name, "cpu")
             else:
                 binding.bind_output(name, "cuda", self.gpu_device)
-        if self._plain_run_options is None:
-            self._session.run_with_iobinding(binding)
-        else:
-            self._session.run_with_iobinding(binding, self._plain_run_options)
+        self._session.run_with_iobinding(binding, self._plain_run_options)  # None: onnxruntime's defaults
         return list(binding.copy_outputs_to_cpu())
 
     def unload_impl(self) -> None:

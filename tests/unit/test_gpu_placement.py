@@ -325,7 +325,8 @@ class FakeSession:
         x = np.ones((2, 3), np.float32)
         return FakeBinding(self.calls, [x * 2, np.array([["a"], ["b"]], dtype=object)])
 
-    def run_with_iobinding(self, binding: FakeBinding) -> None:
+    def run_with_iobinding(self, binding: FakeBinding, run_options: Any = None) -> None:
+        assert run_options is None  # no CUDA graphs asked for: onnxruntime's default run options
         self.calls.append(("run_with_iobinding",))
 
     def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[Any]:
