@@ -57,6 +57,8 @@ def _decode_input(tensor: Any, raw: bytes | None, limits: tensors.Limits) -> Inp
     dtype = datatypes.by_name(tensor.datatype, field=f"{field} datatype")
     shape = list(tensor.shape)
     if raw is not None:
+        if tensor.HasField("contents"):  # Triton's rule: one source of data per request, never both
+            raise InvalidInput(f"{field}: contents must not be set when the request uses raw_input_contents")
         return InputTensor(tensor.name, dtype, tensors.from_raw(raw, dtype, shape, field, limits))
     contents_field = _CONTENTS_FIELD.get(dtype.name)
     if contents_field is None:

@@ -121,6 +121,20 @@ def test_mismatched_raw_count(raw_count: int) -> None:
         codec.decode_request(message, LIMITS)
 
 
+@pytest.mark.parametrize("typed", ["fp32_contents", "int_contents", "empty_contents"])
+def test_typed_contents_and_raw_input_contents_together_are_invalid(typed: str) -> None:
+    """Triton forbids both sources for one request; the raw bytes must not silently win."""
+    message = pb.ModelInferRequest(model_name="m")
+    tensor = message.inputs.add(name="x", datatype="FP32", shape=[2])
+    if typed == "empty_contents":
+        tensor.contents.SetInParent()
+    else:
+        getattr(tensor.contents, typed).extend([7, 8])
+    message.raw_input_contents.append(np.array([1, 2], dtype=np.float32).tobytes())
+    with pytest.raises(InvalidInput, match="input 'x': contents must not be set when the request uses raw_input"):
+        codec.decode_request(_round_trip(message), LIMITS)
+
+
 def test_typed_contents_count_mismatch() -> None:
     message = pb.ModelInferRequest(model_name="m")
     message.inputs.add(name="x", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1.0, 2.0])
