@@ -312,6 +312,8 @@ def test_external_data_outside_is_never_read(server: ServerProcess, repo: Path, 
         (model_bytes(), "model.pkl", 415),
         (b"PK\x03\x04" + os.urandom(100), "model.onnx", 415),
     ],
+    # Random bytes must not become part of the id: every pytest-xdist worker would collect a different test.
+    ids=["random-bytes", "empty", "pickle", "onnx-named-pkl", "zip-with-random-bytes"],
 )
 def test_bad_files_are_refused(server: ServerProcess, repo: Path, content: bytes, filename: str, status: int) -> None:
     before = snapshot(repo)

@@ -193,6 +193,7 @@ def test_model_tensors_walks_subgraphs_and_attributes() -> None:
     "content",
     [pickle.dumps({"weights": [1, 2]}, protocol=p) for p in (2, 4, 5)]
     + [b"PK\x03\x04rest-of-a-zip", b"\x89HDF\r\n\x1a\n....", b"\x93NUMPY\x01\x00"],
+    ids=["pickle-protocol-2", "pickle-protocol-4", "pickle-protocol-5", "zip", "hdf5", "npy"],
 )
 def test_foreign_formats_are_unsupported(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "model.onnx"
