@@ -7,7 +7,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 PYTEST_ARGS ?= -n 2
 
-.PHONY: serve test lint typecheck unit bench models clean
+.PHONY: serve test lint typecheck collect-check unit bench models clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ lint: $(VENV)/.test
 typecheck: $(VENV)/.test
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.test models lint typecheck
+# pytest-xdist stops when its workers collect different test ids (an id made from random bytes or a timestamp):
+# collect twice in separate processes first and name the ids that differ.
+collect-check: $(VENV)/.test
+	$(PY) tests/check_collection.py tests
+
+test: $(VENV)/.test models lint typecheck collect-check
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
 
 # Benchmarks (minutes, not part of make test): serving vs raw onnxruntime, the optimizer per model, metrics cost.
