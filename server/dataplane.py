@@ -4,17 +4,23 @@ encode. Everything here speaks plain Python objects (dicts in Triton's JSON shap
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+import uuid
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 from server import __version__
 from server.batching import BatcherClosed
 from server.config import config_to_json
-from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, ServerUnavailable
+from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, ServerUnavailable, wire_status
 from server.inference import InferenceRequest, InferenceResponse
 from server.models import ModelManager, ModelState, ModelVersion
 from server.repository import check_model_name
 from server.upload import Receiver, StagedUpload, UploadResult, files_receiver, recover_staging
+
+log = logging.getLogger("optiserve.models")
 
 EXTENSIONS = [
     "binary_tensor_data",
@@ -31,6 +37,7 @@ class DataPlane:
     def __init__(self, models: ModelManager) -> None:
         self.models = models
         self.shutting_down = False
+        self.unrouted = models.metrics.for_unrouted() if models.metrics is not None else None
         self._uploads: set[asyncio.Future[list[int]]] = set()  # loads of uploads still running
 
     # ---- health and metadata ---------------------------------------------------------------------
@@ -80,18 +87,23 @@ class DataPlane:
         return self.models.get(name, version).report
 
     # ---- inference -------------------------------------------------------------------------------
-    def check_model(self, name: str, version: str = "") -> None:
-        """Fail fast (404/503) for a model that cannot serve, before the body is decoded."""
-        self._serving(name, version)
+    def inference(self, name: str, version: str = "") -> InferenceCall:
+        """Begin one inference request: look up the version that serves it (404/503 at once, before the
+        body is read or decoded) and return the call, a context manager that the edges wrap around reading,
+        decoding, inferring and encoding, so that every outcome is counted exactly once. A request that fails
+        here counts under ``model=""`` (see server/metrics.py)."""
+        try:
+            served = self._serving(name, version)
+        except ServerError as exc:
+            if self.unrouted is not None:
+                self.unrouted.count(failure_reason(exc))
+            raise
+        return InferenceCall(self, served)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """Run one request through the model's batcher."""
-        served: ModelVersion = self._serving(request.model_name, request.model_version)
-        try:
-            return await served.infer(request)
-        except BatcherClosed:
-            # The version was swapped out between lookup and queueing: serve it on the current one.
-            return await self._serving(request.model_name, request.model_version).infer(request)
+        """Run one already-decoded request through the model's batcher, counted as one request."""
+        with self.inference(request.model_name, request.model_version) as call:
+            return await call.infer(request)
 
     def _serving(self, name: str, version: str) -> ModelVersion:
         """The version to run; while draining, 503 + Retry-After (another replica can serve), never 404."""
@@ -180,6 +192,66 @@ class DataPlane:
             return await self.models.load(staged.model_name, change=staged)
         finally:
             staged.discard()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready (counted as ``canceled``)."""
+
+
+class InferenceCall:
+    """One inference request, from the lookup of its model version until its reply is encoded. Used as
+    ``with dataplane.inference(model, version) as call:`` around decode, ``call.infer`` and encode: on exit it
+    records the outcome (success, or the reason of whatever was raised) once, in the version's statistics and
+    metrics, with the time since the lookup."""
+
+    def __init__(self, dataplane: DataPlane, served: ModelVersion) -> None:
+        self.served = served
+        self._dataplane = dataplane
+        self._started = time.monotonic_ns()
+        self._request_id = ""
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Validate, queue and run the decoded request on the version looked up."""
+        self._request_id = request.id
+        try:
+            return await self.served.infer(request)
+        except BatcherClosed:
+            # The version was swapped out between lookup and queueing: serve it on the current one.
+            self.served = self._dataplane._serving(request.model_name, request.model_version)
+            return await self.served.infer(request)
+
+    def __enter__(self) -> InferenceCall:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        reason = None if exc is None else failure_reason(exc)
+        served = self.served
+        if reason in ("backend", "other"):
+            request_id = self._request_id or uuid.uuid4().hex
+            log.error("request %s to %s:%s failed: %s", request_id, served.name, served.version, exc)
+        served.stats.record_request(reason is None, time.monotonic_ns() - self._started, reason or "")
+
+
+# The failure reason of each error follows its wire status, so a new error class lands in the right bucket.
+REASON_BY_HTTP_STATUS = {
+    400: "invalid",
+    404: "not_found",
+    413: "invalid",
+    415: "invalid",
+    500: "backend",
+    503: "rejected",
+}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The metrics ``reason`` of a failed request (one of server.metrics.FAILURE_REASONS)."""
+    if isinstance(exc, (asyncio.CancelledError, ClientGone)):
+        return "canceled"
+    if not isinstance(exc, ServerError):
+        return "backend"  # a bug or a runtime failure: the edges answer 500
+    return REASON_BY_HTTP_STATUS.get(wire_status(exc).http_status, "other")
 
 
 async def _published_or_failed(staged: StagedUpload, loading: asyncio.Future[list[int]]) -> None:

@@ -4,6 +4,15 @@ bound once per model version so the hot path does no label lookups.
 Request and queue durations are observed per request; compute durations and batch sizes per execution
 (one batched run), which is what capacity planning needs. Series that describe state (pending requests,
 model states, GPUs) are read at scrape time by a custom collector instead of being updated on every change.
+
+Requests follow Prometheus' instrumentation practice: ``optiserve_inference_requests_total`` counts every
+inference request once, when it ends, whatever its outcome, and ``optiserve_inference_failures_total{reason}``
+the ones that failed, so ``failures / requests`` is the error ratio. A request that fails before it reaches a
+served version (unknown model or version, a model still loading, a draining server) is counted under
+``model="" version=""``: those names come from the client, and a label per name would let any client create
+series without bound. Requests the access policy refuses (401/403) are refused before the model is looked up,
+so a client without credentials cannot probe which models exist; they are not inference requests of any model
+and are not counted here.
 """
 
 from __future__ import annotations
@@ -15,16 +24,19 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
-
-__all__ = ["Metric", "ServerMetrics", "VersionMetrics", "state_families"]
 from prometheus_client.registry import Collector
+
+__all__ = ["FAILURE_REASONS", "Metric", "RequestCounters", "ServerMetrics", "VersionMetrics", "state_families"]
 
 log = logging.getLogger("optiserve.metrics")
 
 # 0.1 ms .. 30 s, roughly x2.5 per step.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-FAILURE_REASONS = ("rejected", "canceled", "backend", "invalid", "other")
+# Why a request failed: refused for now, retry (503: queue full or timed out, shutting down, model not ready
+# yet); the client went away; the model or runtime failed (500); the request was malformed (400/413); no such
+# model or version (404); anything else.
+FAILURE_REASONS = ("rejected", "canceled", "backend", "invalid", "not_found", "other")
 NS = 1e-9
 
 
@@ -36,7 +48,12 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ("model", "version")
         reg = self.registry
-        self.requests = Counter("optiserve_inference_requests", "Successful inference requests.", labels, registry=reg)
+        self.requests = Counter(
+            "optiserve_inference_requests",
+            "Inference requests, every outcome (failures_total / requests_total is the error ratio).",
+            labels,
+            registry=reg,
+        )
         self.failures = Counter(
             "optiserve_inference_failures", "Failed inference requests by reason.", (*labels, "reason"), registry=reg
         )
@@ -91,7 +108,7 @@ class ServerMetrics:
         ids = (model, version)
         return VersionMetrics(
             requests=self.requests.labels(*ids),
-            failures={reason: self.failures.labels(*ids, reason) for reason in FAILURE_REASONS},
+            failures=_failure_children(self.failures, ids),
             inferences=self.inferences.labels(*ids),
             executions=self.executions.labels(*ids),
             request_duration=self.request_duration.labels(*ids),
@@ -102,9 +119,33 @@ class ServerMetrics:
             batch_size=self.batch_size.labels(*ids),
         )
 
+    def for_unrouted(self) -> RequestCounters | None:
+        """Counters for requests that fail before they reach a served version, under ``model="" version=""``
+        (None when metrics are off). Bound at once, so the series exist before the first failure."""
+        if not self.enabled:
+            return None
+        return RequestCounters(self.requests.labels("", ""), _failure_children(self.failures, ("", "")))
+
     def add_state_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Register a scrape-time collector (model states, pending requests, GPUs)."""
         self.registry.register(_CallbackCollector(collect))
+
+
+def _failure_children(failures: Counter, ids: tuple[str, str]) -> dict[str, Any]:
+    return {reason: failures.labels(*ids, reason) for reason in FAILURE_REASONS}
+
+
+@dataclass
+class RequestCounters:
+    """The request and failure counters of requests no model version took (see the module's docstring)."""
+
+    requests: Any
+    failures: dict[str, Any]
+
+    def count(self, reason: str) -> None:
+        """One request failed before it reached a model version."""
+        self.requests.inc()
+        self.failures[reason if reason in self.failures else "other"].inc()
 
 
 @dataclass
@@ -123,10 +164,9 @@ class VersionMetrics:
     batch_size: Any
 
     def observe_request(self, reason: str | None, duration_ns: int) -> None:
-        """One request ended: ``reason`` None is a success."""
-        if reason is None:
-            self.requests.inc()
-        else:
+        """One request ended: ``reason`` None is a success. Every request counts in ``requests``."""
+        self.requests.inc()
+        if reason is not None:
             self.failures[reason if reason in self.failures else "other"].inc()
         self.request_duration.observe(duration_ns * NS)
 

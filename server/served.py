@@ -1,33 +1,19 @@
 """A served model version: what it accepts, the instances that run it, its batcher, statistics and the
-optimizer's report; plus how a request's outcome is named in metrics."""
+optimizer's report."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from server import datatypes
 from server.backends.base import Backend
-from server.batching import Batcher, BatcherClosed
+from server.batching import Batcher
 from server.config import TensorSpec
-from server.errors import (
-    DeadlineExceeded,
-    InternalError,
-    InvalidInput,
-    ModelNotReady,
-    PayloadTooLarge,
-    ServerError,
-    ServerUnavailable,
-)
+from server.errors import InvalidInput
 from server.inference import InferenceRequest, InferenceResponse, OutputTensor
 from server.stats import ModelStats
 from server.validation import check_requested_outputs, prepare_inputs
-
-log = logging.getLogger("optiserve.models")
 
 
 @dataclass
@@ -51,50 +37,21 @@ class ModelVersion:
         return int(self.config.max_batch_size)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """Validate, queue, wait, and pick the requested outputs."""
-        started = time.monotonic_ns()
-        reason: str | None = "other"
-        try:
-            prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
-            names = check_requested_outputs(request, self.outputs)
-            priority, timeout_us = scheduling_parameters(request.parameters)
-            results = await self.batcher.submit(
-                prepared.tensors, prepared.samples, prepared.key, priority=priority, timeout_us=timeout_us
-            )
-            outputs = [OutputTensor(n, datatypes.of_array(results[n]), results[n]) for n in names]
-            reason = None
-            return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
-        except BaseException as exc:
-            reason = failure_reason(exc)
-            if reason in ("backend", "other"):
-                log.error(
-                    "request %s to %s:%s failed: %s", request.id or uuid.uuid4().hex, self.name, self.version, exc
-                )
-            raise
-        finally:
-            if reason != "retried":
-                self.stats.record_request(reason is None, time.monotonic_ns() - started, reason or "")
+        """Validate, queue, wait, and pick the requested outputs. The data plane counts the outcome."""
+        prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
+        names = check_requested_outputs(request, self.outputs)
+        priority, timeout_us = scheduling_parameters(request.parameters)
+        results = await self.batcher.submit(
+            prepared.tensors, prepared.samples, prepared.key, priority=priority, timeout_us=timeout_us
+        )
+        outputs = [OutputTensor(n, datatypes.of_array(results[n]), results[n]) for n in names]
+        return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
 
     def close(self, timeout_s: float, *, replaced: bool = False) -> None:
         """Drain the queue, then release every instance (``replaced``: a newer version now serves)."""
         self.batcher.close(timeout_s, replaced=replaced)
         for backend in self.backends:
             backend.unload()
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The metrics ``reason`` of a failed request."""
-    if isinstance(exc, BatcherClosed):
-        return "retried"  # the data plane retries it on the new version; not an outcome
-    if isinstance(exc, (ServerUnavailable, DeadlineExceeded)):
-        return "rejected"
-    if isinstance(exc, asyncio.CancelledError):
-        return "canceled"
-    if isinstance(exc, (InvalidInput, PayloadTooLarge)):
-        return "invalid"
-    if isinstance(exc, (InternalError, ModelNotReady)) or not isinstance(exc, ServerError):
-        return "backend"
-    return "other"
 
 
 def scheduling_parameters(parameters: dict[str, Any]) -> tuple[int, int | None]:

@@ -80,8 +80,9 @@ class ModelStats:
             self.metrics.observe_execution(batch_size, queue_ns, input_ns, infer_ns, output_ns)
 
     def record_request(self, ok: bool, duration_ns: int, reason: str = "other") -> None:
-        """One request finished, end to end inside the server. Rejections (queue full, queue timeout,
-        shutting down) are counted apart from failures, as overload is not an error of the model."""
+        """One request finished, end to end inside the server (the data plane calls this once per request,
+        whatever ended it). Rejections (queue full, queue timeout, shutting down, not ready yet) are counted
+        apart from failures, as overload is not an error of the model."""
         with self._lock:
             if ok:
                 self.success.add(duration_ns)

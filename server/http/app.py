@@ -180,11 +180,11 @@ def _add_infer_routes(
     app: FastAPI, dataplane: DataPlane, settings: Settings, limits: tensors.Limits, guard: list[Any]
 ) -> None:
     async def infer(request: Request, model_name: str, model_version: str = "") -> Response:
-        dataplane.check_model(model_name, model_version)
-        body = await read_body(request, settings.max_request_bytes)
-        decoded = decode_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
-        response = await fast.unless_disconnected(request.receive, dataplane.infer(decoded))
-        content, header_length = encode_response(response, decoded)
+        with dataplane.inference(model_name, model_version) as call:
+            body = await read_body(request, settings.max_request_bytes)
+            decoded = decode_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
+            response = await fast.unless_disconnected(request.receive, call.infer(decoded))
+            content, header_length = encode_response(response, decoded)
         if header_length is None:
             return Response(content, media_type=JSON)
         return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from server import tensors
 from server.auth import AccessPolicy, Scope
-from server.dataplane import DataPlane
+from server.dataplane import ClientGone, DataPlane
 from server.errors import InternalError, PayloadTooLarge, ServerError
 from server.http.codec import decode_request, decompress, encode_response
 
@@ -25,12 +25,9 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[ASGIScope, Receive, Send], Awaitable[None]]
 T = TypeVar("T")
+__all__ = ["ClientGone", "InferFastPath", "read_body", "unless_disconnected"]
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before its response was ready."""
 
 
 class InferFastPath:
@@ -58,11 +55,12 @@ class InferFastPath:
             if self.guarded:
                 client = scope.get("client")
                 self.access.check(Scope.INFERENCE, headers.get("authorization"), client[0] if client else None)
-            self.dataplane.check_model(model, version)
-            body = await read_body(receive, headers, self.max_body)
-            request = decode_request(body, headers.get("inference-header-content-length"), model, version, self.limits)
-            response = await unless_disconnected(receive, self.dataplane.infer(request))
-            content, header_length = encode_response(response, request)
+            with self.dataplane.inference(model, version) as call:
+                body = await read_body(receive, headers, self.max_body)
+                length = headers.get("inference-header-content-length")
+                request = decode_request(body, length, model, version, self.limits)
+                response = await unless_disconnected(receive, call.infer(request))
+                content, header_length = encode_response(response, request)
         except ClientGone:
             return  # nobody is listening; the queued work was dropped
         except ServerError as exc:

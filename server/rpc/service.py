@@ -95,9 +95,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     @translate_errors
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)
-        self.dataplane.check_model(request.model_name, request.model_version)
-        response = await self.dataplane.infer(decode_request(request, self.limits))
-        return encode_response(response)
+        with self.dataplane.inference(request.model_name, request.model_version) as call:
+            return encode_response(await call.infer(decode_request(request, self.limits)))
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         """Triton's bidirectional stream: every request is served concurrently (so a stream's requests
@@ -131,9 +130,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     async def _stream_reply(self, request: Any) -> Any:
         try:
-            self.dataplane.check_model(request.model_name, request.model_version)
-            response = await self.dataplane.infer(decode_request(request, self.limits))
-            return pb.ModelStreamInferResponse(infer_response=encode_response(response))
+            with self.dataplane.inference(request.model_name, request.model_version) as call:
+                response = encode_response(await call.infer(decode_request(request, self.limits)))
+            return pb.ModelStreamInferResponse(infer_response=response)
         except Exception as exc:  # reported in-stream; one bad request must not end the stream
             error = exc if isinstance(exc, ServerError) else InternalError(f"internal error: {exc}")
             failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version)
