@@ -14,6 +14,7 @@ from server.config import read_config
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.loader import VersionLoader
 from server.metrics import Metric, ServerMetrics, state_families
+from server.numbers import parse_uint
 from server.repository import Repository, select_versions
 from server.served import ModelVersion
 from server.settings import Settings
@@ -76,6 +77,7 @@ class ModelManager:
     # ---- queries -------------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version to serve a request: a given one, or the highest ready one."""
+        number = parse_uint(version, "model version") if version else None  # malformed: 400 in every state
         if self._draining:
             raise ServerUnavailable("the server is shutting down; retry on another replica", retry_after_s=1)
         entry = self._entries.get(name)
@@ -83,13 +85,11 @@ class ModelManager:
             raise ModelNotFound(f"model {name!r} is not loaded" + self._reason_suffix(entry))
         if not entry.served:
             raise ModelNotReady(f"model {name!r} is still loading", retry_after_s=1)
-        if not version:
+        if number is None:
             return entry.served[max(entry.served)]
-        if not version.isdigit():
-            raise InvalidInput(f"model version {version!r} must be a positive integer")
-        served = entry.served.get(int(version))
+        served = entry.served.get(number)
         if served is None:
-            status = entry.status.get(int(version))
+            status = entry.status.get(number)
             if status is not None and status.state is ModelState.LOADING:
                 raise ModelNotReady(f"model {name!r} version {version} is still loading", retry_after_s=1)
             raise ModelNotFound(f"model {name!r} has no ready version {version}; ready: {sorted(entry.served)}")
@@ -102,9 +102,12 @@ class ModelManager:
         return ""
 
     def is_ready(self, name: str, version: str = "") -> bool:
-        """Whether a request for this model (version) would be served now."""
+        """Whether a request for this model (version) would be served now; a malformed version is the
+        client's error (InvalidInput), not a model that is not ready."""
         try:
             self.get(name, version)
+        except InvalidInput:
+            raise
         except ServerError:
             return False
         return True

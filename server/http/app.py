@@ -28,6 +28,7 @@ from server.http.codec import (
     parse_json_object,
 )
 from server.http.multipart import form_receiver
+from server.numbers import is_ascii_uint
 from server.settings import Settings
 
 JSON = "application/json"
@@ -226,7 +227,7 @@ def _add_repository_routes(app: FastAPI, dataplane: DataPlane, settings: Setting
     )
     async def upload(request: Request, model_name: str, wait: bool = False) -> Response:
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > settings.max_upload_bytes + settings.max_request_bytes:
+        if is_ascii_uint(declared) and int(declared) > settings.max_upload_bytes + settings.max_request_bytes:
             raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes}")
         receive = form_receiver(request.headers.get("content-type", ""), request.stream(), settings.max_request_bytes)
         try:

@@ -13,6 +13,7 @@ import orjson
 from server import datatypes, tensors
 from server.errors import InvalidInput, PayloadTooLarge
 from server.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
+from server.numbers import parse_uint
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -85,10 +86,8 @@ def decode_request(
 
 
 def _header_size(header_length: str, body_size: int) -> int:
-    if not header_length.isdigit():
-        raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} is not a non-negative integer")
-    size = int(header_length)
-    if not 0 <= size <= body_size:
+    size = parse_uint(header_length, HEADER_LENGTH)
+    if size > body_size:
         raise InvalidInput(f"{HEADER_LENGTH}: {size} is outside the body's {body_size} bytes")
     return size
 

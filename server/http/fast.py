@@ -19,6 +19,7 @@ from server.auth import AccessPolicy, Scope
 from server.dataplane import ClientGone, DataPlane
 from server.errors import InternalError, PayloadTooLarge, ServerError
 from server.http.codec import decode_request, decompress, encode_response
+from server.numbers import is_ascii_uint
 
 ASGIScope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -75,7 +76,7 @@ class InferFastPath:
 async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
     """The whole request body, refused (413) past ``limit`` before or after decompression."""
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and is_ascii_uint(declared) and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
     chunks: list[bytes] = []
     size = 0

@@ -3,15 +3,20 @@ stays live after each one."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess
@@ -148,3 +153,137 @@ def test_tensor_element_cap(start_server, model_repo: Path) -> None:
     with grpc.insecure_channel(capped.grpc_address) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
     assert capped.is_live()
+
+
+# Numbers arrive as text (URL parts, gRPC strings, headers). str.isdigit() accepts all but the ASCII-only ones
+# below, and int() then raised (500 / INTERNAL, and a dropped keep-alive connection) or read fullwidth digits as
+# numbers. One strict ASCII rule (server/numbers.py) makes each of them a 400 / INVALID_ARGUMENT naming the field.
+NOT_ASCII_NUMBERS = [
+    pytest.param("\u00b2", id="superscript-two"),
+    pytest.param("\u2460", id="circled-one"),
+    pytest.param("\uff11", id="fullwidth-one"),
+    pytest.param("\u0661", id="arabic-indic-one"),
+    pytest.param("+1", id="plus-sign"),
+    pytest.param("1_0", id="underscore"),
+    pytest.param("-1", id="minus-sign"),
+    pytest.param(str(2**63), id="int64-overflow"),
+    pytest.param("9" * 300, id="three-hundred-digits"),
+]
+BAD_VERSIONS = [*NOT_ASCII_NUMBERS, pytest.param(" 1", id="leading-space"), pytest.param("1 ", id="trailing-space")]
+VERSION_ROUTES = [
+    pytest.param("GET", "", id="metadata"),
+    pytest.param("GET", "/ready", id="ready"),
+    pytest.param("GET", "/config", id="config"),
+    pytest.param("GET", "/stats", id="stats"),
+    pytest.param("GET", "/optimization", id="optimization"),
+    pytest.param("POST", "/infer", id="infer"),
+]
+
+
+def _keep_alive_exchange(server: ServerProcess, method: str, path: str, body: bytes = b"", **headers: Any) -> Any:
+    """One request on a fresh keep-alive connection, then a second on the same socket: the first's response
+    and whether the connection survived it."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in {"Content-Length": str(len(body)), **headers}.items():
+            conn.putheader(name.replace("_", "-"), value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        sock = conn.sock
+        conn.request("GET", "/v2/health/live")
+        again = conn.getresponse()
+        again.read()
+        return response.status, payload, sock is not None and conn.sock is sock and again.status == 200
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("method", "suffix"), VERSION_ROUTES)
+@pytest.mark.parametrize("version", BAD_VERSIONS)
+def test_bad_version_on_every_http_route_is_400(server: ServerProcess, version: str, method: str, suffix: str) -> None:
+    path = f"/v2/models/mlp/versions/{urllib.parse.quote(version, safe='')}{suffix}"
+    body = json.dumps({"inputs": [GOOD_INPUT]}).encode() if method == "POST" else b""
+    status, payload, kept_alive = _keep_alive_exchange(server, method, path, body)
+    assert status == 400, payload
+    assert "model version" in payload["error"] and "ASCII" in payload["error"]
+    assert kept_alive, "the connection was dropped after the error"
+
+
+@pytest.mark.parametrize(("method", "suffix"), VERSION_ROUTES)
+def test_ascii_version_still_serves(server: ServerProcess, method: str, suffix: str) -> None:
+    body = json.dumps({"inputs": [GOOD_INPUT]}).encode() if method == "POST" else b""
+    status, payload, kept_alive = _keep_alive_exchange(server, method, f"/v2/models/mlp/versions/1{suffix}", body)
+    assert status == 200, payload
+    assert kept_alive
+
+
+def _grpc_version_call(stub: Any, rpc: str, version: str) -> Any:
+    if rpc == "ModelInfer":
+        request = pb.ModelInferRequest(model_name="mlp", model_version=version)
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+        request.raw_input_contents.append(np.ones((1, 8), np.float32).tobytes())
+        return stub.ModelInfer(request, timeout=10)
+    message = {
+        "ModelReady": pb.ModelReadyRequest,
+        "ModelMetadata": pb.ModelMetadataRequest,
+        "ModelConfig": pb.ModelConfigRequest,
+        "ModelStatistics": pb.ModelStatisticsRequest,
+    }[rpc]
+    return getattr(stub, rpc)(message(name="mlp", version=version), timeout=10)
+
+
+GRPC_VERSION_RPCS = ["ModelInfer", "ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"]
+
+
+@pytest.mark.parametrize("rpc", GRPC_VERSION_RPCS)
+@pytest.mark.parametrize("version", BAD_VERSIONS)
+def test_bad_version_on_every_grpc_rpc_is_invalid_argument(server: ServerProcess, version: str, rpc: str) -> None:
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            _grpc_version_call(stub, rpc, version)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+        assert "model version" in str(error.value.details())
+        assert _grpc_version_call(stub, rpc, "1") is not None  # and the same channel still serves
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # latin-1 is how HTTP header bytes become text: b"\xb2" is "²", which isdigit() accepted.
+        pytest.param(b"\xb2", id="superscript-two-latin1"),
+        pytest.param(b"\xb9", id="superscript-one-latin1"),
+        *(pytest.param(p.values[0].encode(), id=f"{p.id}-utf8") for p in NOT_ASCII_NUMBERS),
+    ],
+)
+def test_bad_inference_header_content_length_is_400(server: ServerProcess, value: bytes) -> None:
+    body = json.dumps({"inputs": [GOOD_INPUT]}).encode()
+    status, payload, kept_alive = _keep_alive_exchange(
+        server, "POST", "/v2/models/mlp/infer", body, Inference_Header_Content_Length=value
+    )
+    assert status == 400, payload
+    assert "Inference-Header-Content-Length" in payload["error"]
+    assert kept_alive
+
+
+@pytest.mark.parametrize("typed", ["fp32_contents", "empty_contents"])
+def test_grpc_typed_contents_with_raw_input_contents_is_invalid_argument(server: ServerProcess, typed: str) -> None:
+    """Triton's protocol forbids both; the raw bytes used to win silently."""
+    request = pb.ModelInferRequest(model_name="mlp")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+    if typed == "empty_contents":
+        tensor.contents.SetInParent()
+    else:
+        tensor.contents.fp32_contents.extend([2.0] * 8)
+    request.raw_input_contents.append(np.ones((1, 8), np.float32).tobytes())
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(request, timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "contents must not be set" in str(error.value.details())
+        if typed != "empty_contents":
+            del request.raw_input_contents[:]
+            assert stub.ModelInfer(request, timeout=10).outputs  # typed contents alone are fine

@@ -519,3 +519,25 @@ def test_tritonclient_parses_our_response(binary: bool) -> None:
         else:
             assert got.dtype == out.array.dtype
             np.testing.assert_array_equal(got, out.array)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["\u00b2", "\u2460", "\uff11", "\u0661", "+1", " 1", "1_0", str(2**63), "9" * 5000],
+    ids=[
+        "superscript-two",
+        "circled-one",
+        "fullwidth-one",
+        "arabic-indic-one",
+        "plus",
+        "space",
+        "underscore",
+        "int64-overflow",
+        "five-thousand-digits",
+    ],
+)
+def test_header_length_accepts_ascii_digits_only(value: str) -> None:
+    """str.isdigit() took the first four: int() then raised ValueError (a 500) or read fullwidth "1" as 1."""
+    body = b'{"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [1]}]}' + b"\x00"
+    with pytest.raises(InvalidInput, match=r"Inference-Header-Content-Length: .* ASCII digits"):
+        _decode(body, value)
