@@ -29,10 +29,13 @@ def collect(args: Sequence[str], hash_seed: str) -> list[str]:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
     if result.returncode != 0:
-        sys.stderr.write(result.stdout + result.stderr)
+        listed = set(ids)
+        sys.stderr.write("".join(line + "\n" for line in result.stdout.splitlines() if line not in listed))
+        sys.stderr.write(result.stderr)
         sys.exit(f"check_collection: {' '.join(cmd)} failed with exit status {result.returncode}")
-    return [line for line in result.stdout.splitlines() if "::" in line]
+    return ids
 
 
 def differences(first: list[str], second: list[str]) -> list[str]:
