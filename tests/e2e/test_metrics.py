@@ -1,5 +1,6 @@
-"""Prometheus metrics on the real server: exact counts, rejections apart from failures, agreement with the
-statistics endpoint, a valid exposition (promtool), and a real Prometheus server scraping us."""
+"""Prometheus metrics on the real server: exact counts (requests_total counts every request, failures_total the
+failed ones, decode failures included), rejections apart from failures, agreement with the statistics endpoint, a
+valid exposition (promtool), and a real Prometheus server scraping us."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
+import orjson
 import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
+from server.metrics import FAILURE_REASONS
 from tests.conftest import ServerProcess
 from tests.models import fixtures
 
@@ -75,20 +81,85 @@ def test_counters_grow_by_exactly_n_and_agree_with_stats(metrics_server: ServerP
     assert (
         value(after, "optiserve_inference_requests_total", **ids)
         - value(before, "optiserve_inference_requests_total", **ids)
-        == 7
+        == 8
     )
     assert value(after, "optiserve_inferences_total", **ids) - value(before, "optiserve_inferences_total", **ids) == 14
     invalid = value(after, "optiserve_inference_failures_total", **ids, reason="invalid")
     assert invalid - value(before, "optiserve_inference_failures_total", **ids, reason="invalid") == 1
     assert value(after, "optiserve_request_duration_seconds_count", **ids) >= 8
     stats = httpx.get(f"{url}/v2/models/mlp/stats").json()["model_stats"][0]
-    assert stats["inference_stats"]["success"]["count"] == value(after, "optiserve_inference_requests_total", **ids)
+    outcomes = sum(stats["inference_stats"][kind]["count"] for kind in ("success", "fail", "rejected"))
+    assert outcomes == value(after, "optiserve_inference_requests_total", **ids)
     assert stats["inference_count"] == value(after, "optiserve_inferences_total", **ids)
     assert stats["execution_count"] == value(after, "optiserve_executions_total", **ids)
     assert stats["inference_stats"]["fail"]["count"] == invalid
     assert value(after, "optiserve_model_state", model="mlp", version="1", state="READY") == 1
     assert value(after, "optiserve_pending_requests", **ids) == 0
     assert value(after, "process_resident_memory_bytes") > 0
+
+
+BINARY_HEADER = b'{"inputs":[{"name":"x","shape":[1,8],"datatype":"FP32","parameters":{"binary_data_size":32}}]}'
+# Requests to the known model "mlp" that fail while decoded or checked, each kind a 400 on HTTP.
+BAD_HTTP: list[tuple[bytes, dict[str, str]]] = [
+    (b'{"inputs": [', {}),  # not JSON
+    (orjson.dumps({"inputs": [{"name": "x", "shape": [2, 8], "datatype": "FP32", "data": [0.5] * 15}]}), {}),
+    (orjson.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP99", "data": [0] * 8}]}), {}),
+    (orjson.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP64", "data": [0] * 8}]}), {}),
+    (BINARY_HEADER + bytes(32), {"Inference-Header-Content-Length": "x"}),  # bad binary header
+    (BINARY_HEADER + bytes(31), {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}),  # short binary
+]
+
+
+def _bad_grpc(server: ServerProcess) -> int:
+    """gRPC requests to "mlp" that fail while decoded: unary and streamed. Returns how many were sent."""
+    channel = grpc.insecure_channel(server.grpc_address)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    wrong_count = pb.ModelInferRequest(model_name="mlp")
+    wrong_count.inputs.add(name="x", datatype="FP32", shape=[2, 8])
+    wrong_count.raw_input_contents.append(bytes(4 * 15))
+    wrong_type = pb.ModelInferRequest(model_name="mlp")
+    wrong_type.inputs.add(name="x", datatype="FP99", shape=[1, 8])
+    wrong_type.raw_input_contents.append(bytes(32))
+    for request in (wrong_count, wrong_type):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    replies = list(stub.ModelStreamInfer(iter([wrong_count, wrong_type]), timeout=30))
+    assert len(replies) == 2 and all(reply.error_message for reply in replies)
+    channel.close()
+    return 4
+
+
+def test_every_failed_request_counts_and_requests_total_counts_every_outcome(metrics_server: ServerProcess) -> None:
+    """N good and M bad requests of every failure kind (HTTP JSON and binary decode failures, gRPC unary and
+    streamed): requests_total grows by N + M, failures_total by M, so failures / requests is the error ratio.
+    Requests to a model nobody loaded count under model="" and make no series of their own."""
+    url = metrics_server.http_url
+    before = scrape(url)
+    good = 5
+    _infer_n(metrics_server, good)
+    for body, headers in BAD_HTTP:
+        response = httpx.post(f"{url}/v2/models/mlp/infer", content=body, headers=headers)
+        assert response.status_code == 400, (body, headers, response.text)
+    bad = len(BAD_HTTP) + _bad_grpc(metrics_server)
+    for _ in range(2):
+        assert httpx.post(f"{url}/v2/models/ghost/infer", content=b"{}").status_code == 404
+    after = scrape(url)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    ids = {"model": "mlp", "version": "1"}
+    assert grew("optiserve_inference_requests_total", **ids) == good + bad
+    failed = sum(grew("optiserve_inference_failures_total", **ids, reason=reason) for reason in FAILURE_REASONS)
+    assert failed == bad
+    assert grew("optiserve_inference_failures_total", **ids, reason="invalid") == bad
+    unrouted = {"model": "", "version": ""}
+    assert grew("optiserve_inference_requests_total", **unrouted) == 2
+    assert grew("optiserve_inference_failures_total", **unrouted, reason="not_found") == 2
+    assert not [key for key in after if ("model", "ghost") in key[1]], "a client-supplied name became a series"
+    stats = httpx.get(f"{url}/v2/models/mlp/stats").json()["model_stats"][0]["inference_stats"]
+    assert stats["fail"]["count"] == value(after, "optiserve_inference_failures_total", **ids, reason="invalid")
 
 
 def test_rejections_are_not_failures(metrics_server: ServerProcess) -> None:
@@ -108,7 +179,7 @@ def test_rejections_are_not_failures(metrics_server: ServerProcess) -> None:
     ids = {"model": "slow", "version": "1"}
     assert value(after, "optiserve_inference_failures_total", **ids, reason="rejected") == statuses.count(503)
     assert value(after, "optiserve_inference_failures_total", **ids, reason="backend") == 0
-    assert value(after, "optiserve_inference_requests_total", **ids) == statuses.count(200)
+    assert value(after, "optiserve_inference_requests_total", **ids) == len(statuses)  # every outcome counts
     stats = httpx.get(f"{url}/v2/models/slow/stats").json()["model_stats"][0]["inference_stats"]
     assert stats["fail"]["count"] == 0 and stats["rejected"]["count"] == statuses.count(503)
 

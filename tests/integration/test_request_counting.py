@@ -66,7 +66,9 @@ async def _stack(repo: Path, tmp: Path) -> tuple[ServerMetrics, ModelManager, An
     dataplane = DataPlane(manager)
     fastapi_app = create_http_app(dataplane, settings, metrics.registry)
     limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
-    fast = InferFastPath(fastapi_app, dataplane, settings.max_request_bytes, limits, AccessPolicy.from_settings(settings))
+    fast = InferFastPath(
+        fastapi_app, dataplane, settings.max_request_bytes, limits, AccessPolicy.from_settings(settings)
+    )
     grpc_server = create_grpc_server(dataplane, settings)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
     await grpc_server.start()
