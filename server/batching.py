@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, InvalidInput, ServerUnavailable
+from server.errors import DeadlineExceeded, InternalError, InvalidInput, ServerUnavailable
 from server.stats import ModelStats
 
 log = logging.getLogger("optiserve.batching")
@@ -272,37 +272,43 @@ class Batcher:
         finally:
             ready.set()
         while True:
-            with self._cond:
-                while not self._queued and not self._closing:
-                    self._cond.wait()
-                if not self._queued:
-                    return
-                batch = self._form_batch()
-                self._busy += 1
+            batch: list[WorkItem] = []  # filled as requests are claimed, so a failure knows whom to answer
             try:
-                if batch:
-                    self._run(runner, batch, stager)
-            finally:
                 with self._cond:
-                    self._busy -= 1
+                    while not self._queued and not self._closing:
+                        self._cond.wait()
+                    if not self._queued:
+                        return
+                    self._form_batch(batch)
+                    self._busy += 1
+                try:
+                    if batch:
+                        self._run(runner, batch, stager)
+                finally:
+                    with self._cond:
+                        self._busy -= 1
+            except BaseException as exc:  # whatever it is, it fails its batch; the worker and the queue live on
+                log.exception(
+                    "model %r: worker failed on a batch of %d requests; they get an error", self.name, len(batch)
+                )
+                _deliver_errors(batch, InternalError(f"model {self.name!r}: batch failed: {type(exc).__name__}: {exc}"))
 
-    def _form_batch(self) -> list[WorkItem]:
-        """Under the lock: take a batch now, or, under load, wait up to the queue delay to fill it."""
+    def _form_batch(self, batch: list[WorkItem]) -> None:
+        """Under the lock: take a batch into ``batch`` now, or, under load, wait up to the queue delay to fill it."""
         first = self._pop_first()
         if first is None:
-            return []
-        batch = [first]
+            return
+        batch.append(first)
         if self.max_batch_size <= 0:
-            return batch
+            return
         samples = first.samples + self._take_compatible(first.key, batch, self._target - first.samples)
         wait_until = time.monotonic_ns() + self.policy.max_queue_delay_ns
         while self._busy > 0 and samples < self._target and not self._closing:
             remaining = wait_until - time.monotonic_ns()
             if remaining <= 0:
                 break
-            self._cond.wait(remaining / 1e9)
+            self._cond.wait(min(remaining / 1e9, threading.TIMEOUT_MAX))  # a longer wait raises OverflowError
             samples += self._take_compatible(first.key, batch, self._target - samples)
-        return batch
 
     def _pop_first(self) -> WorkItem | None:
         """The oldest live request of the highest non-empty priority; timed-out DELAY requests go last."""
@@ -364,13 +370,16 @@ class Batcher:
             _deliver_errors(batch, exc)
             return
         finished = time.monotonic_ns()
-        self.stats.record_execution(
-            sum(item.samples for item in batch),
-            [start - item.enqueued_ns for item in batch],
-            ran - start,
-            done - ran,
-            finished - done,
-        )
+        try:
+            self.stats.record_execution(
+                sum(item.samples for item in batch),
+                [start - item.enqueued_ns for item in batch],
+                ran - start,
+                done - ran,
+                finished - done,
+            )
+        except Exception:  # the answers are computed: bookkeeping must not cost the clients them
+            log.exception("model %r: recording the statistics of a batch failed", self.name)
         _deliver(zip(batch, results, strict=True))
 
 

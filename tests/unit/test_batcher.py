@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from server.batching import Batcher, BatchPolicy, Tensors
-from server.errors import InvalidInput, ServerUnavailable
+from server.errors import InternalError, InvalidInput, ServerUnavailable
 from server.stats import ModelStats
 
 WAIT_S = 5.0
@@ -595,3 +595,121 @@ def test_stats_record_inferences_executions_and_batch_sizes() -> None:
     assert (data["inference_count"], data["execution_count"]) == (7, 3)
     assert [b["batch_size"] for b in data["batch_stats"]] == [1, 5]
     assert data["inference_stats"]["queue"]["count"] == 4
+
+
+# A worker thread must never be lost silently: whatever fails on it (a bug, an OverflowError from a huge queue
+# delay, a SystemExit from a runner) fails the requests of that one batch, and the worker serves the next one.
+@pytest.mark.parametrize(
+    "error",
+    [OverflowError("timeout value is too large"), KeyError("x"), SystemExit(3)],
+    ids=["overflow", "key-error", "system-exit"],
+)
+def test_a_failure_while_forming_a_batch_fails_that_batch_and_the_worker_lives_on(
+    error: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = _batcher([runner], max_batch_size=8)
+    form_batch = batcher._form_batch
+    failures = 0
+
+    def failing_once(batch: list[Any]) -> None:
+        nonlocal failures
+        form_batch(batch)  # the requests are claimed, then it breaks
+        if failures == 0 and batch:
+            failures += 1
+            raise error
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, runner)
+        batcher._form_batch = failing_once  # type: ignore[method-assign]
+        tasks = [_spawn(batcher, _rows(10 * (i + 1), 1)) for i in range(3)]
+        await _until(lambda: batcher.pending == 4, "all queued")
+        runner.gate.set()
+        _check(await first, first_x)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, InternalError) and type(error).__name__ in o.message for o in outcomes), outcomes
+        x = _rows(50, 2)
+        _check(await _submit(batcher, x), x)  # the same worker, alive
+        await _until(lambda: batcher.pending == 0, "nothing left queued or running")
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="optiserve.batching"):
+            _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+    assert failures == 1
+    assert "worker failed on a batch of 3 requests" in caplog.text
+
+
+def test_a_failing_runner_with_a_base_exception_fails_its_batch_only() -> None:
+    calls = 0
+
+    def runner(inputs: Tensors) -> Tensors:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise SystemExit("a runner must not end its worker")
+        return {"y": inputs["x"] * 2, "total": inputs["x"].sum(axis=1)}
+
+    batcher = _batcher([runner])
+
+    async def scenario() -> None:
+        with pytest.raises(InternalError, match="SystemExit"):
+            await _submit(batcher, _rows(1, 1))
+        _check(await _submit(batcher, _rows(2, 1)), _rows(2, 1))
+
+    try:
+        _run(scenario)
+    finally:
+        batcher.close(1)
+
+
+def test_failing_statistics_never_cost_the_answers(caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenStats(ModelStats):
+        def record_execution(self, *args: Any, **kwargs: Any) -> None:
+            raise ValueError("stats bug")
+
+    runner = FakeRunner()
+    batcher = Batcher("m", [runner], max_batch_size=8, max_queue_size=0, stats=BrokenStats())
+    batcher.start()
+
+    async def scenario() -> None:
+        for first in (1.0, 2.0):
+            x = _rows(first, 2)
+            _check(await _submit(batcher, x), x)
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="optiserve.batching"):
+            _run(scenario)
+    finally:
+        batcher.close(1)
+    assert "recording the statistics of a batch failed" in caplog.text
+
+
+def test_a_queue_delay_beyond_what_threads_can_wait_does_not_kill_the_worker() -> None:
+    """max_queue_delay_microseconds near int64's max made Condition.wait raise OverflowError on the worker."""
+    busy, waiting = FakeRunner(blocked=True), FakeRunner()
+    policy = BatchPolicy(max_queue_delay_ns=(2**63 - 1) * 1000)
+    batcher = Batcher("m", [busy, waiting], max_batch_size=2, max_queue_size=0, stats=ModelStats(), policy=policy)
+    batcher.start()
+
+    async def scenario() -> None:
+        first, first_x = await _block_worker(batcher, busy)  # one instance busy: the other waits to fill a batch
+        x, y = _rows(1, 1), _rows(2, 1)
+        a = _spawn(batcher, x)
+        await asyncio.sleep(0)  # queued: pending 2
+        # Claimed under the lock, which the worker gives up only inside its wait for more: pending 1.
+        await _until(lambda: batcher.pending == 1, "the second worker waiting with a request")
+        b = _spawn(batcher, y)  # fills the batch: the waiting worker runs it at once
+        _check(await a, x)
+        _check(await b, y)
+        assert waiting.sizes() == [2]
+        busy.gate.set()
+        _check(await first, first_x)
+
+    try:
+        _run(scenario)
+    finally:
+        busy.gate.set()
+        batcher.close(1)
