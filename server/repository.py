@@ -2,17 +2,29 @@
 
 Every path handed out is resolved and checked to stay under the root; names come from a strict pattern,
 so no API field can point the server at an arbitrary file.
+
+Links: a model folder, a version folder, or any file or folder inside a version folder (the model file,
+external data, a SavedModel's files, samples.npz) may be a symbolic link, as long as it resolves inside a
+model folder of this repository: sharing a file between versions or models is fine, reading one from
+elsewhere (``/etc``, a home folder) or from the hidden ``.staging`` folder is not. Containment is checked
+before existence, so the reply for a link out is the same whether its target exists or not. Config files
+are stricter (see :func:`server.config.read_config`: inside their own model folder), and so is external
+data (inside its version folder, :mod:`server.modelfile`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from server.errors import InvalidInput, LoadFailed, ModelNotFound
+from server.numbers import parse_positive
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_VERSION_ENTRIES = 10_000
+"""Files and folders a version folder may hold (a SavedModel has a handful); checked at every load."""
 
 
 def check_model_name(name: str) -> str:
@@ -43,18 +55,62 @@ class Repository:
 
     def versions(self, name: str) -> list[int]:
         """Numeric version folders of a model, ascending."""
-        model_dir = self.model_dir(name)
-        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+        return sorted(version_folders(self.model_dir(name)))
 
     def version_dir(self, name: str, version: int) -> Path:
         """The folder of one version."""
         return self._inside(self.model_dir(name) / str(version))
 
-    def _inside(self, path: Path) -> Path:
-        resolved = path.resolve()
+    def check_tree(self, folder: Path, label: str) -> None:
+        """Every file and folder under ``folder`` (following links) must resolve inside a model folder of
+        the repository; called before a load reads anything of a version. Only resolves (lstat/readlink),
+        never opens a file."""
+        seen: set[Path] = set()
+        pending = [self._inside(folder, label)]
+        entries = 0
+        while pending:
+            current = pending.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            with os.scandir(current) as listing:
+                for entry in listing:
+                    entries += 1
+                    if entries > MAX_VERSION_ENTRIES:
+                        raise LoadFailed(f"{label}: more than {MAX_VERSION_ENTRIES} files in the version folder")
+                    resolved = self._inside(Path(entry.path), f"{label}: {entry.name}")
+                    if resolved.is_dir():
+                        pending.append(resolved)
+
+    def _inside(self, path: Path, what: str = "") -> Path:
+        """The resolved path, which must lie inside a model folder (never the root itself, nor a hidden
+        folder such as .staging)."""
+        what = what or f"path {path.name!r}"
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # a link loop
+            raise InvalidInput(f"{what}: the link cannot be resolved") from None
         if not resolved.is_relative_to(self.root):
-            raise InvalidInput(f"path {path.name!r} resolves outside the model repository")
+            raise InvalidInput(f"{what} resolves outside the model repository")
+        parts = resolved.relative_to(self.root).parts
+        if not parts or not NAME_PATTERN.fullmatch(parts[0]):
+            raise InvalidInput(f"{what} resolves outside the model folders of the repository")
         return resolved
+
+
+def version_folders(model_dir: Path) -> set[int]:
+    """The version numbers of a model folder's numeric sub-folders (ASCII digits, no leading zero)."""
+    if not model_dir.is_dir():
+        return set()
+    versions: set[int] = set()
+    for path in model_dir.iterdir():
+        try:
+            number = parse_positive(path.name, "version folder")
+        except InvalidInput:
+            continue
+        if path.is_dir():
+            versions.add(number)
+    return versions
 
 
 def select_versions(policy: Any, available: list[int]) -> list[int]:
