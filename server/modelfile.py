@@ -18,6 +18,7 @@ import onnx
 
 from server.convert.formats import CONVERT_HINT, pickle_refusal, refuse_pickle_zip
 from server.errors import InvalidInput, UnsupportedMediaType
+from server.numbers import parse_uint
 
 PLAIN_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".ckpt", ".sav", ".dill", ".keras", ".h5")
@@ -96,7 +97,10 @@ def _resolve_inside(location: str, base: Path, where: str) -> Path:
         or ".." in relative.parts
     ):
         raise InvalidInput(f"{where}: external data location {location!r} must be a relative path inside its folder")
-    target = (base / relative).resolve()
+    try:
+        target = (base / relative).resolve()
+    except (OSError, RuntimeError):  # a link loop
+        raise InvalidInput(f"{where}: external data location {location!r} cannot be resolved") from None
     if target == base or not target.is_relative_to(base):
         raise InvalidInput(f"{where}: external data location {location!r} resolves outside the model folder")
     if not target.is_file():
@@ -105,14 +109,12 @@ def _resolve_inside(location: str, base: Path, where: str) -> Path:
 
 
 def _check_extent(info: dict[str, str], target: Path, where: str) -> None:
-    """offset and length, when given, must be non-negative integers within the file."""
-    try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else None
-    except ValueError:
-        raise InvalidInput(f"{where}: external data offset/length must be integers") from None
+    """offset and length, when given, must be non-negative integers in ASCII digits within the file (what
+    ``int()`` alone would read from ``"1_0"`` or non-ASCII digits, a runtime may read differently)."""
+    offset = parse_uint(info.get("offset", "0"), f"{where}: external data offset")
+    length = parse_uint(info["length"], f"{where}: external data length") if "length" in info else None
     size = target.stat().st_size
-    if offset < 0 or (length is not None and (length < 0 or offset + length > size)) or offset > size:
+    if (length is not None and offset + length > size) or offset > size:
         raise InvalidInput(f"{where}: external data offset/length lie outside the {size}-byte file")
 
 
