@@ -9,6 +9,7 @@ reply are the exact shapes Triton's tools read.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,41 @@ from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
 
 from server import datatypes
-from server.errors import LoadFailed
-from server.optimize_block import split_pbtxt
+from server.errors import InvalidInput, LoadFailed
+from server.modelfile import check_file_name
+from server.numbers import INT64_MAX, parse_positive
+from server.optimize_block import check_block, split_pbtxt
 
 ModelConfig = mc.ModelConfig
 CONFIG_FILES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
 DEFAULT_MODEL_FILENAME = "model.onnx"
 PLATFORM = "onnxruntime_onnx"
+
+# ---- what a config may ask for ------------------------------------------------------------------------
+# Triton's schema takes any int32/uint64 here. Past these limits a config fails its load (400 from the load
+# and upload APIs, before an upload is published; UNAVAILABLE with the reason at start) rather than loading
+# and then hanging or failing every request, killing a batcher thread or allocating until the process dies.
+MAX_BATCH_SIZE = 1 << 20
+"""max_batch_size, preferred and CUDA graph batch sizes."""
+MAX_DIM = 2**31 - 1
+"""One configured dimension (TensorRT and most kernels index with int32); -1 is any size."""
+MAX_RANK = 64
+"""Dimensions of one configured tensor."""
+MAX_TENSORS = 1024
+"""Inputs, and outputs, a config may list."""
+MAX_INSTANCES = 256
+"""Instances of one model version in all: count x GPUs, summed over the instance groups."""
+MAX_PRIORITY_LEVELS = 1000
+"""dynamic_batching.priority_levels: the batcher keeps a queue per level and scans them per batch."""
+MAX_MICROSECONDS = 3_600_000_000
+"""Every duration in microseconds (queue delay, queue timeouts): one hour."""
+MAX_QUEUE_SIZE = 1_000_000
+"""max_queue_size of a queue policy (0: the server's --default-max-queue-size)."""
+MAX_THREADS = 1024
+"""parameters intra_op_thread_count / inter_op_thread_count."""
+MAX_CONFIG_BYTES = 4 << 20
+"""A config file read from the repository."""
+THREAD_PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count")
 
 
 @dataclass(frozen=True)
@@ -49,16 +78,41 @@ class LoadedConfig:
 
 
 def read_config(model_dir: Path) -> LoadedConfig:
-    """Read the model's config file if there is one; an empty config otherwise."""
+    """Read the model's config file if there is one; an empty config otherwise. The file may be a link, but
+    only to a file inside the model's own folder: a config is never read from elsewhere (nor does an error
+    tell whether something exists out there)."""
+    folder = model_dir.resolve()
     for name in CONFIG_FILES:
         path = model_dir / name
-        if path.is_file():
-            return parse_config(path.read_text(encoding="utf-8"), path.suffix.lstrip("."))
+        if not path.is_symlink() and not path.exists():
+            continue
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a link loop
+            raise LoadFailed(f"{name}: the link cannot be resolved") from None
+        if target == folder or not target.is_relative_to(folder):
+            raise LoadFailed(f"{name}: links to a file outside the model folder; a config must be the model's own")
+        if not target.is_file():
+            continue
+        return parse_config(_read_text(target, name), path.suffix.lstrip("."))
     return LoadedConfig(ModelConfig(), set())
 
 
+def _read_text(path: Path, name: str) -> str:
+    """A config file's text, at most MAX_CONFIG_BYTES of UTF-8."""
+    with open(path, "rb") as file:
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise LoadFailed(f"{name}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LoadFailed(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def parse_config(text: str, fmt: str) -> LoadedConfig:
-    """Parse config text in ``pbtxt``, ``yaml``/``yml`` or ``json`` format into a ModelConfig."""
+    """Parse config text in ``pbtxt``, ``yaml``/``yml`` or ``json`` format into a ModelConfig, and check
+    every value against :func:`check_config` (LoadFailed naming the field)."""
     config = ModelConfig()
     try:
         if fmt == "pbtxt":
@@ -74,11 +128,66 @@ def parse_config(text: str, fmt: str) -> LoadedConfig:
             optimize = data.pop("optimize", None)
             if optimize is not None and not isinstance(optimize, dict):
                 raise LoadFailed(f"config.{fmt}: optimize must be a mapping, got {type(optimize).__name__}")
+            _check_json_integers(config.DESCRIPTOR, data, "")
             json_format.ParseDict(data, config)
             explicit = set(data)
     except (text_format.ParseError, json_format.ParseError, yaml.YAMLError, ValueError) as exc:
         raise LoadFailed(f"config.{fmt}: {exc}") from None
-    return LoadedConfig(config, explicit, optimize)
+    except RecursionError:
+        raise LoadFailed(f"config.{fmt}: nested too deeply") from None
+    loaded = LoadedConfig(config, explicit, optimize)
+    check_config(loaded)
+    return loaded
+
+
+_JSON_INTEGER = re.compile(r"-?[0-9]{1,20}")
+_INTEGER_TYPES = {
+    descriptor.FieldDescriptor.TYPE_INT32,
+    descriptor.FieldDescriptor.TYPE_UINT32,
+    descriptor.FieldDescriptor.TYPE_SINT32,
+    descriptor.FieldDescriptor.TYPE_FIXED32,
+    descriptor.FieldDescriptor.TYPE_SFIXED32,
+    descriptor.FieldDescriptor.TYPE_INT64,
+    descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_SINT64,
+    descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _check_json_integers(desc: Any, data: Any, where: str) -> None:
+    """JSON may give integers as strings (protobuf's JSON mapping); protobuf then reads them with ``int()``,
+    which takes ``"1_000"`` and non-ASCII digits. Only plain ASCII digits are numbers here, as everywhere."""
+    if not isinstance(data, dict):
+        return  # protobuf's own parse reports the wrong shape
+    for key, value in data.items():
+        field = desc.fields_by_name.get(key) or next((f for f in desc.fields if f.json_name == key), None)
+        if field is None:
+            continue
+        name = f"{where}.{field.name}" if where else field.name
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if isinstance(value, dict):
+                key_field = field.message_type.fields_by_name["key"]
+                value_field = field.message_type.fields_by_name["value"]
+                for map_key, item in value.items():
+                    if key_field.type in _INTEGER_TYPES:
+                        _check_json_integer(map_key, f"{name} key")
+                    _check_field_values(value_field, [item], f"{name}[{map_key}]")
+        else:
+            _check_field_values(field, value if isinstance(value, list) else [value], name)
+
+
+def _check_field_values(field: Any, values: list[Any], name: str) -> None:
+    for value in values:
+        if field.message_type is not None:
+            _check_json_integers(field.message_type, value, name)
+        elif field.type in _INTEGER_TYPES:
+            _check_json_integer(value, name)
+
+
+def _check_json_integer(value: Any, name: str) -> None:
+    if isinstance(value, str) and _JSON_INTEGER.fullmatch(value) is None:
+        raise ValueError(f"{name}: {value[:40]!r} is not an integer in ASCII digits")  # parse_config names the file
 
 
 def _top_level_fields(text: str) -> set[str]:
@@ -131,8 +240,8 @@ def complete_config(
     graph_outputs = _graph_tensors(model, inputs=False)
     if "max_batch_size" not in loaded.explicit and _batchable(graph_inputs, graph_outputs):
         config.max_batch_size = default_max_batch_size
-    if config.max_batch_size < 0:
-        raise LoadFailed(f"max_batch_size must be >= 0, got {config.max_batch_size}")
+    _check_range("max_batch_size", config.max_batch_size, 0, MAX_BATCH_SIZE)
+    check_batch_sizes(config)
     _complete_tensors(config.input, graph_inputs, config.max_batch_size, "input")
     _complete_tensors(config.output, graph_outputs, config.max_batch_size, "output")
     if config.max_batch_size > 0 and not loaded.explicit & {"max_batch_size", "dynamic_batching"}:
@@ -268,3 +377,162 @@ def _int64_as_numbers(desc: Any, data: dict[str, Any]) -> dict[str, Any]:
         elif field.type in _INT64_TYPES:
             data[key] = [int(v) for v in value] if isinstance(value, list) else int(value)
     return data
+
+
+# ---- checks: every value a config gives, before anything is published, allocated or served ------------
+def check_config(loaded: LoadedConfig) -> None:
+    """Check what a config asks for on its own, before completion: enum values, every field that names a
+    file, the range of every number the server uses, and the relations between them. Relations to
+    ``max_batch_size`` are checked here when the config sets it, and again by :func:`complete_config`."""
+    config = loaded.config
+    _check_enums(config, "")
+    _check_file_fields(config)
+    _check_range("max_batch_size", config.max_batch_size, 0, MAX_BATCH_SIZE)
+    for version in config.version_policy.specific.versions:
+        _check_range("version_policy.specific.versions", version, 1, INT64_MAX)
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        _check_tensors(kind, tensors)
+    _check_instance_groups(config)
+    _check_dynamic_batching(config.dynamic_batching)
+    for key in THREAD_PARAMETERS:
+        thread_count(config, key)
+    if "max_batch_size" in loaded.explicit:
+        check_batch_sizes(config)
+    if loaded.optimize is not None:
+        check_block(loaded.optimize)
+
+
+def model_filename(config: Any) -> str:
+    """The model file a config names (``default_model_filename``, else model.onnx): a plain file name."""
+    return check_file_name(config.default_model_filename or DEFAULT_MODEL_FILENAME, "default_model_filename")
+
+
+def thread_count(config: Any, key: str) -> int:
+    """Triton's onnxruntime-backend thread parameters (``parameters { key: "intra_op_thread_count" ... }``):
+    a positive count in ASCII digits up to MAX_THREADS, 0 when absent."""
+    if key not in config.parameters:
+        return 0
+    text = config.parameters[key].string_value
+    try:
+        count = parse_positive(text, f"parameters.{key}")
+    except InvalidInput as exc:
+        raise LoadFailed(exc.message) from None
+    _check_range(f"parameters.{key}", count, 1, MAX_THREADS)
+    return count
+
+
+def check_batch_sizes(config: Any) -> None:
+    """Batch sizes the config names must be ones the model can take: 1..max_batch_size."""
+    largest = int(config.max_batch_size)
+    preferred = list(config.dynamic_batching.preferred_batch_size)
+    if preferred and largest < 1:
+        raise LoadFailed("dynamic_batching.preferred_batch_size: needs max_batch_size > 0 (the model has no batch dim)")
+    for size in preferred:
+        _check_range("dynamic_batching.preferred_batch_size", size, 1, largest, "max_batch_size")
+    specified = [int(spec.batch_size) for spec in config.optimization.cuda.graph_spec]
+    if largest < 1 and any(specified):
+        raise LoadFailed("optimization.cuda.graph_spec.batch_size: must be 0 for a model with max_batch_size 0")
+    outside = [size for size in specified if largest >= 1 and not 1 <= size <= largest]
+    if outside:
+        raise LoadFailed(
+            f"optimization.cuda.graph_spec.batch_size: {outside[0]} is outside 1..max_batch_size ({largest})"
+        )
+
+
+def _check_range(name: str, value: int, low: int, high: int, high_name: str = "") -> None:
+    if not low <= value <= high:
+        limit = f"{high_name} ({high})" if high_name else str(high)
+        raise LoadFailed(f"{name}: {value} is outside {low}..{limit}")
+
+
+def _check_enums(message: Message, where: str) -> None:
+    """proto3 enums are open: ``kind: 7`` or ``"data_type": 99`` parse, and would then fail or misbehave
+    far from the config. Every enum value must be one the schema names."""
+    for field, value in message.ListFields():
+        name = f"{where}.{field.name}" if where else field.name
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                for key, item in value.items():
+                    _check_enums(item, f"{name}[{key}]")
+        elif field.message_type is not None:
+            for index, item in enumerate(value if field.is_repeated else [value]):
+                _check_enums(item, f"{name}[{index}]" if field.is_repeated else name)
+        elif field.enum_type is not None:
+            for number in value if field.is_repeated else [value]:
+                if number not in field.enum_type.values_by_number:
+                    raise LoadFailed(f"{name}: {number} is not a {field.enum_type.name} value")
+
+
+def _check_file_fields(config: Any) -> None:
+    """Every field of Triton's schema that names a file takes a plain file name (no folder, no ``..``, not
+    absolute, not hidden), with the rules of uploaded file names; a custom-op library (a shared object,
+    i.e. code) is never loaded."""
+    model_filename(config)
+    for key, name in config.cc_model_filenames.items():
+        check_file_name(name, f"cc_model_filenames[{key!r}]")
+    for index, output in enumerate(config.output):
+        if output.label_filename:
+            check_file_name(output.label_filename, f"output[{index}].label_filename")
+    for index, warmup in enumerate(config.model_warmup):
+        for key, value in warmup.inputs.items():
+            if value.input_data_file:
+                check_file_name(value.input_data_file, f"model_warmup[{index}].inputs[{key!r}].input_data_file")
+    for index, state in enumerate(config.sequence_batching.state):
+        for number, initial in enumerate(state.initial_state):
+            if initial.data_file:
+                check_file_name(
+                    initial.data_file, f"sequence_batching.state[{index}].initial_state[{number}].data_file"
+                )
+    if config.model_operations.op_library_filename:
+        raise InvalidInput("model_operations.op_library_filename: custom operation libraries are not loaded")
+
+
+def _check_tensors(kind: str, tensors: Any) -> None:
+    if len(tensors) > MAX_TENSORS:
+        raise LoadFailed(f"{kind}: {len(tensors)} tensors listed, at most {MAX_TENSORS}")
+    seen: set[str] = set()
+    for index, tensor in enumerate(tensors):
+        where = f"{kind}[{index}]"
+        if tensor.name in seen:
+            raise LoadFailed(f"{where}.name: {tensor.name!r} is listed twice")
+        seen.add(tensor.name)
+        if len(tensor.dims) > MAX_RANK:
+            raise LoadFailed(f"{where}.dims: rank {len(tensor.dims)} is more than {MAX_RANK}")
+        for dim in tensor.dims:
+            if dim != -1 and not 1 <= dim <= MAX_DIM:
+                raise LoadFailed(f"{where}.dims: {dim} must be -1 (any size) or 1..{MAX_DIM}")
+
+
+def _check_instance_groups(config: Any) -> None:
+    """count 0 is Triton's default of 1 (proto3 cannot tell it from unset); a negative count is refused."""
+    total = 0
+    for index, group in enumerate(config.instance_group):
+        _check_range(f"instance_group[{index}].count", group.count, 0, MAX_INSTANCES)
+        for gpu in group.gpus:
+            _check_range(f"instance_group[{index}].gpus", gpu, 0, MAX_INSTANCES - 1)
+        total += (group.count or 1) * max(1, len(group.gpus))
+        if total > MAX_INSTANCES:
+            raise LoadFailed(
+                f"instance_group: {total} instances (count x gpus, over every group), at most {MAX_INSTANCES}"
+            )
+
+
+def _check_dynamic_batching(batching: Any) -> None:
+    """Triton's rules (default and per-key levels within 1..priority_levels), within our limits."""
+    where = "dynamic_batching"
+    _check_range(f"{where}.max_queue_delay_microseconds", batching.max_queue_delay_microseconds, 0, MAX_MICROSECONDS)
+    levels = int(batching.priority_levels)
+    _check_range(f"{where}.priority_levels", levels, 0, MAX_PRIORITY_LEVELS)
+    if batching.default_priority_level > levels:
+        raise LoadFailed(
+            f"{where}.default_priority_level: {batching.default_priority_level} is more than priority_levels ({levels})"
+        )
+    _check_queue_policy(f"{where}.default_queue_policy", batching.default_queue_policy)
+    for level, policy in batching.priority_queue_policy.items():
+        _check_range(f"{where}.priority_queue_policy key", level, 1, levels, "priority_levels")
+        _check_queue_policy(f"{where}.priority_queue_policy[{level}]", policy)
+
+
+def _check_queue_policy(where: str, policy: Any) -> None:
+    _check_range(f"{where}.default_timeout_microseconds", policy.default_timeout_microseconds, 0, MAX_MICROSECONDS)
+    _check_range(f"{where}.max_queue_size", policy.max_queue_size, 0, MAX_QUEUE_SIZE)

@@ -25,7 +25,7 @@ from server.backends.base import Backend
 from server.backends.capture_lock import CUDA_CAPTURE
 from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
 from server.batching import Batcher, BatchPolicy
-from server.config import LoadedConfig, complete_config, tensor_specs
+from server.config import MAX_INSTANCES, LoadedConfig, complete_config, model_filename, tensor_specs, thread_count
 from server.convert import convert_version, is_convertible
 from server.errors import LoadFailed
 from server.metrics import ServerMetrics
@@ -54,7 +54,8 @@ class VersionLoader:
         started = time.monotonic()
         label = f"model {name!r} version {version}"
         version_dir = self.repository.version_dir(name, version)
-        filename = loaded.config.default_model_filename or "model.onnx"
+        filename = model_filename(loaded.config)  # a plain name, never a path
+        self.repository.check_tree(version_dir, label)  # nothing read here may resolve out of the repository
         model_path = version_dir / filename
         conversion: dict[str, Any] | None = None
         if not model_path.is_file() and is_convertible(version_dir):
@@ -272,6 +273,8 @@ def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
     devices: list[int | None] = []  # GPU id per instance; None = CPU instance
     visible: int | None = None  # the GPU count, asked for once and only when a group wants GPUs
     for index, group in enumerate(config.instance_group):
+        if not 0 <= group.count <= MAX_INSTANCES:  # parse_config refuses it too; never [None] * -3
+            raise LoadFailed(f"instance_group[{index}].count: {group.count} is outside 0..{MAX_INSTANCES}")
         count = group.count or 1
         if not _group_wants_gpu(group, settings):
             devices.extend([None] * count)
@@ -282,6 +285,8 @@ def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
             devices.extend([None] * count)  # a GPU provider is installed but no GPU is visible
             continue
         devices.extend(gpu.spread(count, gpu.group_gpus(group, index, visible)))
+    if len(devices) > MAX_INSTANCES:
+        raise LoadFailed(f"instance_group: {len(devices)} instances in all (count x GPUs), at most {MAX_INSTANCES}")
     cpu_instances = max(1, sum(1 for device in devices if device is None))
     threads = (
         thread_parameter(config, "intra_op_thread_count")
@@ -304,12 +309,7 @@ def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
 def thread_parameter(config: Any, key: str) -> int:
     """Triton's onnxruntime-backend thread parameters (``parameters { key: "intra_op_thread_count" ... }``),
     0 when absent; a per-model setting beats the server's and the optimizer's choice."""
-    if key not in config.parameters:
-        return 0
-    text = config.parameters[key].string_value.strip()
-    if not text.isdigit() or int(text) < 1:
-        raise LoadFailed(f"parameters.{key}: must be a positive integer string, got {text!r}")
-    return int(text)
+    return thread_count(config, key)
 
 
 def instance_report(backends: list[Backend]) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ protobuf parses the rest, and read into a plain dict for ``optimizers.OptimizeOp
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from google.protobuf import text_format
@@ -11,6 +13,37 @@ from google.protobuf import text_format
 from server.errors import LoadFailed
 
 BLOCK = "optimize"
+MAX_DEPTH = 8
+"""Nesting of the block (its real fields nest two deep); deeper is refused before recursion runs out."""
+INTEGER = re.compile(r"-?[0-9]{1,19}")
+DECIMAL = re.compile(r"-?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def check_block(block: dict[str, Any]) -> None:
+    """Check an ``optimize`` block as a load will use it, before anything is published: finite numbers
+    only (YAML's ``.nan``, JSON's ``Infinity`` and ``1e999`` compare false against every bound), no
+    deeper nesting than MAX_DEPTH, then the optimizer's own field and range checks."""
+    _check_values(block, "optimize", 0)
+    from optimizers import OptimizeOptions, OptionsError  # the optimizer's schema; imported when needed
+
+    try:
+        options = OptimizeOptions.from_config_dict(block)
+    except OptionsError as exc:
+        raise LoadFailed(str(exc)) from None
+    _check_values(options.model_dump(), "optimize", 0)  # the strings "nan"/"inf" become floats there
+
+
+def _check_values(value: Any, where: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise LoadFailed(f"{where}: nested more than {MAX_DEPTH} deep")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_values(item, where, depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise LoadFailed(f"{where}: {value} is not a finite number")
 
 
 def split_pbtxt(text: str) -> tuple[str, dict[str, Any] | None]:
@@ -89,7 +122,9 @@ def _parse_block(body: str) -> dict[str, Any]:
     return value
 
 
-def _fields(tokens: list[str], index: int) -> tuple[dict[str, Any], int]:
+def _fields(tokens: list[str], index: int, depth: int = 0) -> tuple[dict[str, Any], int]:
+    if depth > MAX_DEPTH:
+        raise LoadFailed(f"config.pbtxt: optimize block: nested more than {MAX_DEPTH} deep")
     fields: dict[str, Any] = {}
     while index < len(tokens) and tokens[index] != "}":
         key = tokens[index]
@@ -99,7 +134,7 @@ def _fields(tokens: list[str], index: int) -> tuple[dict[str, Any], int]:
         if index >= len(tokens):
             raise LoadFailed(f"config.pbtxt: optimize.{key}: missing value")
         if tokens[index] == "{":
-            fields[key], index = _fields(tokens, index + 1)
+            fields[key], index = _fields(tokens, index + 1, depth + 1)
             index += 1  # the closing brace
         else:
             fields[key] = _scalar(tokens[index])
@@ -110,13 +145,17 @@ def _fields(tokens: list[str], index: int) -> tuple[dict[str, Any], int]:
 
 
 def _scalar(token: str) -> Any:
+    """A quoted string, true/false, a number in ASCII digits (``int()``/``float()`` alone would also take
+    ``1_000``, non-ASCII digits, ``nan`` and ``inf``), else the bare word (an enum-like name)."""
     if token[:1] in "\"'":
         return token[1:-1]
     if token in ("true", "false"):
         return token == "true"
-    for kind in (int, float):
-        try:
-            return kind(token)
-        except ValueError:
-            pass
+    if INTEGER.fullmatch(token):
+        return int(token)
+    if DECIMAL.fullmatch(token):
+        number = float(token)
+        if not math.isfinite(number):
+            raise LoadFailed(f"config.pbtxt: optimize block: {token!r} is not a finite number")
+        return number
     return token

@@ -34,12 +34,14 @@ from server.config import (
     LoadedConfig,
     ModelConfig,
     complete_config,
+    model_filename,
     parse_config,
     read_config,
 )
 from server.convert.staging import ACCEPTED, adopt_sources, check_sources
 from server.errors import InternalError, InvalidInput, PayloadTooLarge
 from server.modelfile import check_external_data, check_file_name, check_graph, load_graph, sniff_format
+from server.numbers import parse_positive
 from server.repository import check_model_name
 
 log = logging.getLogger("optiserve.upload")
@@ -188,7 +190,8 @@ class StagedUpload:
         staged.close()
 
     def set_config(self, text: str) -> None:
-        """Keep the config sent with the upload; it becomes the model's config.json when published."""
+        """Keep the config sent with the upload; it becomes the model's config.json when published.
+        :meth:`validate` checks it (every value, every file name it gives) before anything is published."""
         staged = StagedFile(self.incoming / UPLOADED_CONFIG)
         self._open.append(staged)
         staged.write(text.encode("utf-8"))
@@ -196,12 +199,13 @@ class StagedUpload:
 
     # ---- validation (blocking: run in a thread) -------------------------------------------------
     def validate(self, default_max_batch_size: int) -> None:
-        """Check every staged version against the config it will be served with."""
+        """Check the config (every value and file name it gives: parse_config) and every staged version
+        against it, all before anything is published: a bad config is a 400 and never lands on disk."""
         loaded = self._config()
         folders = self.folders()
         if not folders:
             raise InvalidInput("the upload carries no model file")
-        filename = check_file_name(loaded.config.default_model_filename or DEFAULT_MODEL_FILENAME, "model file")
+        filename = model_filename(loaded.config)
         for folder in folders:
             folder_dir = self.incoming / str(folder)
             placeholder = folder_dir / DEFAULT_MODEL_FILENAME
@@ -401,9 +405,17 @@ def new_staging_dir(root: Path) -> Path:
 
 
 def _numeric_folders(model_dir: Path) -> set[int]:
+    """Version numbers taken in a model folder: any entry named like a version (a file too: renaming a
+    version folder onto it would fail)."""
     if not model_dir.is_dir():
         return set()
-    return {int(p.name) for p in model_dir.iterdir() if p.name.isdigit()}
+    taken: set[int] = set()
+    for path in model_dir.iterdir():
+        try:
+            taken.add(parse_positive(path.name, "version"))
+        except InvalidInput:
+            continue
+    return taken
 
 
 def write_durably(path: Path, data: bytes) -> None:

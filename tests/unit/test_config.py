@@ -252,7 +252,7 @@ def test_config_may_list_a_subset_of_outputs() -> None:
         ('max_batch_size: 0\ninput [ { name: "x", dims: [ 8 ] } ]', "mlp", r"rank 1, the model expects rank 2"),
         ('name: "other"', "mlp", r"config name 'other' does not match the model folder 'm'"),
         ("max_batch_size: 4", "no_batch", r"first dimension is fixed at 2; set max_batch_size: 0"),
-        ("max_batch_size: -1", "mlp", r"max_batch_size must be >= 0, got -1"),
+        ("max_batch_size: -1", "mlp", r"max_batch_size: -1 is outside 0..1048576"),
         ('platform: "tensorrt_plan"', "mlp", r"platform 'tensorrt_plan' is not supported"),
         ('backend: "pytorch"', "mlp", r"backend 'pytorch' is not supported"),
     ],
@@ -286,7 +286,7 @@ def test_config_dims_contradicting_fixed_graph_dims_is_load_failed() -> None:
 
 def test_config_to_json_uses_numbers_and_enum_names() -> None:
     batching_text = (
-        "dynamic_batching { max_queue_delay_microseconds: 100 "
+        "dynamic_batching { max_queue_delay_microseconds: 100 priority_levels: 2 "
         "default_queue_policy { default_timeout_microseconds: 7 max_queue_size: 9 } "
         "priority_queue_policy { key: 2 value { default_timeout_microseconds: 11 } } }"
     )
