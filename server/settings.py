@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -16,7 +17,9 @@ GIB = 1024 * MIB
 class Settings(BaseSettings):
     """Everything the composition root needs to build a server."""
 
-    model_config = SettingsConfigDict(env_prefix="OPTISERVE_", use_attribute_docstrings=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="OPTISERVE_", use_attribute_docstrings=True, extra="ignore", validate_default=True
+    )
 
     model_repository: Path = Path("model_repo")
     """Folder holding models in Triton's layout: <model>/<version>/model.onnx plus an optional config."""
@@ -38,6 +41,14 @@ class Settings(BaseSettings):
 
     max_request_bytes: int = Field(64 * MIB, gt=0)
     """Largest HTTP request body accepted, also after gzip/deflate decompression (413 beyond)."""
+
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    """Largest HTTP request line plus headers accepted (431 beyond, and the connection closes): they are held
+    in memory before any body limit applies."""
+
+    header_timeout_s: float = Field(30.0, gt=0)
+    """How long an HTTP client may take to send a request line and headers, counted from its first byte (from
+    connecting, for a connection's first request): 408 beyond, and the connection closes."""
 
     max_grpc_message_bytes: int = Field(64 * MIB, gt=0)
     """Largest gRPC message received or sent (RESOURCE_EXHAUSTED beyond)."""
@@ -124,3 +135,14 @@ class Settings(BaseSettings):
 
     log_format: Literal["text", "json"] = "text"
     """Log lines as plain text or as one JSON object per line (for log collectors)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _absolute_paths(cls, value: Any) -> Any:
+        """Every path setting is made absolute once, here, against the folder the server was started from:
+        a relative path handed on later (to the converter worker, which runs in its own folder, or to a
+        native library) would otherwise be resolved against some other working folder. ``~`` is expanded;
+        symlinks are kept (``abspath`` only joins and normalises)."""
+        if isinstance(value, Path):
+            return Path(os.path.abspath(value.expanduser()))
+        return value
