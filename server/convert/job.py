@@ -4,8 +4,10 @@ own outputs for them, keyed by position) and ``result.json`` in the job's folder
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -78,6 +80,19 @@ class Job:
     def from_json(cls, text: str) -> Job:
         """The inverse of :meth:`to_json`."""
         return cls(**json.loads(text))
+
+    def absolute(self) -> Job:
+        """This job with every path made absolute against the current folder: the worker runs in its job
+        folder, where a relative path would point somewhere else (``a/b`` would become ``a/b/a/b``)."""
+        samples = os.path.abspath(self.samples) if self.samples else None
+        return dataclasses.replace(
+            self, source=os.path.abspath(self.source), work_dir=os.path.abspath(self.work_dir), samples=samples
+        )
+
+    def relative_paths(self) -> list[str]:
+        """The paths of this job that are not absolute (none, for a job made by :meth:`absolute`)."""
+        paths = [self.source, self.work_dir, *([self.samples] if self.samples else [])]
+        return [path for path in paths if not os.path.isabs(path)]
 
     def load_samples(self) -> dict[str, np.ndarray] | None:
         """The user's validation inputs, if any (plain arrays only; never unpickled)."""

@@ -24,7 +24,9 @@ def worker_threads() -> int:
 
 
 def run_job(job: Job, timeout_s: float = DEFAULT_TIMEOUT_S) -> Produced:
-    """Run ``job`` in a worker process; raise :class:`ConvertError` with the worker's reason on failure."""
+    """Run ``job`` in a worker process; raise :class:`ConvertError` with the worker's reason on failure.
+    The worker runs in the job's folder, so every path it is handed is made absolute first."""
+    job = job.absolute()
     work_dir = Path(job.work_dir)
     (work_dir / JOB_FILE).write_text(job.to_json())
     command = [sys.executable, "-m", "server.convert.worker", str(work_dir)]

@@ -61,6 +61,7 @@ class SandboxViolation(PermissionError):
 def worker_env(work_dir: Path, threads: int) -> dict[str, str]:
     """The worker's environment: a few harmless variables of ours, nothing else (no tokens, no GPUs)."""
     env = {key: os.environ[key] for key in _KEEP_ENV if key in os.environ}
+    work_dir = Path(os.path.abspath(work_dir))  # HOME and TMPDIR are read from the worker's own cwd
     root = str(Path(__file__).resolve().parents[2])
     env.update(
         HOME=str(work_dir),

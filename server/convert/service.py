@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -71,7 +72,7 @@ def convert_version(
         raise LoadFailed(exc.message) from None
     if converter.missing_modules():
         raise LoadFailed(f"{label}: {converter.missing_message()}")
-    cache = Cache(Path(cache_dir))
+    cache = Cache(Path(os.path.abspath(cache_dir)))  # its scratch folders are handed to the worker process
     key = cache_key(
         kind="convert",
         version=CONVERT_VERSION,

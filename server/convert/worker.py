@@ -51,10 +51,17 @@ def preload(framework: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Run one job; the exit code is 0 whenever result.json was written."""
+    """Run one job; the exit code is 0 whenever result.json was written. The job folder and every path in
+    the job must be absolute: the worker runs in its job folder, so it never resolves against its cwd."""
+    if len(argv) != 1 or not Path(argv[0]).is_absolute():
+        print(f"usage: python -m server.convert.worker ABSOLUTE_JOB_DIR (got {argv!r})", file=sys.stderr)
+        return 2
     work_dir = Path(argv[0]).resolve()
     job = Job.from_json((work_dir / JOB_FILE).read_text())
     try:
+        relative = job.relative_paths()
+        if relative:
+            raise ConvertError(f"the job's paths must be absolute, not {', '.join(map(repr, relative))}")
         produce = producer(job.framework)
         preload(job.framework)
         if not job.trusted:
