@@ -31,9 +31,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 class ServerProcess:
     """The real server as a subprocess, on free ports chosen by the OS (port 0), logs kept for asserts."""
 
-    def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.repo = repo
         self.args = args
+        self.cwd = cwd
         # Tests compare served outputs with onnxruntime's exactly, so the optimizer is off unless a test turns
         # it on; its cache goes to a fresh folder so no test sees another's artifacts.
         defaults = {"OPTISERVE_DEFAULT_PRECISION": "none", "OPTISERVE_CACHE_DIR": tempfile.mkdtemp(prefix="cache-")}
@@ -64,7 +65,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(self.repo)]
         cmd += ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", *self.args]
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._listening.wait(timeout):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from server.convert import convert_version
-from tests.conftest import ServerProcess
+from tests.conftest import ROOT, ServerProcess
 from tests.e2e.test_upload import snapshot
 from tests.models import frameworks
 
@@ -179,3 +180,37 @@ def test_saved_model_tar_upload(plain_server: ServerProcess, tmp_path: Path) -> 
     rows = frameworks.rows(5, seed=8)
     (served,) = _infer(plain_server, "keras", {"x": rows}, ["output_0"])
     np.testing.assert_allclose(served, model(rows).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---- started the way a user starts it: relative repository, default cache, from another folder ---------
+def test_tree_uploads_convert_with_relative_paths_and_the_default_cache(tmp_path: Path) -> None:
+    """``cd somewhere && optiserve serve --model-repository models`` with no --cache-dir: the cache is the
+    relative default ``.optiserve-cache``, and the converter worker, which runs in its own job folder, must
+    still find its job and the uploaded file (it once looked for ``<rel>/job.json`` under ``<rel>``)."""
+    xgb = pytest.importorskip("xgboost")
+    boosters = {"xgb": frameworks.xgboost_booster(), "lgbm": frameworks.lightgbm_booster()}  # small trees only
+    files = {"xgb": tmp_path / "model.json", "lgbm": tmp_path / "model.txt"}
+    for name, booster in boosters.items():
+        booster.save_model(str(files[name]))
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    srv = ServerProcess(Path("models"), cwd=work)
+    for variable in ("OPTISERVE_CACHE_DIR", "OPTISERVE_MODEL_REPOSITORY"):
+        srv.env.pop(variable, None)  # the defaults, as a user has them
+    srv.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    srv.start()
+    try:
+        for name, path in files.items():
+            response = _upload(srv, name, path.read_bytes(), path.name)
+            assert response.status_code == 201 and response.json()["state"] == "READY", response.text
+        rows = frameworks.rows(6, seed=9)
+        (probabilities,) = _infer(srv, "xgb", {"input": rows}, ["probabilities"])
+        np.testing.assert_allclose(probabilities, boosters["xgb"].predict(xgb.DMatrix(rows)), rtol=1e-5, atol=1e-6)
+        (probabilities,) = _infer(srv, "lgbm", {"input": rows}, ["probabilities"])
+        np.testing.assert_allclose(probabilities[:, 1], boosters["lgbm"].predict(rows), rtol=1e-5, atol=1e-6)
+    finally:
+        srv.stop()
+    # Both relative paths were taken from the folder the server was started in.
+    assert (work / "models" / "xgb" / "1" / "model.json").is_file()
+    assert (work / "models" / "lgbm" / "1" / "model.txt").is_file()
+    assert len(list((work / ".optiserve-cache" / "converted" / "artifacts").glob("*.onnx"))) == 2
