@@ -162,7 +162,7 @@ BATCHED = """
 name: "cnn"
 max_batch_size: 16
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }, { name: "y" data_type: TYPE_FP32 dims: [ 5 ] } ]
-dynamic_batching { preferred_batch_size: [ 4, 8, 64 ] }
+dynamic_batching { preferred_batch_size: [ 4, 8 ] }
 """
 
 
@@ -194,7 +194,7 @@ def test_cuda_and_tensorrt_options_per_device(tmp_path: Path) -> None:
         "trt_timing_cache_path": str(root / "timing"),
         "trt_fp16_enable": "False",
         "trt_profile_min_shapes": "x:1x3x32x32,y:1x5",
-        "trt_profile_opt_shapes": "x:8x3x32x32,y:8x5",  # 64 > max_batch_size does not count
+        "trt_profile_opt_shapes": "x:8x3x32x32,y:8x5",  # the largest preferred batch size
         "trt_profile_max_shapes": "x:16x3x32x32,y:16x5",
     }
     assert first.provider_options[TRT]["device_id"] == "0"
