@@ -42,7 +42,7 @@ from server.convert.staging import ACCEPTED, adopt_sources, check_sources
 from server.errors import InternalError, InvalidInput, PayloadTooLarge
 from server.modelfile import check_external_data, check_file_name, check_graph, load_graph, sniff_format
 from server.numbers import parse_positive
-from server.repository import check_model_name
+from server.repository import Repository, check_model_name
 
 log = logging.getLogger("optiserve.upload")
 
@@ -219,8 +219,9 @@ class StagedUpload:
         uploaded = self.incoming / UPLOADED_CONFIG
         if uploaded.is_file():
             return parse_config(uploaded.read_text(encoding="utf-8"), "json")
-        model_dir = self.root / self.model_name
-        return read_config(model_dir) if model_dir.is_dir() else LoadedConfig(ModelConfig(), set())
+        if not (self.root / self.model_name).is_dir():
+            return LoadedConfig(ModelConfig(), set())
+        return read_config(Repository(self.root).model_dir(self.model_name))  # never through a link out
 
     @staticmethod
     def _label(folder_dir: Path, filename: str) -> str:

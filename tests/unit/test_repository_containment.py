@@ -16,7 +16,7 @@ from server.loader import VersionLoader
 from server.modelfile import check_external_data
 from server.repository import Repository
 from server.settings import Settings
-from server.upload import _numeric_folders
+from server.upload import StagedUpload, _numeric_folders
 from tests.models import fixtures
 
 
@@ -138,3 +138,15 @@ def test_missing_model_file_reason_names_the_plain_file(tmp_path: Path) -> None:
 
     with pytest.raises(LoadFailed, match=r"net\.onnx is missing"):
         loader.build("m", 1, parse_config('default_model_filename: "net.onnx"', "pbtxt"), lambda step: None)
+
+
+def test_an_upload_never_reads_the_config_of_a_model_folder_linking_out(tmp_path: Path) -> None:
+    root, _, outside = _repo(tmp_path)
+    (outside / "config.pbtxt").write_text("secret_token_in_a_file_outside: 1")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    staged = StagedUpload(root, "linked", max_bytes=1 << 20)
+    staged.add_file("1/model.onnx", fixtures.float_mlp().SerializeToString())
+    with pytest.raises(InvalidInput, match="outside the model repository") as info:
+        staged.validate(32)
+    assert "secret" not in info.value.message
+    staged.discard()
