@@ -3,7 +3,10 @@ a pickle; framework formats are checked in :mod:`server.convert`), and every ten
 must point at a regular file inside the version folder.
 
 The external-data check only resolves paths (lstat/readlink/stat); it never opens the files it checks, so
-a model cannot make the server read ``/etc/passwd`` or follow a symlink out of the repository.
+a model cannot make the server read ``/etc/passwd`` or follow a symlink out of the repository. The model file
+itself, and everything else in a version folder, is contained by :meth:`server.repository.Repository.check_tree`
+before a load reads it; every config field that names a file takes a plain name (:func:`check_file_name`,
+applied by :func:`server.config.check_config`), so a config cannot name a path either.
 """
 
 from __future__ import annotations
