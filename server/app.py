@@ -18,6 +18,7 @@ from server.auth import AccessPolicy
 from server.dataplane import DataPlane
 from server.http.app import create_http_app
 from server.http.fast import InferFastPath
+from server.http.protocol import bounded_headers_protocol
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.models import ModelManager
@@ -70,6 +71,7 @@ class OptiServe:
         http_server = _UvicornServer(
             uvicorn.Config(
                 self.asgi_app,
+                http=bounded_headers_protocol(settings.max_header_bytes, settings.header_timeout_s),
                 log_level=settings.log_level,
                 access_log=settings.access_log,
                 lifespan="off",

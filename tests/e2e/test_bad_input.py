@@ -255,7 +255,7 @@ def test_bad_version_on_every_grpc_rpc_is_invalid_argument(server: ServerProcess
         # latin-1 is how HTTP header bytes become text: b"\xb2" is "²", which isdigit() accepted.
         pytest.param(b"\xb2", id="superscript-two-latin1"),
         pytest.param(b"\xb9", id="superscript-one-latin1"),
-        *(pytest.param(p.values[0].encode(), id=f"{p.id}-utf8") for p in NOT_ASCII_NUMBERS),
+        *(pytest.param(str(p.values[0]).encode(), id=f"{p.id}-utf8") for p in NOT_ASCII_NUMBERS),
     ],
 )
 def test_bad_inference_header_content_length_is_400(server: ServerProcess, value: bytes) -> None:
