@@ -10,6 +10,7 @@ through to FastAPI unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from server.errors import InternalError, PayloadTooLarge, ServerError
 from server.http.codec import decode_request, decompress, encode_response
 from server.numbers import is_ascii_uint
 
+log = logging.getLogger("optiserve.http")
 ASGIScope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -48,7 +50,24 @@ class InferFastPath:
             if match is not None:
                 await self._infer(match.group(1), match.group(2) or "", scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        answered = False
+
+        async def tracking_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal answered
+            await send(message)
+            answered = message["type"] == "http.response.body" and not message.get("more_body", False)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if not answered:
+                raise
+            # Starlette answers an unexpected error with the 500 error body and then raises it again, and uvicorn
+            # would drop the keep-alive connection for it. The answer is out: log the error, keep the connection.
+            log.exception("internal error answered with 500: %s %s", scope.get("method"), scope.get("path"))
 
     async def _infer(self, model: str, version: str, scope: ASGIScope, receive: Receive, send: Send) -> None:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
