@@ -55,6 +55,9 @@ class Cache:
     processes are read, and at worst one process recomputes what another evicted."""
 
     def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+        # Absolute once: the cache paths reach engine options (TensorRT's cache folders) that must not depend
+        # on the folder a later step runs in.
+        root = Path(os.path.abspath(os.path.expanduser(root)))
         self.root = root
         self.max_bytes = max_bytes
         self.artifacts = root / "artifacts"

@@ -55,7 +55,8 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """Whether this model (version) serves requests now."""
-        return not self.shutting_down and self.models.is_ready(name, version)
+        ready = self.models.is_ready(name, version)  # first, so a malformed version is a 400 even while draining
+        return ready and not self.shutting_down
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
         """V2 model metadata: versions, platform, and input/output tensors with -1 for any size."""

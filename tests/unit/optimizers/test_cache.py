@@ -117,3 +117,12 @@ def test_stale_scratch_is_cleaned(tmp_path: Path) -> None:
     fresh = cache.work_dir()
     Cache(tmp_path / "c")
     assert not old.exists() and fresh.exists()
+
+
+def test_a_relative_root_is_made_absolute_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache paths reach engine options (TensorRT's cache folders): they must not depend on a later cwd."""
+    monkeypatch.chdir(tmp_path)
+    cache = Cache(Path("relative-cache"))
+    monkeypatch.chdir("/")
+    assert cache.root == tmp_path / "relative-cache"
+    assert cache.artifacts.is_absolute()
