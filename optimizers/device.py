@@ -15,6 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from optimizers.providers import CPU, uses_gpu
+
 log = logging.getLogger("optiserve.optimizers")
 
 #: CPU flags that matter for inference kernels (x86 names from /proc/cpuinfo; ARM ``asimddp`` = dot product).
@@ -56,7 +58,7 @@ class DeviceInfo(BaseModel):
     cpu_model: str = ""
     cores: int = 1
     cpu_flags: tuple[str, ...] = ()
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] = (CPU,)
     gpus: tuple[GpuInfo, ...] = ()
     tensorrt_version: str = ""
     onnxruntime_version: str = ""
@@ -74,7 +76,7 @@ class DeviceInfo(BaseModel):
     @property
     def has_gpu(self) -> bool:
         """A CUDA-capable onnxruntime provider is installed (GPUs themselves may not be listed without NVML)."""
-        return "CUDAExecutionProvider" in self.providers or "TensorrtExecutionProvider" in self.providers
+        return uses_gpu(self.providers)
 
     @property
     def fingerprint(self) -> str:
@@ -102,7 +104,7 @@ def probe_device() -> DeviceInfo:
 
     providers = tuple(ort.get_available_providers())
     cpu_model, flags = read_cpuinfo(Path("/proc/cpuinfo"))
-    wants_gpu = "CUDAExecutionProvider" in providers or "TensorrtExecutionProvider" in providers
+    wants_gpu = uses_gpu(providers)
     device = DeviceInfo(
         arch=platform.machine() or "unknown",
         cpu_model=cpu_model,

@@ -9,9 +9,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optimizers.errors import OptionsError
+from optimizers.providers import Target
 
 Precision = Literal["auto", "fp32", "fp16", "int8", "none"]
-Target = Literal["cpu", "cuda", "tensorrt"]
 Metric = Literal["rel_l2", "max_abs", "cosine", "top1"]
 PrunePattern = Literal["unstructured", "2:4"]
 

@@ -17,9 +17,9 @@ from optimizers.errors import OptimizeError
 from optimizers.modelinfo import analyze, sha256_file
 from optimizers.options import OptimizeOptions
 from optimizers.passes import ModelPass, default_passes
+from optimizers.providers import TARGET_PROVIDERS
 from optimizers.reference import build_reference, find_samples
 from optimizers.report import Report, Step
-from optimizers.runtime import TARGET_PROVIDERS
 from optimizers.stages import OptimizationRun, Outcome
 from optimizers.timing import Benchmark, OrtBenchmark
 

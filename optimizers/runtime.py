@@ -12,13 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from optimizers.providers import CPU, uses_gpu
+
 Feed = dict[str, np.ndarray]
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
-OPENVINO = "OpenVINOExecutionProvider"
-TARGET_PROVIDERS = {"cpu": (CPU,), "cuda": (CUDA, CPU), "tensorrt": (TENSORRT, CUDA, CPU)}
-GPU_PROVIDERS = frozenset({CUDA, TENSORRT})
 _device_guard: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
 
@@ -32,7 +28,7 @@ def set_device_guard(guard: Callable[[], AbstractContextManager[object]]) -> Non
 
 def device_work(spec: SessionSpec) -> AbstractContextManager[object]:
     """The host's guard for GPU work with ``spec``; nothing for a CPU-only spec."""
-    return _device_guard() if GPU_PROVIDERS & set(spec.providers) else contextlib.nullcontext()
+    return _device_guard() if uses_gpu(spec.providers) else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

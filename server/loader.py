@@ -19,11 +19,12 @@ import onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizers import OptimizeError, OptimizeOptions, OptionsError, Pipeline, PipelineResult, probe_device
+from optimizers.providers import CPU, Target, target_of, uses_gpu
 from optimizers.runtime import set_device_guard
 from server.backends import gpu
 from server.backends.base import Backend
 from server.backends.capture_lock import CUDA_CAPTURE
-from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, SessionConfig, choose_providers
+from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig, choose_providers
 from server.batching import Batcher, BatchPolicy
 from server.config import MAX_INSTANCES, LoadedConfig, complete_config, model_filename, tensor_specs, thread_count
 from server.convert import convert_version, is_convertible
@@ -185,7 +186,7 @@ class VersionLoader:
 def gpu_serving_available(settings: Settings) -> bool:
     """A GPU execution provider is installed (and allowed by the settings) and a GPU is visible."""
     providers = choose_providers(settings.execution_providers, gpu=True)
-    return any(p in GPU_PROVIDERS for p in providers) and gpu.visible_gpu_count() > 0
+    return uses_gpu(providers) and gpu.visible_gpu_count() > 0
 
 
 def _with_conversion(report: dict[str, Any], conversion: dict[str, Any] | None) -> dict[str, Any]:
@@ -195,12 +196,9 @@ def _with_conversion(report: dict[str, Any], conversion: dict[str, Any] | None) 
     return {**report, "steps": [conversion, *report.get("steps", [])]}
 
 
-def _target(plan: list[SessionConfig]) -> str:
+def _target(plan: list[SessionConfig]) -> Target:
     """The optimizer's target: the best provider of the first instance."""
-    providers = plan[0].providers if plan else ("CPUExecutionProvider",)
-    if "TensorrtExecutionProvider" in providers:
-        return "tensorrt"
-    return "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+    return target_of(plan[0].providers if plan else (CPU,))
 
 
 def apply_session_options(plan: list[SessionConfig], chosen: dict[str, Any]) -> list[SessionConfig]:
@@ -208,9 +206,9 @@ def apply_session_options(plan: list[SessionConfig], chosen: dict[str, Any]) -> 
     to the instances of their kind only: a GPU choice never lands on a CPU instance, nor a CPU one on a GPU."""
     if not chosen:
         return plan
-    cpu_instances = max(1, sum(1 for p in plan if not set(p.providers) & set(GPU_PROVIDERS)))
+    cpu_instances = max(1, sum(1 for p in plan if not uses_gpu(p.providers)))
     budget = max(1, available_cpus() // cpu_instances)
-    gpu_choice = any(p in GPU_PROVIDERS for p in chosen.get("providers", ()))
+    gpu_choice = uses_gpu(chosen.get("providers", ()))
     updated: list[SessionConfig] = []
     for session in plan:
         changes: dict[str, Any] = {}
@@ -338,7 +336,7 @@ def _instance_entry(index: int, backend: OnnxRuntimeBackend) -> dict[str, Any]:
 
 def _group_wants_gpu(group: Any, settings: Settings) -> bool:
     """KIND_GPU needs a GPU provider (clear failure otherwise); KIND_AUTO uses one when present."""
-    has_gpu = any(p in GPU_PROVIDERS for p in choose_providers(settings.execution_providers, gpu=True))
+    has_gpu = uses_gpu(choose_providers(settings.execution_providers, gpu=True))
     if group.kind == mc.ModelInstanceGroup.KIND_GPU and not has_gpu:
         raise LoadFailed("instance_group kind KIND_GPU, but no GPU execution provider (CUDA/TensorRT) is available")
     return group.kind in (mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_AUTO) and has_gpu

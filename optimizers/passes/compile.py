@@ -12,7 +12,8 @@ from optimizers.accuracy import Family
 from optimizers.modelinfo import ModelInfo
 from optimizers.options import OptimizeOptions
 from optimizers.passes.base import PassConfig
-from optimizers.runtime import CPU, CUDA, OPENVINO, TENSORRT, Feed, SessionSpec
+from optimizers.providers import CPU, CUDA, OPENVINO, TENSORRT, TensorrtProfile, tensorrt_options
+from optimizers.runtime import Feed, SessionSpec
 
 
 class CompileConfig(PassConfig):
@@ -23,9 +24,9 @@ class CompileConfig(PassConfig):
     openvino: bool = False
     allow_fp16: bool = False
     """TensorRT may pick FP16 kernels (lossy: only under precision auto/fp16)."""
-    engine_cache_dir: str = ""
-    timing_cache_dir: str = ""
-    profile: tuple[str, str, str] | None = None
+    cache_root: str = ""
+    """The optimizer's cache folder: TensorRT's engine and timing caches live under it."""
+    profile: TensorrtProfile | None = None
     """TensorRT optimization profile (min, opt, max) as ``name:AxBxC,...``; None for static shapes."""
 
 
@@ -42,14 +43,12 @@ def configure(
     options: OptimizeOptions, info: ModelInfo, cores: int, providers: tuple[str, ...], cache_root: Path, sample: Feed
 ) -> CompileConfig:
     """The compile config for this model, machine and cache folder."""
-    trt_root = cache_root / "tensorrt"
     return CompileConfig(
         target=options.target,
         thread_candidates=thread_candidates(cores),
         openvino=OPENVINO in providers,
         allow_fp16=options.precision in ("auto", "fp16"),
-        engine_cache_dir=str(trt_root / "engines"),
-        timing_cache_dir=str(trt_root / "timing"),
+        cache_root=str(cache_root),
         profile=profile_shapes(info, options, sample),
     )
 
@@ -64,7 +63,7 @@ def thread_candidates(cores: int) -> tuple[int, ...]:
     return tuple(sorted(counts))
 
 
-def profile_shapes(info: ModelInfo, options: OptimizeOptions, sample: Feed) -> tuple[str, str, str] | None:
+def profile_shapes(info: ModelInfo, options: OptimizeOptions, sample: Feed) -> TensorrtProfile | None:
     """TensorRT's (min, opt, max) shapes: batch 1 / preferred / max_batch_size on dim 0, the sample's size
     on other dynamic dims. None when every input shape is static (no profile needed)."""
     if all(all(isinstance(d, int) for d in t.shape) for t in info.inputs):
@@ -83,26 +82,10 @@ def profile_shapes(info: ModelInfo, options: OptimizeOptions, sample: Feed) -> t
     return profiles[0], profiles[1], profiles[2]
 
 
-def tensorrt_options(config: CompileConfig, *, fp16: bool, int8: bool, sparsity: bool) -> dict[str, str]:
-    """TensorRT provider options: caches always (an engine build takes minutes; a cached one loads in
-    seconds), the profile when shapes are dynamic, and the precision flags asked for."""
-    options = {
-        "trt_engine_cache_enable": "True",
-        "trt_engine_cache_path": config.engine_cache_dir,
-        "trt_timing_cache_enable": "True",
-        "trt_timing_cache_path": config.timing_cache_dir,
-        "trt_fp16_enable": str(fp16),
-        "trt_int8_enable": str(int8),
-        "trt_sparsity_enable": str(sparsity),
-    }
-    if config.profile is not None:
-        minimum, optimum, maximum = config.profile
-        options |= {
-            "trt_profile_min_shapes": minimum,
-            "trt_profile_opt_shapes": optimum,
-            "trt_profile_max_shapes": maximum,
-        }
-    return options
+def _tensorrt_options(config: CompileConfig, *, fp16: bool, int8: bool, sparsity: bool) -> dict[str, str]:
+    """TensorRT provider options for a candidate: every precision flag explicit, the profile when shapes are
+    dynamic (see :func:`optimizers.providers.tensorrt_options`)."""
+    return tensorrt_options(Path(config.cache_root), fp16=fp16, int8=int8, sparsity=sparsity, profile=config.profile)
 
 
 def target_spec(config: CompileConfig, family: Family = "fp32", sparse_24: bool = False) -> SessionSpec:
@@ -112,7 +95,7 @@ def target_spec(config: CompileConfig, family: Family = "fp32", sparse_24: bool 
     if config.target == "cuda":
         return SessionSpec(providers=(CUDA, CPU))
     if config.target == "tensorrt":
-        trt = tensorrt_options(config, fp16=family == "fp16", int8=family == "int8", sparsity=sparse_24)
+        trt = _tensorrt_options(config, fp16=family == "fp16", int8=family == "int8", sparsity=sparse_24)
         return SessionSpec(providers=(TENSORRT, CUDA, CPU), provider_options={TENSORRT: trt})
     return SessionSpec()
 
@@ -128,7 +111,7 @@ def candidates(config: CompileConfig, family: Family, sparse_24: bool) -> list[S
     if config.target == "tensorrt":
         found = [SessionCandidate("cuda", SessionSpec(providers=(CUDA, CPU)))]
         if config.allow_fp16 and family in ("fp32", "sparse"):
-            trt = tensorrt_options(config, fp16=True, int8=False, sparsity=sparse_24)
+            trt = _tensorrt_options(config, fp16=True, int8=False, sparsity=sparse_24)
             spec = SessionSpec(providers=(TENSORRT, CUDA, CPU), provider_options={TENSORRT: trt})
             found.append(SessionCandidate("tensorrt_fp16", spec, family="fp16"))
         return found

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from optimizers.passes.base import ModelPass, PassConfig, PassContext
-from optimizers.runtime import CPU, CUDA, SessionSpec, device_work
+from optimizers.providers import CPU, CUDA
+from optimizers.runtime import SessionSpec, device_work
 
 _LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 

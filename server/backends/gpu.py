@@ -23,15 +23,13 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from optimizers.providers import CUDA, PROFILE_KEYS, TENSORRT, TensorrtProfile, tensorrt_cache_dirs, tensorrt_options
 from server.backends import onnxruntime as ort_backend
 from server.backends.onnxruntime import CUDA_GRAPH_OPTION, SessionConfig
 from server.errors import LoadFailed
 from server.settings import Settings
 
 log = logging.getLogger("optiserve.gpu")
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
-PROFILE_KEYS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
 
 
 def visible_gpu_count(environ: Mapping[str, str] | None = None) -> int:
@@ -107,7 +105,7 @@ def spread(count: int, gpus: list[int]) -> list[int]:
     return [gpu for _ in range(count) for gpu in gpus]
 
 
-def tensorrt_profile(config: Any) -> tuple[str, str, str] | None:
+def tensorrt_profile(config: Any) -> TensorrtProfile | None:
     """TensorRT's (min, opt, max) shapes, ``name:AxBxC,...`` each: batch 1, the largest preferred batch size
     (else max_batch_size), and max_batch_size, with the config's other dims. None when no profile is needed
     (fixed shapes) or none can be given (a dynamic non-batch dim: TensorRT then builds for the shapes it sees)."""
@@ -176,31 +174,11 @@ def cuda_options(device_id: int, settings: Settings) -> dict[str, str]:
     }
 
 
-def tensorrt_options(
-    device_id: int, settings: Settings, profile: tuple[str, str, str] | None, *, fp16: bool
-) -> dict[str, str]:
-    """TensorRT provider options for one instance: caches under the optimization cache folder (shared by the
-    instances: engine files are named by model and GPU architecture), workspace, profile, and FP16 only for an
-    FP16 model (on an FP32 model the flag would let TensorRT pick FP16 kernels the accuracy guard never checked)."""
-    root = settings.cache_dir / "tensorrt"
-    options = {
-        "device_id": str(device_id),
-        "trt_max_workspace_size": str(settings.tensorrt_workspace_bytes),
-        "trt_engine_cache_enable": "True",
-        "trt_engine_cache_path": str(root / "engines"),
-        "trt_timing_cache_enable": "True",
-        "trt_timing_cache_path": str(root / "timing"),
-        "trt_fp16_enable": str(fp16),
-    }
-    if profile is not None:
-        options |= dict(zip(PROFILE_KEYS, profile, strict=True))
-    return options
-
-
 def with_gpu_options(plan: list[SessionConfig], config: Any, settings: Settings, *, fp16: bool) -> list[SessionConfig]:
     """The plan with per-device CUDA/TensorRT options, CUDA graphs and pinned staging on every GPU instance.
     Options already there (the optimizer's compile step) win, except ``device_id``, which is the instance's
-    placement."""
+    placement. TensorRT gets the shared engine and timing caches (engine files are named by model and GPU
+    architecture), the workspace, the profile, and FP16 only for an FP16 model (``fp16``)."""
     gpu_plan = [s for s in plan if s.device_id is not None and s.wants_gpu]
     if not gpu_plan:
         return plan
@@ -225,7 +203,13 @@ def with_gpu_options(plan: list[SessionConfig], config: Any, settings: Settings,
         graphs = graph_sizes is not None and session.providers[0] == CUDA
         generated = {
             CUDA: cuda_options(session.device_id, settings) | ({CUDA_GRAPH_OPTION: "1"} if graphs else {}),
-            TENSORRT: tensorrt_options(session.device_id, settings, profile, fp16=fp16),
+            TENSORRT: tensorrt_options(
+                settings.cache_dir,
+                fp16=fp16,
+                profile=profile,
+                device_id=session.device_id,
+                workspace_bytes=settings.tensorrt_workspace_bytes,
+            ),
         }
         updated.append(
             replace(
@@ -241,8 +225,7 @@ def with_gpu_options(plan: list[SessionConfig], config: Any, settings: Settings,
 
 def _make_cache_folders(settings: Settings) -> None:
     """TensorRT writes its caches there; a folder it cannot create would only show as slow engine rebuilds."""
-    for folder in ("engines", "timing"):
-        path = settings.cache_dir / "tensorrt" / folder
+    for path in tensorrt_cache_dirs(settings.cache_dir):
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

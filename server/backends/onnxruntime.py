@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from optimizers.providers import CPU, CUDA, GPU_PROVIDERS, PREFERRED, uses_gpu
 from server.backends.base import Backend, Tensors
 from server.backends.capture_lock import CUDA_CAPTURE
 from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, CudaGraphs
@@ -25,8 +26,6 @@ from server.backends.pinned import PinnedHost, StagingBuffers
 from server.errors import InvalidInput, LoadFailed
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
-_PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 CUDA_GRAPH_OPTION = "enable_cuda_graph"
 
 log = logging.getLogger("optiserve.backends")
@@ -42,7 +41,7 @@ class SessionConfig:
     inter_op_threads: int = 1
     allow_spinning: bool = False
     graph_optimization_level: str = "all"
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] = (CPU,)
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
     device_id: int | None = None
     """The GPU this instance is placed on (CUDA ordinal); None for a CPU instance."""
@@ -56,7 +55,7 @@ class SessionConfig:
     @property
     def wants_gpu(self) -> bool:
         """Whether a GPU provider was asked for."""
-        return any(p in GPU_PROVIDERS for p in self.providers)
+        return uses_gpu(self.providers)
 
 
 def available_providers() -> list[str]:
@@ -70,10 +69,10 @@ def choose_providers(requested: list[str], *, gpu: bool) -> tuple[str, ...]:
     """The providers to use: those requested that are installed, else TensorRT, CUDA, CPU as present.
     CPU instances (``gpu=False``) never get GPU providers."""
     installed = available_providers()
-    wanted = requested or list(_PREFERRED_PROVIDERS)
+    wanted = requested or list(PREFERRED)
     chosen = [p for p in wanted if p in installed and (gpu or p not in GPU_PROVIDERS)]
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
+    if CPU not in chosen:
+        chosen.append(CPU)
     return tuple(chosen)
 
 
@@ -117,7 +116,7 @@ class OnnxRuntimeBackend(Backend):
         self._adopt(session, config)
         if not config.cuda_graphs:
             return
-        if self.gpu_device is None or self.providers[0] != "CUDAExecutionProvider":
+        if self.gpu_device is None or self.providers[0] != CUDA:
             first = self.providers[0] if self.providers else "no provider"
             self._without_graphs(config, f"the instance runs on {first}; CUDA graphs are for the CUDA provider only")
         else:
@@ -166,7 +165,7 @@ class OnnxRuntimeBackend(Backend):
         self._string_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(string)"}
         self._outputs = [(o.name, o.type == "tensor(string)") for o in session.get_outputs()]
         self._plain_run_options = None
-        if CUDA_GRAPH_OPTION in config.provider_options.get("CUDAExecutionProvider", {}):
+        if CUDA_GRAPH_OPTION in config.provider_options.get(CUDA, {}):
             self._plain_run_options = self._ort.RunOptions()  # runs no graph fits must not be captured
             self._plain_run_options.add_run_config_entry(GRAPH_ID, NO_GRAPH)
         host = PinnedHost.shared() if self.gpu_device is not None and config.pinned_host_buffers else None

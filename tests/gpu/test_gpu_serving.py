@@ -21,12 +21,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend
+from optimizers.providers import CPU, CUDA, GPU_PROVIDERS, TENSORRT
+from server.backends.onnxruntime import OnnxRuntimeBackend
 from server.config import parse_config
 from server.errors import LoadFailed
 from server.settings import Settings
 
-CUDA, TRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
+TRT = TENSORRT
 RTOL, ATOL = 1e-2, 1e-3  # TF32 keeps 10 mantissa bits: ~1e-3 relative error after a few hundred products
 CONFIG = """
 name: "cnn"

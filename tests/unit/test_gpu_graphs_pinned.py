@@ -18,6 +18,7 @@ import onnxruntime
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
+from optimizers.providers import CPU, CUDA, TENSORRT
 from server.backends import gpu
 from server.backends import onnxruntime as ort_backend
 from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, WARMUP_RUNS, CudaGraphs, GraphsUnsupported
@@ -30,7 +31,7 @@ from server.loader import instance_report
 from server.settings import Settings
 from server.stats import ModelStats
 
-TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+TRT = TENSORRT
 
 
 # ---- a fake CUDA runtime ----------------------------------------------------------------------------------------

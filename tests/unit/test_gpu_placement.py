@@ -15,6 +15,7 @@ import onnxruntime
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
+from optimizers.providers import CPU, CUDA, TENSORRT
 from server.backends import gpu
 from server.backends import onnxruntime as ort_backend
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig, warn_on_fallback
@@ -25,7 +26,7 @@ from server.repository import Repository
 from server.settings import Settings
 from tests.models import fixtures
 
-TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+TRT = TENSORRT
 ALL_GPU = [TRT, CUDA, CPU]
 KIND_CPU, KIND_GPU, KIND_AUTO = (
     mc.ModelInstanceGroup.KIND_CPU,

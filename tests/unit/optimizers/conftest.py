@@ -10,11 +10,12 @@ import pytest
 from optimizers import DeviceInfo, OptimizeOptions, probe_device
 from optimizers.modelinfo import analyze
 from optimizers.passes.base import PassContext
+from optimizers.providers import CPU, CUDA, TENSORRT
 from optimizers.reference import build_reference
 from optimizers.runtime import Feed, SessionSpec
 from optimizers.timing import Latencies
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = (TENSORRT, CUDA, CPU)
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,7 @@ def fake_device(**changes: object) -> DeviceInfo:
         "cpu_model": "test cpu",
         "cores": 2,
         "cpu_flags": ("avx2", "fma", "avx512f", "avx512_vnni"),
-        "providers": ("CPUExecutionProvider",),
+        "providers": (CPU,),
     }
     return DeviceInfo.model_validate({**base, **changes})
 

@@ -10,7 +10,8 @@ import numpy as np
 from optimizers import OptimizeOptions
 from optimizers.modelinfo import analyze
 from optimizers.passes import compile as compiling
-from optimizers.runtime import CPU, CUDA, OPENVINO, TENSORRT, SessionSpec
+from optimizers.providers import CPU, CUDA, OPENVINO, TENSORRT
+from optimizers.runtime import SessionSpec
 from tests.models import fixtures
 from tests.unit.optimizers import models
 
@@ -67,4 +68,4 @@ def test_cuda_target_and_static_shapes(tmp_path: Path) -> None:
     assert compiling.target_spec(config).providers == (CUDA, CPU)
     static = _config(tmp_path, OptimizeOptions(target="tensorrt", max_batch_size=0), model=fixtures.no_batch())
     assert static.profile is None
-    assert "trt_profile_min_shapes" not in compiling.tensorrt_options(static, fp16=False, int8=False, sparsity=False)
+    assert "trt_profile_min_shapes" not in compiling.target_spec(static).provider_options[TENSORRT]

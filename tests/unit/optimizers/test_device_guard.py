@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from optimizers import runtime
-from optimizers.runtime import CPU, CUDA, SessionSpec, outputs_of
+from optimizers.providers import CPU, CUDA
+from optimizers.runtime import SessionSpec, outputs_of
 from optimizers.timing import OrtBenchmark
 from tests.models import fixtures
 

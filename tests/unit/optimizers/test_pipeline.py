@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from optimizers import OptimizeError, OptimizeOptions, Pipeline
-from optimizers.runtime import CPU, CUDA, TENSORRT
+from optimizers.providers import CPU, CUDA, TENSORRT
 from tests.models import fixtures
 from tests.unit.optimizers import models
 from tests.unit.optimizers.conftest import GPU_PROVIDERS, FakeBenchmark, fake_device
