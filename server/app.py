@@ -47,13 +47,14 @@ class OptiServe:
         self.models = ModelManager(self.repository, settings, self.metrics)
         self.metrics.add_state_collector(self.models.metric_families)
         self.dataplane = DataPlane(self.models)
-        self.http_app = create_http_app(self.dataplane, settings, self.metrics.registry if settings.metrics else None)
+        # Both edges decode under the same limits and ask the same access policy.
         limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
-        # Inference skips FastAPI's middleware and routing (see server/http/fast.py); the rest goes through it.
-        self.asgi_app = InferFastPath(
-            self.http_app, self.dataplane, settings.max_request_bytes, limits, AccessPolicy.from_settings(settings)
-        )
-        self.grpc_server = create_grpc_server(self.dataplane, settings)
+        access = AccessPolicy.from_settings(settings)
+        registry = self.metrics.registry if settings.metrics else None
+        self.http_app = create_http_app(self.dataplane, settings, access, registry)
+        # Inference is served in front of FastAPI, skipping its middleware and routing (server/http/fast.py).
+        self.asgi_app = InferFastPath(self.http_app, self.dataplane, settings.max_request_bytes, limits, access)
+        self.grpc_server = create_grpc_server(self.dataplane, settings, limits, access)
         self._stop = asyncio.Event()
         self.http_port = 0
         self.grpc_port = 0

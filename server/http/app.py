@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,23 +14,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from server import tensors
 from server.auth import AccessPolicy, Scope
-from server.dataplane import DataPlane
-from server.errors import InternalError, InvalidInput, PayloadTooLarge, ServerError, wire_status
-from server.http import fast
-from server.http.codec import (
-    HEADER_LENGTH,
-    decode_request,
-    dumps,
-    encode_response,
-    parse_json_object,
-)
+from server.dataplane import ClientGone, DataPlane
+from server.errors import InternalError, InvalidInput, PayloadTooLarge, ServerError
+from server.http.body import read_body
+from server.http.codec import HEADER_LENGTH, parse_json_object
 from server.http.multipart import form_receiver
+from server.http.responses import JSON, error_response, json_response
 from server.numbers import is_ascii_uint
 from server.settings import Settings
 
-JSON = "application/json"
 UPLOAD_FORM = {
     "requestBody": {
         "required": True,
@@ -50,35 +42,71 @@ UPLOAD_FORM = {
         },
     }
 }
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "example": "FP32"},
+        "parameters": {"type": "object", "description": "binary_data_size: this tensor's bytes after the JSON"},
+        "data": {"type": "array", "items": {}, "description": "row-major values (absent with binary_data_size)"},
+    },
+}
+INFER_DOCS = {
+    "parameters": [
+        {
+            "name": HEADER_LENGTH,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "length of the JSON header when binary tensor data follows it (binary extension)",
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "description": f"JSON; with {HEADER_LENGTH}, that many bytes of JSON followed by the binary tensor data",
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object", "description": "e.g. binary_data_output, priority"},
+                        "inputs": {"type": "array", "items": _TENSOR},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                            },
+                        },
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
 
 
-def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A JSON reply encoded with orjson."""
-    return Response(dumps(value), status_code=status, media_type=JSON, headers=headers)
-
-
-def error_response(error: ServerError) -> Response:
-    """The protocol's error body ``{"error": ...}`` with the status from the one error table."""
-    headers = {}
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    return json_response({"error": error.message}, wire_status(error).http_status, headers)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_request_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing (413) anything over ``limit`` before or after decompression."""
-    return await fast.read_body(request.receive, {k.lower(): v for k, v in request.headers.items()}, limit)
+    return await read_body(request.receive, {k.lower(): v for k, v in request.headers.items()}, limit)
 
 
-def create_http_app(dataplane: DataPlane, settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
-    """Build the FastAPI application around one DataPlane (and its metrics registry, if metrics are on)."""
+def create_http_app(
+    dataplane: DataPlane, settings: Settings, access: AccessPolicy, registry: CollectorRegistry | None = None
+) -> FastAPI:
+    """Build the FastAPI application around one DataPlane (and its metrics registry, if metrics are on): every
+    route but inference, which server/http/fast.py serves in front of it (here it is only documented)."""
     app = FastAPI(title="optiserve", version=dataplane.server_metadata()["version"], docs_url="/docs")
-    limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
     _install_error_handlers(app)
     _add_health_routes(app, dataplane)
-    access = AccessPolicy.from_settings(settings)
     _add_model_routes(app, dataplane, _guard(access, Scope.INFERENCE))
-    _add_infer_routes(app, dataplane, settings, limits, _guard(access, Scope.INFERENCE))
+    _document_infer_routes(app)
     _add_repository_routes(app, dataplane, settings, access)
     if registry is not None:
         _add_metrics_route(app, registry)
@@ -106,8 +134,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return json_response({"error": str(exc.detail)}, exc.status_code, dict(exc.headers or {}))
 
-    @app.exception_handler(fast.ClientGone)
-    async def client_gone(_: Request, exc: fast.ClientGone) -> Response:
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
         return json_response({"error": str(exc)}, 499)
 
     @app.exception_handler(Exception)
@@ -177,21 +205,15 @@ def _ready_handler(dataplane: DataPlane) -> Any:
     return model_ready
 
 
-def _add_infer_routes(
-    app: FastAPI, dataplane: DataPlane, settings: Settings, limits: tensors.Limits, guard: list[Any]
-) -> None:
-    async def infer(request: Request, model_name: str, model_version: str = "") -> Response:
-        with dataplane.inference(model_name, model_version) as call:
-            body = await read_body(request, settings.max_request_bytes)
-            decoded = decode_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
-            response = await fast.unless_disconnected(request.receive, call.infer(decoded))
-            content, header_length = encode_response(response, decoded)
-        if header_length is None:
-            return Response(content, media_type=JSON)
-        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+def _document_infer_routes(app: FastAPI) -> None:
+    """Docs-only entries for ``POST .../infer``: InferFastPath (server/http/fast.py) answers every such request
+    before FastAPI routes it, so these handlers never serve; they only put the endpoint on /docs."""
+
+    async def infer(model_name: str, model_version: str = "") -> Response:
+        raise InternalError("inference is served by server.http.fast.InferFastPath, which is not in front of this app")
 
     for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer"):
-        app.add_api_route(path, infer, methods=["POST"], tags=["inference"], dependencies=guard)
+        app.add_api_route(path, infer, methods=["POST"], tags=["inference"], openapi_extra=INFER_DOCS)
 
 
 def _add_repository_routes(app: FastAPI, dataplane: DataPlane, settings: Settings, access: AccessPolicy) -> None:
@@ -201,13 +223,13 @@ def _add_repository_routes(app: FastAPI, dataplane: DataPlane, settings: Setting
 
     @app.post("/v2/repository/index", tags=["repository"], dependencies=_guard(access, Scope.INFERENCE))
     async def repository_index(request: Request) -> Response:
-        body = await read_body(request, settings.max_request_bytes)
+        body = await read_request_body(request, settings.max_request_bytes)
         options = parse_json_object(body) if body.strip() else {}
         return json_response(dataplane.repository_index(bool(options.get("ready", False))))
 
     @app.post("/v2/repository/models/{model_name}/load", tags=["repository"], dependencies=admin)
     async def load(request: Request, model_name: str) -> Response:
-        body = await read_body(request, load_limit)
+        body = await read_request_body(request, load_limit)
         options = parse_json_object(body) if body.strip() else {}
         parameters = options.get("parameters") or {}
         if not isinstance(parameters, dict):
@@ -233,7 +255,7 @@ def _add_repository_routes(app: FastAPI, dataplane: DataPlane, settings: Setting
         try:
             result = await dataplane.upload_model(model_name, receive, wait=wait)
         except ClientDisconnect:
-            raise fast.ClientGone("client disconnected during the upload") from None
+            raise ClientGone("client disconnected during the upload") from None
         if result.failed:
             return json_response({"error": result.reason, **result.to_json()}, 400)
         return json_response(result.to_json(), 201)

@@ -1,10 +1,10 @@
-"""The inference hot path as a bare ASGI app in front of FastAPI.
+"""The HTTP inference endpoint: a bare ASGI app in front of FastAPI.
 
 Profiling the MLP at concurrency 16 showed FastAPI/Starlette's middleware stack, routing and dependency
 solving taking about two thirds of the event loop's time per request, more than our own decode, batching
-and encode. ``POST .../infer`` is therefore answered here directly, with the same codec, access policy and
-error table as the FastAPI route (which stays registered so /docs documents it). Everything else falls
-through to FastAPI unchanged.
+and encode. ``POST .../infer`` is therefore answered here, and only here: FastAPI holds a docs-only entry for
+it (so /docs documents it) that never serves. Everything else falls through to FastAPI unchanged; replies and
+errors are written by server/http/responses.py for both.
 """
 
 from __future__ import annotations
@@ -12,29 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as ASGIScope
 
 from server import tensors
 from server.auth import AccessPolicy, Scope
 from server.dataplane import ClientGone, DataPlane
-from server.errors import InternalError, PayloadTooLarge, ServerError
-from server.http.codec import decode_request, decompress, encode_response
-from server.numbers import is_ascii_uint
+from server.errors import InternalError, ServerError
+from server.http.body import read_body
+from server.http.codec import decode_request, encode_response
+from server.http.responses import send_error, send_inference_reply
 
 log = logging.getLogger("optiserve.http")
-ASGIScope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[ASGIScope, Receive, Send], Awaitable[None]]
 T = TypeVar("T")
-__all__ = ["ClientGone", "InferFastPath", "read_body", "unless_disconnected"]
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
 class InferFastPath:
-    """ASGI middleware: serves inference requests itself, passes everything else to ``app``."""
+    """ASGI middleware: serves inference requests itself (the only handler for them), passes everything else
+    to ``app``."""
 
     def __init__(self, app: ASGIApp, dataplane: DataPlane, max_body: int, limits: tensors.Limits, access: AccessPolicy):
         self.app = app
@@ -55,7 +55,7 @@ class InferFastPath:
             return
         answered = False
 
-        async def tracking_send(message: MutableMapping[str, Any]) -> None:
+        async def tracking_send(message: Message) -> None:
             nonlocal answered
             await send(message)
             answered = message["type"] == "http.response.body" and not message.get("more_body", False)
@@ -84,34 +84,12 @@ class InferFastPath:
         except ClientGone:
             return  # nobody is listening; the queued work was dropped
         except ServerError as exc:
-            await _send_error(send, exc)
+            await send_error(send, exc)
             return
         except Exception as exc:  # never leak a traceback, never kill the connection without an answer
-            await _send_error(send, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+            await send_error(send, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
             return
-        await _send(send, 200, content, header_length)
-
-
-async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    """The whole request body, refused (413) past ``limit`` before or after decompression."""
-    declared = headers.get("content-length")
-    if declared is not None and is_ascii_uint(declared) and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone("client disconnected while sending its body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return decompress(body, headers.get("content-encoding", ""), limit)
+        await send_inference_reply(send, content, header_length)
 
 
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
@@ -138,22 +116,3 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
-
-
-async def _send(send: Send, status: int, content: bytes, header_length: int | None) -> None:
-    headers = [(b"content-length", str(len(content)).encode())]
-    if header_length is None:
-        headers.append((b"content-type", b"application/json"))
-    else:
-        headers.append((b"content-type", b"application/octet-stream"))
-        headers.append((b"inference-header-content-length", str(header_length).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": content})
-
-
-async def _send_error(send: Send, error: ServerError) -> None:
-    from server.http.app import error_response  # the one error encoding, shared with FastAPI's handlers
-
-    response = error_response(error)
-    await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-    await send({"type": "http.response.body", "body": response.body})

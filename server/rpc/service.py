@@ -50,10 +50,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: ServerError) -> None:
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Triton's GRPCInferenceService over one DataPlane. Unlisted RPCs answer UNIMPLEMENTED."""
 
-    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
+    def __init__(self, dataplane: DataPlane, limits: tensors.Limits, access: AccessPolicy) -> None:
         self.dataplane = dataplane
-        self.limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
-        self.access = AccessPolicy.from_settings(settings)
+        self.limits = limits
+        self.access = access
 
     def _authorize(self, context: Any, scope: Scope) -> None:
         """The one access policy, fed the ``authorization`` metadata and the peer address."""
@@ -197,8 +197,11 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             await asyncio.sleep(0.5)
 
 
-def create_grpc_server(dataplane: DataPlane, settings: Settings) -> grpc.aio.Server:
-    """A grpc.aio server with both services and the configured message size limits."""
+def create_grpc_server(
+    dataplane: DataPlane, settings: Settings, limits: tensors.Limits, access: AccessPolicy
+) -> grpc.aio.Server:
+    """A grpc.aio server with both services, the configured message size limits, and the tensor limits and
+    access policy shared with the HTTP edge."""
     limit = settings.max_grpc_message_bytes
     server = grpc.aio.server(
         options=[
@@ -207,6 +210,6 @@ def create_grpc_server(dataplane: DataPlane, settings: Settings) -> grpc.aio.Ser
             ("grpc.so_reuseport", 0),
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(dataplane, settings), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(dataplane, limits, access), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(dataplane), server)
     return server

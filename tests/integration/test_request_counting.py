@@ -1,5 +1,5 @@
-"""Every inference request is counted once, whatever ends it and whichever edge took it: the FastAPI route, the
-fast path in front of it, gRPC ModelInfer and ModelStreamInfer. ``optiserve_inference_requests_total`` counts
+"""Every inference request is counted once, whatever ends it and whichever edge took it: the HTTP inference
+endpoint (server/http/fast.py), gRPC ModelInfer and ModelStreamInfer. ``optiserve_inference_requests_total`` counts
 every request and ``optiserve_inference_failures_total`` the failed ones, so failures / requests is the error
 ratio; a request that fails while it is decoded (bad JSON, wrong element count, unknown datatype, a bad binary
 header) is a failure of its model like any other. Requests that never reach a served version (unknown model or
@@ -19,16 +19,8 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from server import tensors
-from server.auth import AccessPolicy
-from server.dataplane import DataPlane
-from server.http.app import create_http_app
-from server.http.fast import InferFastPath
-from server.metrics import FAILURE_REASONS, ServerMetrics
-from server.models import ModelManager
-from server.repository import Repository
-from server.rpc.service import create_grpc_server
-from server.settings import Settings
+from server.metrics import FAILURE_REASONS
+from tests.integration.stack import serving
 from tests.models import fixtures
 
 GOOD = {"inputs": [{"name": "x", "shape": [2, 8], "datatype": "FP32", "data": [0.25] * 16}]}
@@ -58,23 +50,6 @@ def _grpc_request(elements: int = 16, datatype: str = "FP32", model: str = "mlp"
 GRPC_BAD = [_grpc_request(elements=15), _grpc_request(datatype="FP99"), _grpc_request(datatype="FP64")]
 
 
-async def _stack(repo: Path, tmp: Path) -> tuple[ServerMetrics, ModelManager, Any, Any, grpc.aio.Server, int]:
-    settings = Settings(model_repository=repo, default_precision="none", cache_dir=tmp / "cache")
-    metrics = ServerMetrics()
-    manager = ModelManager(Repository(repo), settings, metrics)
-    await manager.load_all()
-    dataplane = DataPlane(manager)
-    fastapi_app = create_http_app(dataplane, settings, metrics.registry)
-    limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
-    fast = InferFastPath(
-        fastapi_app, dataplane, settings.max_request_bytes, limits, AccessPolicy.from_settings(settings)
-    )
-    grpc_server = create_grpc_server(dataplane, settings)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    return metrics, manager, fastapi_app, fast, grpc_server, port
-
-
 async def _http(app: Any, path: str, body: bytes, headers: dict[str, str]) -> int:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         return (await client.post(path, content=body, headers=headers)).status_code
@@ -102,19 +77,17 @@ def test_every_request_counts_once_on_every_edge(tmp_path: Path) -> None:
     fixtures.write_model(repo, "mlp", fixtures.float_mlp())
 
     async def scenario() -> None:
-        metrics, manager, fastapi_app, fast, grpc_server, port = await _stack(repo, tmp_path)
-        reg = metrics.registry
-        ids = {"model": "mlp", "version": "1"}
-        try:
+        async with serving(repo, tmp_path) as (server, port):
+            reg = server.metrics.registry
+            ids = {"model": "mlp", "version": "1"}
             outcomes: list[bool] = []
             good = json.dumps(GOOD).encode()
-            for app in (fastapi_app, fast):  # the FastAPI route and the fast path in front of it
-                for _ in range(3):
-                    assert await _http(app, "/v2/models/mlp/infer", good, {}) == 200
-                    outcomes.append(True)
-                for body, headers in HTTP_BAD:
-                    assert await _http(app, "/v2/models/mlp/infer", body, headers) == 400, (body, headers)
-                    outcomes.append(False)
+            for _ in range(3):
+                assert await _http(server.asgi_app, "/v2/models/mlp/infer", good, {}) == 200
+                outcomes.append(True)
+            for body, headers in HTTP_BAD:
+                assert await _http(server.asgi_app, "/v2/models/mlp/infer", body, headers) == 400, (body, headers)
+                outcomes.append(False)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
                 for request in [_grpc_request(), _grpc_request(), *GRPC_BAD]:
@@ -124,8 +97,8 @@ def test_every_request_counts_once_on_every_edge(tmp_path: Path) -> None:
                 assert streamed.count(False) == len(GRPC_BAD)
                 # Never reaching a version: counted under model="", not under a name a client made up.
                 assert not await _grpc_unary(stub, _grpc_request(model="ghost"))
-            assert await _http(fast, "/v2/models/ghost/infer", good, {}) == 404
-            assert await _http(fastapi_app, "/v2/models/mlp/versions/9/infer", good, {}) == 404
+            assert await _http(server.asgi_app, "/v2/models/ghost/infer", good, {}) == 404
+            assert await _http(server.asgi_app, "/v2/models/mlp/versions/9/infer", good, {}) == 404
 
             failed = outcomes.count(False)
             assert _sample(reg, "optiserve_inference_requests_total", **ids) == len(outcomes)
@@ -135,7 +108,7 @@ def test_every_request_counts_once_on_every_edge(tmp_path: Path) -> None:
             )
             assert total_failed == failed
             assert _sample(reg, "optiserve_request_duration_seconds_count", **ids) == len(outcomes)
-            stats = manager.get("mlp").stats.to_json("mlp", "1")["inference_stats"]
+            stats = server.models.get("mlp").stats.to_json("mlp", "1")["inference_stats"]
             assert stats["success"]["count"] == outcomes.count(True) and stats["fail"]["count"] == failed
 
             unrouted = {"model": "", "version": ""}
@@ -143,20 +116,16 @@ def test_every_request_counts_once_on_every_edge(tmp_path: Path) -> None:
             assert _sample(reg, "optiserve_inference_failures_total", **unrouted, reason="not_found") == 3
             names = {s.labels.get("model") for f in reg.collect() for s in f.samples if "model" in s.labels}
             assert "ghost" not in names
-        finally:
-            await grpc_server.stop(0)
-            await manager.close(1)
 
     asyncio.run(scenario())
 
 
 def test_a_client_that_goes_away_counts_as_canceled(tmp_path: Path) -> None:
-    """The fast path drops a queued request whose client disconnected: a request, and a ``canceled`` one."""
+    """The inference endpoint drops a queued request whose client disconnected: a request, and a ``canceled`` one."""
     repo = tmp_path / "repo"
     fixtures.write_model(repo, "mlp", fixtures.float_mlp())
 
     async def scenario() -> None:
-        metrics, manager, _, fast, grpc_server, _ = await _stack(repo, tmp_path)
         messages = [{"type": "http.request", "body": json.dumps(GOOD).encode(), "more_body": False}]
 
         async def receive() -> dict[str, Any]:
@@ -165,17 +134,14 @@ def test_a_client_that_goes_away_counts_as_canceled(tmp_path: Path) -> None:
         async def send(message: dict[str, Any]) -> None:
             raise AssertionError(f"nobody is listening, yet the server sent {message}")
 
-        version = manager.get("mlp")
-        version.batcher.submit = _never(asyncio.Event())  # type: ignore[method-assign]
         scope = {"type": "http", "method": "POST", "path": "/v2/models/mlp/infer", "headers": [], "client": None}
-        try:
-            await asyncio.wait_for(fast(scope, receive, send), 5)
-        finally:
-            await grpc_server.stop(0)
-            await manager.close(1)
+        async with serving(repo, tmp_path) as (server, _):
+            version = server.models.get("mlp")
+            version.batcher.submit = _never(asyncio.Event())  # type: ignore[method-assign]
+            await asyncio.wait_for(server.asgi_app(scope, receive, send), 5)
         ids = {"model": "mlp", "version": "1"}
-        assert _sample(metrics.registry, "optiserve_inference_requests_total", **ids) == 1
-        assert _sample(metrics.registry, "optiserve_inference_failures_total", **ids, reason="canceled") == 1
+        assert _sample(server.metrics.registry, "optiserve_inference_requests_total", **ids) == 1
+        assert _sample(server.metrics.registry, "optiserve_inference_failures_total", **ids, reason="canceled") == 1
 
     asyncio.run(scenario())
 
