@@ -101,8 +101,7 @@ class OptiServe:
         """Begin a graceful drain (signal handler)."""
         if not self._stop.is_set():
             log.info("shutting down: readiness off, draining for up to %.0fs", self.settings.exit_timeout_s)
-            self.dataplane.shutting_down = True
-            self.models.draining()
+            self.models.drain()
             self._stop.set()
 
     async def _shutdown(

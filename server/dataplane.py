@@ -14,7 +14,7 @@ from typing import Any
 from server import __version__
 from server.batching import BatcherClosed
 from server.config import config_to_json
-from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, ServerUnavailable, wire_status
+from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, wire_status
 from server.inference import InferenceRequest, InferenceResponse
 from server.models import ModelManager, ModelState, ModelVersion
 from server.repository import check_model_name
@@ -36,7 +36,6 @@ class DataPlane:
 
     def __init__(self, models: ModelManager) -> None:
         self.models = models
-        self.shutting_down = False
         self.unrouted = models.metrics.for_unrouted() if models.metrics is not None else None
         self._uploads: set[asyncio.Future[list[int]]] = set()  # loads of uploads still running
 
@@ -47,16 +46,16 @@ class DataPlane:
 
     def ready(self) -> bool:
         """Ready to take traffic: models loaded and not draining."""
-        return not self.shutting_down and self.models.server_ready()
+        return self.models.server_ready()
 
     def server_metadata(self) -> dict[str, Any]:
         """Name, version and the protocol extensions implemented."""
         return {"name": "optiserve", "version": __version__, "extensions": EXTENSIONS}
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        """Whether this model (version) serves requests now."""
-        ready = self.models.is_ready(name, version)  # first, so a malformed version is a 400 even while draining
-        return ready and not self.shutting_down
+        """Whether this model (version) serves requests now (never while draining); a malformed version is a
+        400 in every state."""
+        return self.models.is_ready(name, version)
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
         """V2 model metadata: versions, platform, and input/output tensors with -1 for any size."""
@@ -94,23 +93,17 @@ class DataPlane:
         decoding, inferring and encoding, so that every outcome is counted exactly once. A request that fails
         here counts under ``model=""`` (see server/metrics.py)."""
         try:
-            served = self._serving(name, version)
+            served = self.models.get(name, version)
         except ServerError as exc:
             if self.unrouted is not None:
                 self.unrouted.count(failure_reason(exc))
             raise
-        return InferenceCall(self, served)
+        return InferenceCall(self.models, served)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Run one already-decoded request through the model's batcher, counted as one request."""
         with self.inference(request.model_name, request.model_version) as call:
             return await call.infer(request)
-
-    def _serving(self, name: str, version: str) -> ModelVersion:
-        """The version to run; while draining, 503 + Retry-After (another replica can serve), never 404."""
-        if self.shutting_down:
-            raise ServerUnavailable("the server is shutting down; retry on another replica", retry_after_s=1)
-        return self.models.get(name, version)
 
     # ---- statistics ------------------------------------------------------------------------------
     def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
@@ -205,9 +198,9 @@ class InferenceCall:
     records the outcome (success, or the reason of whatever was raised) once, in the version's statistics and
     metrics, with the time since the lookup."""
 
-    def __init__(self, dataplane: DataPlane, served: ModelVersion) -> None:
+    def __init__(self, models: ModelManager, served: ModelVersion) -> None:
         self.served = served
-        self._dataplane = dataplane
+        self._models = models
         self._started = time.monotonic_ns()
         self._request_id = ""
 
@@ -218,7 +211,7 @@ class InferenceCall:
             return await self.served.infer(request)
         except BatcherClosed:
             # The version was swapped out between lookup and queueing: serve it on the current one.
-            self.served = self._dataplane._serving(request.model_name, request.model_version)
+            self.served = self._models.get(request.model_name, request.model_version)
             return await self.served.infer(request)
 
     def __enter__(self) -> InferenceCall:

@@ -38,7 +38,6 @@ class ModelState(str, Enum):
 
     LOADING = "LOADING"
     READY = "READY"
-    UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
 
 
@@ -76,7 +75,8 @@ class ModelManager:
 
     # ---- queries -------------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
-        """The version to serve a request: a given one, or the highest ready one."""
+        """The version to serve a request: a given one, or the highest ready one. The one lookup of an inference
+        request. While draining: 503 + Retry-After (another replica can serve), never 404."""
         number = parse_uint(version, "model version") if version else None  # malformed: 400 in every state
         if self._draining:
             raise ServerUnavailable("the server is shutting down; retry on another replica", retry_after_s=1)
@@ -114,8 +114,8 @@ class ModelManager:
 
     def server_ready(self) -> bool:
         """Ready once start-up loading is done and every model meant to be loaded serves a version
-        (Triton's strict readiness). An explicit unload takes a model out of the count."""
-        if not self._startup_done:
+        (Triton's strict readiness), until the drain begins. An explicit unload takes a model out of the count."""
+        if self._draining or not self._startup_done:
             return False
         return all(entry.served for entry in list(self._entries.values()) if entry.wanted)
 
@@ -230,8 +230,9 @@ class ModelManager:
             entry.served = {}
         await asyncio.gather(*(asyncio.to_thread(v.close, timeout_s) for v in versions))
 
-    def draining(self) -> None:
-        """Shutdown has begun: requests that reach a model from now on get 503 rather than 404."""
+    def drain(self) -> None:
+        """Shutdown has begun: readiness is off, and requests that reach a model from now on get 503 (retry on
+        another replica) rather than 404. The server's one drain flag."""
         self._draining = True
 
     @staticmethod

@@ -124,6 +124,8 @@ def test_one_drain_flag_for_both_edges(tmp_path: Path) -> None:
                 assert (await client.get("/v2/models/mlp/versions/x/ready")).status_code == 400
                 reply = await client.post("/v2/models/mlp/infer", content=json.dumps(BODY))
                 assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+                malformed = await client.post("/v2/models/mlp/versions/x/infer", content=json.dumps(BODY))
+                assert malformed.status_code == 400 and "model version" in malformed.json()["error"]
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
                 assert not (await stub.ServerReady(pb.ServerReadyRequest())).ready
