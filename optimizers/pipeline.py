@@ -20,6 +20,7 @@ from optimizers.passes import ModelPass, default_passes
 from optimizers.providers import TARGET_PROVIDERS
 from optimizers.reference import build_reference, find_samples
 from optimizers.report import Report, Step
+from optimizers.runtime import NO_GUARD, DeviceGuard
 from optimizers.stages import OptimizationRun, Outcome
 from optimizers.timing import Benchmark, OrtBenchmark
 
@@ -56,7 +57,9 @@ def library_versions() -> dict[str, str]:
 
 
 class Pipeline:
-    """Optimizes model files for this device. Thread-safe: the server may run one per loading model."""
+    """Optimizes model files for this device. Thread-safe: the server may run one per loading model.
+    ``device_guard`` wraps every piece of the optimizer's GPU work (see :data:`optimizers.runtime.DeviceGuard`);
+    a host that captures CUDA graphs must pass one."""
 
     def __init__(
         self,
@@ -66,11 +69,13 @@ class Pipeline:
         *,
         passes: list[ModelPass[Any]] | None = None,
         benchmark: Benchmark | None = None,
+        device_guard: DeviceGuard = NO_GUARD,
     ) -> None:
         self.cache = Cache(Path(cache_dir), cache_max_bytes)
         self.device = device if device is not None else probe_device()
         self.passes = passes if passes is not None else default_passes()
         self.benchmark = benchmark
+        self.device_guard = device_guard
 
     def run(
         self,
@@ -138,7 +143,7 @@ class Pipeline:
             cache=self.cache,
             device=self.device,
             passes=self.passes,
-            benchmark=self.benchmark or OrtBenchmark(options.time_budget_s),
+            benchmark=self.benchmark or OrtBenchmark(options.time_budget_s, guard=self.device_guard),
             model_path=model_path,
             model_sha=model_sha,
             info=info,
@@ -147,6 +152,7 @@ class Pipeline:
             report=report,
             progress=notify,
             libraries=libraries,
+            guard=self.device_guard,
         )
         try:
             return run.execute()

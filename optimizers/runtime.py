@@ -15,20 +15,17 @@ import numpy as np
 from optimizers.providers import CPU, uses_gpu
 
 Feed = dict[str, np.ndarray]
-_device_guard: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
+DeviceGuard = Callable[[], AbstractContextManager[object]]
+"""What the host wraps the optimizer's GPU work in (creating, running and dropping sessions): the server passes
+its CUDA-graph capture lock, taken shared, because onnxruntime captures in CUDA's global mode and a synchronous
+copy or an allocation from any other thread would break a capture. Given to :class:`optimizers.Pipeline`."""
+NO_GUARD: DeviceGuard = contextlib.nullcontext
+"""The guard of a host with no GPU work of its own to protect."""
 
 
-def set_device_guard(guard: Callable[[], AbstractContextManager[object]]) -> None:
-    """Have the optimizer's GPU work (creating, running and dropping sessions) run inside ``guard()``: the
-    server passes its CUDA-graph capture lock, taken shared, because onnxruntime captures in CUDA's global mode
-    and a synchronous copy or an allocation from any other thread would break a capture."""
-    global _device_guard
-    _device_guard = guard
-
-
-def device_work(spec: SessionSpec) -> AbstractContextManager[object]:
-    """The host's guard for GPU work with ``spec``; nothing for a CPU-only spec."""
-    return _device_guard() if uses_gpu(spec.providers) else contextlib.nullcontext()
+def device_work(spec: SessionSpec, guard: DeviceGuard = NO_GUARD) -> AbstractContextManager[object]:
+    """``guard()`` for GPU work with ``spec``; nothing for a CPU-only spec."""
+    return guard() if uses_gpu(spec.providers) else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -60,9 +57,9 @@ class SessionSpec:
         )
 
 
-def open_session(model_path: Path, spec: SessionSpec) -> Any:
-    """An InferenceSession for ``spec``. Providers this onnxruntime lacks are dropped (CPU stays last), so a
-    plan made for a GPU still opens, on CPU, where there is none."""
+def open_session(model_path: Path, spec: SessionSpec, guard: DeviceGuard = NO_GUARD) -> Any:
+    """An InferenceSession for ``spec``, created inside ``guard`` when it uses a GPU. Providers this onnxruntime
+    lacks are dropped (CPU stays last), so a plan made for a GPU still opens, on CPU, where there is none."""
     import onnxruntime as ort
 
     installed = set(ort.get_available_providers())
@@ -73,27 +70,31 @@ def open_session(model_path: Path, spec: SessionSpec) -> Any:
     options.log_severity_level = 3  # candidates are expected to warn (e.g. FP16 casts); keep logs readable
     if spec.intra_op_threads is not None:
         options.intra_op_num_threads = spec.intra_op_threads
-    with device_work(spec):
+    with device_work(spec, guard):
         return ort.InferenceSession(str(model_path), options, providers=providers)
 
 
-def outputs_of(model_path: Path, spec: SessionSpec, batches: Sequence[Feed]) -> list[Feed]:
+def outputs_of(
+    model_path: Path, spec: SessionSpec, batches: Sequence[Feed], guard: DeviceGuard = NO_GUARD
+) -> list[Feed]:
     """Open ``model_path`` with ``spec``, run every batch, and drop the session inside the device guard
     (freeing its GPU memory is GPU work too)."""
-    session = open_session(model_path, spec)
+    session = open_session(model_path, spec, guard)
     try:
-        return run_batches(session, batches, spec)
+        return run_batches(session, batches, spec, guard)
     finally:
-        with device_work(spec):
+        with device_work(spec, guard):
             del session
 
 
-def run_batches(session: Any, batches: Sequence[Feed], spec: SessionSpec | None = None) -> list[Feed]:
-    """Outputs of every batch, by output name (each run inside the device guard when ``spec`` uses a GPU)."""
+def run_batches(
+    session: Any, batches: Sequence[Feed], spec: SessionSpec | None = None, guard: DeviceGuard = NO_GUARD
+) -> list[Feed]:
+    """Outputs of every batch, by output name (each run inside ``guard`` when ``spec`` uses a GPU)."""
     names = [output.name for output in session.get_outputs()]
     results = []
     for feed in batches:
-        with device_work(spec) if spec is not None else contextlib.nullcontext():
+        with device_work(spec, guard) if spec is not None else contextlib.nullcontext():
             values = session.run(names, feed)
         results.append({name: np.asarray(value) for name, value in zip(names, values, strict=True)})
     return results

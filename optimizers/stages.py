@@ -21,7 +21,7 @@ from optimizers.passes import compile as compiling
 from optimizers.passes.base import ModelPass, PassContext
 from optimizers.reference import ReferenceSet, resize_batch
 from optimizers.report import BeforeAfter, Report, Step
-from optimizers.runtime import Feed, SessionSpec, outputs_of
+from optimizers.runtime import DeviceGuard, Feed, SessionSpec, outputs_of
 from optimizers.selection import select_fastest
 from optimizers.timing import Benchmark, Latencies
 
@@ -80,8 +80,9 @@ class OptimizationRun:
         report: Report,
         progress: Progress,
         libraries: dict[str, str],
+        guard: DeviceGuard,
     ) -> None:
-        self.cache, self.device, self.passes, self.benchmark = cache, device, passes, benchmark
+        self.cache, self.device, self.passes, self.benchmark, self.guard = cache, device, passes, benchmark, guard
         self.model_path, self.model_sha, self.info, self.options = model_path, model_sha, info, options
         self.reference, self.report, self.progress, self.libraries = reference, report, progress, libraries
         self.batch_dim = options.max_batch_size > 0 and info.batch_dynamic
@@ -107,7 +108,7 @@ class OptimizationRun:
         """Reference outputs, baseline timing, every candidate, selection, compile."""
         base_spec = compiling.target_spec(self.compile_config)
         self.progress(f"optimize: reference ({self.reference.source}, {self.reference.count} inputs)")
-        self.reference.outputs = outputs_of(self.model_path, base_spec, self.reference.batches)
+        self.reference.outputs = outputs_of(self.model_path, base_spec, self.reference.batches, self.guard)
         self.progress("optimize: timing the original")
         baseline = self.benchmark("original", self.model_path, base_spec, self.feeds)
         original = Candidate("original", self.model_path, "fp32", base_spec, baseline)
@@ -166,7 +167,7 @@ class OptimizationRun:
         return candidate
 
     def _evaluate(self, model_pass: ModelPass[Any], step: Step, baseline: Latencies) -> Candidate | None:
-        ctx = PassContext(self.device, self.options, self.info, self.reference.batches)
+        ctx = PassContext(self.device, self.options, self.info, self.reference.batches, self.guard)
         config = model_pass.configure(ctx)
         skip = family_refusal(self.options.precision, model_pass.family) or model_pass.skip_reason(ctx, config)
         if skip:
@@ -215,7 +216,7 @@ class OptimizationRun:
         """Run the candidate on the reference set and check the family's budgets; fills the step."""
         thresholds = accuracy.thresholds_for(family, self.options.accuracy)
         try:
-            outputs = outputs_of(path, spec, self.reference.batches)
+            outputs = outputs_of(path, spec, self.reference.batches, self.guard)
         except Exception as exc:  # onnxruntime refuses some converted graphs (missing kernels)
             step.thresholds = thresholds
             return [f"does not run: {type(exc).__name__}: {exc}"]

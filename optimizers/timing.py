@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from optimizers.runtime import Feed, SessionSpec, device_work, open_session
+from optimizers.runtime import NO_GUARD, DeviceGuard, Feed, SessionSpec, device_work, open_session
 
 Latencies = dict[int, float]  # batch size -> median latency in ms
 
@@ -22,30 +22,34 @@ class Benchmark(Protocol):
 
 class OrtBenchmark:
     """onnxruntime timing: one warm-up run, then runs until ``min_runs`` are done or the budget is spent
-    (at least one measured run; session creation is not counted: TensorRT builds engines there)."""
+    (at least one measured run; session creation is not counted: TensorRT builds engines there). GPU work runs
+    inside ``guard`` (see :data:`optimizers.runtime.DeviceGuard`)."""
 
-    def __init__(self, budget_s: float = 1.5, min_runs: int = 5, max_runs: int = 200) -> None:
+    def __init__(
+        self, budget_s: float = 1.5, min_runs: int = 5, max_runs: int = 200, *, guard: DeviceGuard = NO_GUARD
+    ) -> None:
         self.budget_s = budget_s
         self.min_runs = min_runs
         self.max_runs = max_runs
+        self.guard = guard
 
     def __call__(self, label: str, model_path: Path, spec: SessionSpec, feeds: Mapping[int, Feed]) -> Latencies:
-        session = open_session(model_path, spec)
+        session = open_session(model_path, spec, self.guard)
         share = self.budget_s / max(1, len(feeds))
         try:
             return {batch: self._median_ms(session, spec, feed, share) for batch, feed in feeds.items()}
         finally:
-            with device_work(spec):  # freeing a GPU session's memory is GPU work too
+            with device_work(spec, self.guard):  # freeing a GPU session's memory is GPU work too
                 del session
 
     def _median_ms(self, session: object, spec: SessionSpec, feed: Feed, budget_s: float) -> float:
         run = session.run  # type: ignore[attr-defined]
         deadline = time.perf_counter() + budget_s
-        with device_work(spec):
+        with device_work(spec, self.guard):
             run(None, feed)
         samples: list[float] = []
         while len(samples) < self.max_runs:
-            with device_work(spec):  # taken before the clock starts
+            with device_work(spec, self.guard):  # taken before the clock starts
                 started = time.perf_counter()
                 run(None, feed)
                 samples.append((time.perf_counter() - started) * 1000)

@@ -20,7 +20,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizers import OptimizeError, OptimizeOptions, OptionsError, Pipeline, PipelineResult, probe_device
 from optimizers.providers import CPU, Target, target_of, uses_gpu
-from optimizers.runtime import set_device_guard
 from server.backends import gpu
 from server.backends.base import Backend
 from server.backends.capture_lock import CUDA_CAPTURE
@@ -162,11 +161,11 @@ class VersionLoader:
         """The optimizer, built on first use (probing the device takes a moment)."""
         with self._pipeline_lock:
             if self._pipeline is None:
-                set_device_guard(CUDA_CAPTURE.shared)  # the optimizer's GPU runs must not break a graph capture
                 self._pipeline = Pipeline(
                     cache_dir=self.settings.cache_dir,
                     cache_max_bytes=self.settings.cache_max_bytes,
                     device=probe_device(),
+                    device_guard=CUDA_CAPTURE.shared,  # the optimizer's GPU runs must not break a graph capture
                 )
             return self._pipeline
 

@@ -15,7 +15,7 @@ from optimizers.accuracy import Family
 from optimizers.device import DeviceInfo
 from optimizers.modelinfo import ModelInfo
 from optimizers.options import OptimizeOptions
-from optimizers.runtime import Feed
+from optimizers.runtime import NO_GUARD, DeviceGuard, Feed
 
 
 class PassConfig(BaseModel):
@@ -30,12 +30,13 @@ ConfigT = TypeVar("ConfigT", bound=PassConfig)
 @dataclass(frozen=True)
 class PassContext:
     """What a pass may look at: the machine, the options, the model summary and the calibration inputs
-    (the reference set's batches)."""
+    (the reference set's batches); and the host's guard, for a pass that opens a GPU session."""
 
     device: DeviceInfo
     options: OptimizeOptions
     info: ModelInfo
     calibration: Sequence[Feed]
+    guard: DeviceGuard = NO_GUARD
 
 
 class ModelPass(ABC, Generic[ConfigT]):

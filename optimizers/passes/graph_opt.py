@@ -45,6 +45,6 @@ class GraphOptPass(ModelPass[GraphOptConfig]):
         options.log_severity_level = 3
         installed = set(ort.get_available_providers())
         providers = [p for p in config.providers if p in installed] or [CPU]
-        with device_work(SessionSpec(providers=tuple(providers))):  # created and dropped inside the guard
+        with device_work(SessionSpec(providers=tuple(providers)), ctx.guard):  # created and dropped inside it
             ort.InferenceSession(str(source), options, providers=providers)
         return {"level": config.level, "providers": providers}
