@@ -7,12 +7,17 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 PYTEST_ARGS ?= -n 2
 
-.PHONY: serve test lint typecheck collect-check unit bench models clean
+.PHONY: serve test lint typecheck collect-check bench models clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
+	touch $@
+
+# make lint and make typecheck need only the runtime and the linters (the lint extra), not the test install below.
+$(VENV)/.lint: $(VENV)/.runtime pyproject.toml
+	$(PY) -m pip install -q -e '.[lint]'
 	touch $@
 
 # The converter extras (server/convert) are part of the test install: torch first, pinned to the CPU wheel
@@ -34,11 +39,11 @@ models: model_repo/example/1/model.onnx
 serve: $(VENV)/.runtime models
 	$(VENV)/bin/optiserve serve --model-repository model_repo --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
-lint: $(VENV)/.test
+lint: $(VENV)/.lint
 	$(VENV)/bin/ruff check server optimizers tests bench model_repo/make_example.py
 	$(VENV)/bin/ruff format --check server optimizers tests bench model_repo/make_example.py
 
-typecheck: $(VENV)/.test
+typecheck: $(VENV)/.lint
 	$(VENV)/bin/mypy
 
 # pytest-xdist stops when its workers collect different test ids (an id made from random bytes or a timestamp):
