@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from bench import models
+from bench.digits import top1_accuracy, trained_digits
 from optimizers import OptimizeOptions, Pipeline, probe_device
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,20 +35,10 @@ def prepare(name: str, folder: Path) -> tuple[Path, Any]:
     if name != "digits":
         onnx.save(models.BUILDERS[name](), str(path))
         return path, None
-    from tests.unit.optimizers.models import trained_digits
-
     digits = trained_digits()
     onnx.save(digits.model, str(path))
     np.savez(folder / "samples.npz", x=digits.x_train[:256])
     return path, digits
-
-
-def top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
-    return float((logits.argmax(axis=1) == y).mean())
 
 
 def run_model(name: str, out: Path) -> dict[str, Any]:
@@ -69,8 +60,8 @@ def run_model(name: str, out: Path) -> dict[str, Any]:
         "cache_hit": warm.report["cache_hit"],
     }
     if digits is not None:
-        result["top1"] = {"original": top1(path, digits.x_test, digits.y_test)}
-        result["top1"][cold.report["selected"]] = top1(cold.model_path, digits.x_test, digits.y_test)
+        result["top1"] = {"original": top1_accuracy(path, digits.x_test, digits.y_test)}
+        result["top1"][cold.report["selected"]] = top1_accuracy(cold.model_path, digits.x_test, digits.y_test)
     print(f"{name}: selected {cold.report['selected']}, cold {cold_s:.1f} s, cached {warm_s:.2f} s", flush=True)
     return result
 
