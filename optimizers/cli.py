@@ -90,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     args.output.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.model_path, args.output / "model.onnx")
-    (args.output / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
-    (args.output / "session_options.json").write_text(json.dumps(result.session_options, indent=2) + "\n")
-    print(format_table(result.report))
+    report = result.report
+    (args.output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.output / "session_options.json").write_text(json.dumps(result.session.as_options(), indent=2) + "\n")
+    print(format_table(report))
     return 0
 
 

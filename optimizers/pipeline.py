@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
+from optimizers.accuracy import Family
 from optimizers.cache import Cache, cache_key
 from optimizers.device import DeviceInfo, probe_device
 from optimizers.errors import OptimizeError
@@ -20,7 +23,7 @@ from optimizers.passes import ModelPass, default_passes
 from optimizers.providers import TARGET_PROVIDERS
 from optimizers.reference import build_reference, find_samples
 from optimizers.report import Report, Step
-from optimizers.runtime import NO_GUARD, DeviceGuard
+from optimizers.runtime import NO_GUARD, DeviceGuard, SessionSpec
 from optimizers.stages import OptimizationRun, Outcome
 from optimizers.timing import Benchmark, OrtBenchmark
 
@@ -33,13 +36,31 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """What to serve: the ONNX file (the original, or an artifact inside the cache folder), the session
-    options the compile step chose (``intra_op_threads``, ``providers``, ``provider_options``; empty for
-    defaults), and the report dict."""
+    """What to serve: the ONNX file (the original, or an artifact inside the cache folder), how to run it (the
+    session spec the compile step chose: providers and their options, intra-op threads; ``SessionSpec()`` keeps
+    the host's defaults), the precision family of the selected model (``fp32`` for the original; on TensorRT an
+    ``fp16`` model needs the FP16 flag), and the report."""
 
     model_path: Path
-    session_options: dict[str, Any]
-    report: dict[str, Any]
+    session: SessionSpec
+    family: Family
+    summary: Report
+    """The report, typed."""
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The report as the JSON-able dict the server returns (``GET .../optimization``) and the CLI writes."""
+        return self.summary.model_dump(mode="json")
+
+
+class StoredResult(BaseModel):
+    """A whole run as the result cache keeps it (``results/<key>.json``)."""
+
+    artifact: str | None = None
+    """The selected artifact's cache key; None for the original."""
+    session: SessionSpec
+    family: Family
+    report: Report
 
 
 def library_versions() -> dict[str, str]:
@@ -118,7 +139,7 @@ class Pipeline:
         self._store(key, outcome)
         notify(f"optimize: done, serving {outcome.report.selected}")
         log.info("optimized %s in %.2fs: %s", label, outcome.report.duration_s, outcome.report.selected)
-        return PipelineResult(outcome.model_path, outcome.session_options, outcome.report.model_dump(mode="json"))
+        return _result(outcome)
 
     def _optimize(
         self,
@@ -167,28 +188,32 @@ class Pipeline:
     def _from_cache(
         self, key: str, model_path: Path, label: str, version: str, started: float
     ) -> PipelineResult | None:
-        stored = self.cache.get_result(key)
-        if stored is None:
+        data = self.cache.get_result(key)
+        if data is None:
             return None
-        artifact = stored.get("artifact")
+        try:
+            stored = StoredResult.model_validate(data)
+        except ValidationError:  # written by an older version of this package: recompute (artifacts still hit)
+            log.info("optimizer cache entry %s has an older layout; optimizing %s again", key[:12], label)
+            return None
         path = model_path
-        if artifact:
-            hit = self.cache.get_artifact(str(artifact))
+        if stored.artifact:
+            hit = self.cache.get_artifact(stored.artifact)
             if hit is None:  # evicted since: recompute
                 return None
             path = hit[0]
-        report = dict(stored["report"])
-        report.update(model=label, version=version, cache_hit=True, duration_s=round(time.monotonic() - started, 3))
-        log.info("optimizer cache hit for %s: serving %s", label, report["selected"])
-        return PipelineResult(path, dict(stored["session_options"]), report)
+        duration_s = round(time.monotonic() - started, 3)
+        report = stored.report.model_copy(
+            update={"model": label, "version": version, "cache_hit": True, "duration_s": duration_s}
+        )
+        log.info("optimizer cache hit for %s: serving %s", label, report.selected)
+        return PipelineResult(path, stored.session, stored.family, report)
 
     def _store(self, key: str, outcome: Outcome) -> None:
-        data = {
-            "artifact": outcome.artifact_key,
-            "session_options": outcome.session_options,
-            "report": outcome.report.model_dump(mode="json"),
-        }
-        self.cache.put_result(key, data)
+        stored = StoredResult(
+            artifact=outcome.artifact_key, session=outcome.session, family=outcome.family, report=outcome.report
+        )
+        self.cache.put_result(key, stored.model_dump(mode="json"))
         self.cache.evict(keep=[outcome.model_path, self.cache.results / f"{key}.json"])
 
     # ---- reports without a run -----------------------------------------------------------------
@@ -205,7 +230,7 @@ class Pipeline:
         report.steps = [Step(name=p.name, reason=reason) for p in self.passes] + [Step(name="compile", reason=reason)]
         report.reference = report.reference or {"source": "none", "count": 0, "note": reason}
         report.selected = "original"
-        return Outcome(model_path, None, {}, report)
+        return Outcome(model_path, None, SessionSpec(), "fp32", report)
 
     def _disabled(
         self, model_path: Path, options: OptimizeOptions, label: str, version: str, started: float
@@ -213,7 +238,7 @@ class Pipeline:
         report = self._new_report(options, label, version)
         outcome = self._unchanged(model_path, report, "precision none: the optimizer is off for this model")
         report.duration_s = round(time.monotonic() - started, 3)
-        return PipelineResult(model_path, {}, outcome.report.model_dump(mode="json"))
+        return _result(outcome)
 
     def _check_target(self, options: OptimizeOptions) -> None:
         needed = TARGET_PROVIDERS[options.target][0]
@@ -222,6 +247,10 @@ class Pipeline:
                 f"target {options.target}: onnxruntime's {needed} is not available here "
                 f"(have {', '.join(self.device.providers)}); install onnxruntime-gpu on a GPU machine or use target cpu"
             )
+
+
+def _result(outcome: Outcome) -> PipelineResult:
+    return PipelineResult(outcome.model_path, outcome.session, outcome.family, outcome.report)
 
 
 def _ignore(_message: str) -> None:

@@ -1,5 +1,5 @@
 """Sessions for checking and timing candidates: one small spec (threads, providers, provider options) that is
-both what the pipeline times and what it hands the server to serve with."""
+both what the pipeline times and what it hands the server to serve with (``PipelineResult.session``)."""
 
 from __future__ import annotations
 
@@ -36,25 +36,21 @@ class SessionSpec:
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
     intra_op_threads: int | None = None
 
+    @property
+    def chooses_providers(self) -> bool:
+        """Whether the spec names providers of its own (the default, CPU alone, leaves the host's choice)."""
+        return self.providers != (CPU,)
+
     def as_options(self) -> dict[str, Any]:
-        """The non-default parts, as the ``session_options`` dict the server applies."""
+        """The non-default parts, as the report's ``session_options`` (and the CLI's session_options.json)."""
         options: dict[str, Any] = {}
         if self.intra_op_threads is not None:
             options["intra_op_threads"] = self.intra_op_threads
-        if self.providers != (CPU,):
+        if self.chooses_providers:
             options["providers"] = list(self.providers)
         if self.provider_options:
             options["provider_options"] = {name: dict(opts) for name, opts in self.provider_options.items()}
         return options
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> SessionSpec:
-        """The inverse of :meth:`as_options` (for cached results)."""
-        return cls(
-            providers=tuple(options.get("providers", (CPU,))),
-            provider_options={k: dict(v) for k, v in options.get("provider_options", {}).items()},
-            intra_op_threads=options.get("intra_op_threads"),
-        )
 
 
 def open_session(model_path: Path, spec: SessionSpec, guard: DeviceGuard = NO_GUARD) -> Any:

@@ -44,11 +44,12 @@ class Candidate:
 
 @dataclass
 class Outcome:
-    """What the run chose, plus the report."""
+    """What the run chose (the model, how to run it, its precision family), plus the report."""
 
     model_path: Path
     artifact_key: str | None
-    session_options: dict[str, Any]
+    session: SessionSpec
+    family: Family
     report: Report
 
 
@@ -117,7 +118,7 @@ class OptimizationRun:
         session = self._compile(winner)
         self.report.selected = winner.name
         self.report.session_options = session.as_options()
-        return Outcome(winner.path, winner.artifact_key, self.report.session_options, self.report)
+        return Outcome(winner.path, winner.artifact_key, session, winner.family, self.report)
 
     def _select(self, original: Candidate, survivors: list[Candidate]) -> Candidate:
         verdict = select_fastest(

@@ -12,13 +12,23 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
-from optimizers import OptimizeError, OptimizeOptions, OptionsError, Pipeline, PipelineResult, probe_device
+from optimizers import (
+    OptimizeError,
+    OptimizeOptions,
+    OptionsError,
+    Pipeline,
+    PipelineResult,
+    Report,
+    SessionSpec,
+    probe_device,
+)
 from optimizers.providers import CPU, Target, target_of, uses_gpu
 from server.backends import gpu
 from server.backends.base import Backend
@@ -72,12 +82,10 @@ class VersionLoader:
         )
         plan = instance_plan(config, self.settings)
         optimized = self._optimize(name, version, model_path, loaded, config, plan, progress)
-        chosen = dict(optimized.session_options)
-        if thread_parameter(config, "intra_op_thread_count"):
-            chosen.pop("intra_op_threads", None)  # the model's own setting wins
-        plan = apply_session_options(plan, chosen)
-        selected = str(optimized.report.get("selected") or "original")
-        plan = gpu.with_gpu_options(plan, config, self.settings, fp16=self._family(selected) == "fp16")
+        own_threads = bool(thread_parameter(config, "intra_op_thread_count"))  # the model's own setting wins
+        plan = apply_session_spec(plan, optimized.session, keep_threads=own_threads)
+        plan = gpu.with_gpu_options(plan, config, self.settings, fp16=optimized.family == "fp16")
+        selected = optimized.summary.selected
         backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
         stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
         try:
@@ -125,10 +133,6 @@ class VersionLoader:
         )
         return result.onnx_path, result.report_step
 
-    def _family(self, selected: str) -> str:
-        """The precision family of the variant the optimizer selected ("fp32" for the original)."""
-        return next((str(p.family) for p in self.pipeline().passes if p.name == selected), "fp32")
-
     def _optimize(
         self,
         name: str,
@@ -154,7 +158,7 @@ class VersionLoader:
             result = self.pipeline().run(model_path, options, progress, name=name, version=str(version))
         except OptimizeError as exc:
             raise LoadFailed(f"model {name!r} version {version}: {exc}") from None
-        self._record(name, result.report)
+        self._record(name, result.summary)
         return result
 
     def pipeline(self) -> Pipeline:
@@ -169,17 +173,13 @@ class VersionLoader:
                 )
             return self._pipeline
 
-    def _record(self, name: str, report: dict[str, Any]) -> None:
+    def _record(self, name: str, report: Report) -> None:
         if self.metrics is None:
             return
-        if report.get("cache_hit"):
+        if report.cache_hit:
             self.metrics.cache_hits.labels(name).inc()
-        for step in report.get("steps", []):
-            duration = step.get("duration_s")
-            if isinstance(duration, (int, float)):
-                self.metrics.optimization_step.labels(name, str(step.get("name")), str(step.get("status"))).observe(
-                    duration
-                )
+        for step in report.steps:
+            self.metrics.optimization_step.labels(name, step.name, step.status).observe(step.duration_s)
 
 
 def gpu_serving_available(settings: Settings) -> bool:
@@ -200,23 +200,26 @@ def _target(plan: list[SessionConfig]) -> Target:
     return target_of(plan[0].providers if plan else (CPU,))
 
 
-def apply_session_options(plan: list[SessionConfig], chosen: dict[str, Any]) -> list[SessionConfig]:
-    """Apply what the optimizer's compile step chose, keeping instances x threads <= cores. Its providers go
-    to the instances of their kind only: a GPU choice never lands on a CPU instance, nor a CPU one on a GPU."""
-    if not chosen:
+def apply_session_spec(
+    plan: list[SessionConfig], spec: SessionSpec, *, keep_threads: bool = False
+) -> list[SessionConfig]:
+    """Apply how the optimizer's compile step chose to run the model, keeping instances x threads <= cores
+    (``keep_threads``: the model set its own intra-op threads, and they win). Its providers go to the instances
+    of their kind only: a GPU choice never lands on a CPU instance, nor a CPU one on a GPU."""
+    threads = None if keep_threads else spec.intra_op_threads
+    if threads is None and not spec.chooses_providers:
         return plan
     cpu_instances = max(1, sum(1 for p in plan if not uses_gpu(p.providers)))
     budget = max(1, available_cpus() // cpu_instances)
-    gpu_choice = uses_gpu(chosen.get("providers", ()))
+    gpu_choice = uses_gpu(spec.providers)
     updated: list[SessionConfig] = []
     for session in plan:
-        changes: dict[str, Any] = {}
-        if "intra_op_threads" in chosen:
-            changes["intra_op_threads"] = max(1, min(int(chosen["intra_op_threads"]), budget))
-        if "providers" in chosen and session.wants_gpu == gpu_choice:
-            changes["providers"] = tuple(chosen["providers"])
-            changes["provider_options"] = dict(chosen.get("provider_options", {}))
-        updated.append(SessionConfig(**{**session.__dict__, **changes}))
+        if threads is not None:
+            session = replace(session, intra_op_threads=max(1, min(threads, budget)))
+        if spec.chooses_providers and session.wants_gpu == gpu_choice:
+            options = {name: dict(values) for name, values in spec.provider_options.items()}
+            session = replace(session, providers=spec.providers, provider_options=options)
+        updated.append(session)
     return updated
 
 

@@ -15,13 +15,14 @@ import onnxruntime
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from optimizers.providers import CPU, CUDA, TENSORRT
+from optimizers import SessionSpec
+from optimizers.providers import CPU, CUDA, OPENVINO, TENSORRT
 from server.backends import gpu
 from server.backends import onnxruntime as ort_backend
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig, warn_on_fallback
 from server.config import parse_config
 from server.errors import LoadFailed
-from server.loader import VersionLoader, apply_session_options, instance_plan, instance_report
+from server.loader import VersionLoader, apply_session_spec, instance_plan, instance_report
 from server.repository import Repository
 from server.settings import Settings
 from tests.models import fixtures
@@ -264,13 +265,23 @@ def test_optimizer_options_win_except_device_id(tmp_path: Path) -> None:
 def test_optimizer_providers_go_to_instances_of_their_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.loader.available_cpus", lambda: 4)
     plan = [SessionConfig(), _gpu_session(0)]
-    gpu_choice = {"providers": [CUDA, CPU], "provider_options": {CUDA: {"cudnn_conv_algo_search": "DEFAULT"}}}
-    cpu, placed = apply_session_options(plan, gpu_choice)
+    gpu_choice = SessionSpec(providers=(CUDA, CPU), provider_options={CUDA: {"cudnn_conv_algo_search": "DEFAULT"}})
+    cpu, placed = apply_session_spec(plan, gpu_choice)
     assert cpu.providers == (CPU,) and placed.providers == (CUDA, CPU) and placed.device_id == 0
-    cpu_choice = {"providers": ["OpenVINOExecutionProvider", CPU], "intra_op_threads": 2}
-    cpu, placed = apply_session_options(plan, cpu_choice)
-    assert cpu.providers == ("OpenVINOExecutionProvider", CPU) and cpu.intra_op_threads == 2
+    assert placed.provider_options == {CUDA: {"cudnn_conv_algo_search": "DEFAULT"}}
+    cpu_choice = SessionSpec(providers=(OPENVINO, CPU), intra_op_threads=2)
+    cpu, placed = apply_session_spec(plan, cpu_choice)
+    assert cpu.providers == (OPENVINO, CPU) and cpu.intra_op_threads == 2
     assert placed.providers == (TRT, CUDA, CPU)
+
+
+def test_optimizer_threads_are_capped_and_yield_to_the_models_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.loader.available_cpus", lambda: 4)
+    plan = [SessionConfig(intra_op_threads=2), SessionConfig(intra_op_threads=2)]
+    assert apply_session_spec(plan, SessionSpec()) is plan  # nothing chosen: the plan as it was
+    assert [s.intra_op_threads for s in apply_session_spec(plan, SessionSpec(intra_op_threads=8))] == [2, 2]
+    assert [s.intra_op_threads for s in apply_session_spec(plan, SessionSpec(intra_op_threads=1))] == [1, 1]
+    assert apply_session_spec(plan, SessionSpec(intra_op_threads=1), keep_threads=True) is plan
 
 
 # ---- sessions: fallback warning, IO binding ---------------------------------------------------------------------

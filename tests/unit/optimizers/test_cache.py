@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -33,8 +34,24 @@ def test_second_run_is_a_fast_hit_with_the_same_artifact(tmp_path: Path) -> None
     second = _pipeline(tmp_path / "cache", bench).run(model, options)  # a new Pipeline: as after a restart
     assert time.monotonic() - started < 1.0
     assert second.report["cache_hit"] and bench.calls == []
-    assert second.model_path == first.model_path and second.session_options == first.session_options
+    assert second.model_path == first.model_path and second.session == first.session
+    assert second.family == first.family == "int8"
     assert second.report["steps"] == first.report["steps"]
+
+
+def test_a_result_in_an_older_layout_is_recomputed(tmp_path: Path) -> None:
+    """Cached results written before the typed session spec (``session_options``, no family) miss, and the
+    pass artifacts still hit."""
+    model = models.save(models.trained_digits().model, tmp_path / "m")
+    first = _pipeline(tmp_path / "cache").run(model, OptimizeOptions())
+    (entry,) = (tmp_path / "cache" / "results").iterdir()
+    stored = json.loads(entry.read_text())
+    old = {"artifact": stored["artifact"], "session_options": {}, "report": stored["report"]}
+    entry.write_text(json.dumps(old))
+    again = _pipeline(tmp_path / "cache").run(model, OptimizeOptions())
+    assert not again.report["cache_hit"] and again.model_path == first.model_path
+    assert {s["name"]: s for s in again.report["steps"]}["int8_dynamic"]["details"]["artifact_cache_hit"]
+    assert json.loads(entry.read_text())["family"] == "int8"  # rewritten in the current layout
 
 
 def test_same_bytes_under_another_name_hit_and_options_miss(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from optimizers import OptimizeError, OptimizeOptions, Pipeline
 from optimizers.providers import CPU, CUDA, TENSORRT
+from optimizers.runtime import SessionSpec
 from tests.models import fixtures
 from tests.unit.optimizers import models
 from tests.unit.optimizers.conftest import GPU_PROVIDERS, FakeBenchmark, fake_device
@@ -44,6 +45,7 @@ def test_auto_selects_the_measured_fastest(tmp_path: Path, digits: Path) -> None
     assert steps["int8_dynamic"]["latency_ms"] == {"before": 80.0, "after": 32.0}  # at preferred batch 8
     assert onnx.load(str(result.model_path)).graph.node  # a real artifact
     assert bench.labels[0] == "original"
+    assert result.family == "int8" and result.summary.selected == "int8_dynamic"
 
 
 def test_never_slower_than_the_original(tmp_path: Path, digits: Path) -> None:
@@ -51,7 +53,7 @@ def test_never_slower_than_the_original(tmp_path: Path, digits: Path) -> None:
     result, _ = _run(tmp_path, digits, OptimizeOptions(), latencies)
     assert result.report["selected"] == "original" and result.model_path == digits
     assert all(step["status"] != "applied" for step in result.report["steps"])
-    assert result.session_options == {}
+    assert result.session == SessionSpec() and result.family == "fp32"
 
 
 def test_precision_fp32_applies_no_lossy_step(tmp_path: Path, digits: Path) -> None:
@@ -76,7 +78,7 @@ def test_precision_int8_keeps_only_int8(tmp_path: Path, digits: Path) -> None:
 
 def test_precision_none_disables_everything(tmp_path: Path, digits: Path) -> None:
     result, bench = _run(tmp_path, digits, OptimizeOptions(precision="none"), {})
-    assert result.model_path == digits and result.session_options == {} and bench.calls == []
+    assert result.model_path == digits and result.session == SessionSpec() and bench.calls == []
     assert {s["status"] for s in result.report["steps"]} == {"skipped"}
     assert not (tmp_path / "cache" / "results").exists() or not any((tmp_path / "cache" / "results").iterdir())
 
@@ -86,7 +88,8 @@ def test_compile_picks_a_faster_thread_count(tmp_path: Path, digits: Path) -> No
     result, _ = _run(tmp_path, digits, OptimizeOptions(precision="fp32"), latencies, cores=2)
     compile_step = _steps(result)["compile"]
     assert compile_step["status"] == "applied" and compile_step["reason"].startswith("threads=1")
-    assert result.session_options == {"intra_op_threads": 1}
+    assert result.session == SessionSpec(intra_op_threads=1)
+    assert result.report["session_options"] == {"intra_op_threads": 1}
 
 
 def test_gpu_target_without_a_gpu_is_a_clear_error(tmp_path: Path, digits: Path) -> None:
@@ -105,7 +108,8 @@ def test_cuda_plan_builds_fp16_and_serves_with_cuda(tmp_path: Path, digits: Path
     assert steps["fp16"]["status"] == "applied", steps["fp16"]
     assert steps["fp16"]["accuracy"]["rel_l2"] < 1e-2 and steps["fp16"]["thresholds"] == {"rel_l2": 1e-2}
     assert steps["int8_dynamic"]["status"] == "skipped"
-    assert result.session_options == {"providers": [CUDA, CPU]}
+    assert result.session == SessionSpec(providers=(CUDA, CPU)) and result.family == "fp16"
+    assert result.report["session_options"] == {"providers": [CUDA, CPU]}
     assert all(call[2].providers == (CUDA, CPU) for call in bench.calls)
 
 
@@ -115,8 +119,9 @@ def test_tensorrt_plan_has_caches_under_the_cache_dir(tmp_path: Path) -> None:
     options = OptimizeOptions(target="tensorrt", max_batch_size=16)
     result, _ = _run(tmp_path, conv, options, latencies, providers=GPU_PROVIDERS)
     assert result.report["selected"] == "int8_static"
-    trt = result.session_options["provider_options"][TENSORRT]
-    assert result.session_options["providers"] == [TENSORRT, CUDA, CPU]
+    trt = result.session.provider_options[TENSORRT]
+    assert result.session.providers == (TENSORRT, CUDA, CPU) and result.family == "int8"
+    assert result.report["session_options"] == result.session.as_options()
     assert trt["trt_int8_enable"] == "True" and trt["trt_profile_max_shapes"] == "image:16x3x16x16"
     assert Path(trt["trt_engine_cache_path"]).is_relative_to(tmp_path / "cache")
     assert _steps(result)["compile"]["status"] == "applied"
