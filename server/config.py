@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import onnx
 import yaml
@@ -26,7 +26,13 @@ from server.modelfile import check_file_name
 from server.numbers import INT64_MAX, parse_positive
 from server.optimize_block import check_block, split_pbtxt
 
-ModelConfig = mc.ModelConfig
+ModelConfig: TypeAlias = mc.ModelConfig
+"""Triton's ModelConfig message: the in-memory form of a model's config (tritonclient ships no type stubs, so for
+mypy this is Any; the name still says what a ``config`` parameter holds)."""
+ModelInstanceGroup: TypeAlias = mc.ModelInstanceGroup
+"""One ``instance_group`` entry of a ModelConfig."""
+ModelInput: TypeAlias = mc.ModelInput
+"""One ``input`` entry of a ModelConfig."""
 CONFIG_FILES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
 DEFAULT_MODEL_FILENAME = "model.onnx"
 PLATFORM = "onnxruntime_onnx"

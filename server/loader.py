@@ -35,7 +35,16 @@ from server.backends.base import Backend
 from server.backends.capture_lock import CUDA_CAPTURE
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig, choose_providers
 from server.batching import Batcher, BatchPolicy
-from server.config import MAX_INSTANCES, LoadedConfig, complete_config, model_filename, tensor_specs, thread_count
+from server.config import (
+    MAX_INSTANCES,
+    LoadedConfig,
+    ModelConfig,
+    ModelInstanceGroup,
+    complete_config,
+    model_filename,
+    tensor_specs,
+    thread_count,
+)
 from server.convert import convert_version, is_convertible
 from server.errors import LoadFailed
 from server.metrics import ServerMetrics
@@ -139,7 +148,7 @@ class VersionLoader:
         version: int,
         model_path: Path,
         loaded: LoadedConfig,
-        config: Any,
+        config: ModelConfig,
         plan: list[SessionConfig],
         progress: Progress,
     ) -> PipelineResult:
@@ -223,7 +232,9 @@ def apply_session_spec(
     return updated
 
 
-def _make_batcher(label: str, config: Any, backends: list[Backend], stats: ModelStats, settings: Settings) -> Batcher:
+def _make_batcher(
+    label: str, config: ModelConfig, backends: list[Backend], stats: ModelStats, settings: Settings
+) -> Batcher:
     batching = config.max_batch_size if config.HasField("dynamic_batching") else 0
     policy = BatchPolicy.from_config(config, settings.default_max_queue_size)
     batcher = Batcher(
@@ -267,7 +278,7 @@ def available_cpus() -> int:
     return max(1, count)
 
 
-def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
+def instance_plan(config: ModelConfig, settings: Settings) -> list[SessionConfig]:
     """One session config per instance of the model's instance groups, GPU instances placed on their GPU.
     CPU threads are split so that instances x intra-op threads <= cores unless ``intra_op_threads`` is set."""
     devices: list[int | None] = []  # GPU id per instance; None = CPU instance
@@ -306,7 +317,7 @@ def instance_plan(config: Any, settings: Settings) -> list[SessionConfig]:
     ]
 
 
-def thread_parameter(config: Any, key: str) -> int:
+def thread_parameter(config: ModelConfig, key: str) -> int:
     """Triton's onnxruntime-backend thread parameters (``parameters { key: "intra_op_thread_count" ... }``),
     0 when absent; a per-model setting beats the server's and the optimizer's choice."""
     return thread_count(config, key)
@@ -336,7 +347,7 @@ def _instance_entry(index: int, backend: OnnxRuntimeBackend) -> dict[str, Any]:
     return entry
 
 
-def _group_wants_gpu(group: Any, settings: Settings) -> bool:
+def _group_wants_gpu(group: ModelInstanceGroup, settings: Settings) -> bool:
     """KIND_GPU needs a GPU provider (clear failure otherwise); KIND_AUTO uses one when present."""
     has_gpu = uses_gpu(choose_providers(settings.execution_providers, gpu=True))
     if group.kind == mc.ModelInstanceGroup.KIND_GPU and not has_gpu:

@@ -19,13 +19,13 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizers.providers import CUDA, PROFILE_KEYS, TENSORRT, TensorrtProfile, tensorrt_cache_dirs, tensorrt_options
 from server.backends import onnxruntime as ort_backend
 from server.backends.onnxruntime import CUDA_GRAPH_OPTION, SessionConfig
+from server.config import ModelConfig, ModelInput, ModelInstanceGroup
 from server.errors import LoadFailed
 from server.settings import Settings
 
@@ -81,7 +81,7 @@ def _nvml_count() -> int | None:
             log.debug("nvmlShutdown failed", exc_info=True)
 
 
-def group_gpus(group: Any, index: int, visible: int) -> list[int]:
+def group_gpus(group: ModelInstanceGroup, index: int, visible: int) -> list[int]:
     """The GPUs of one GPU instance group: its ``gpus`` list, or every visible GPU; each must exist."""
     kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
     if visible < 1:
@@ -105,7 +105,7 @@ def spread(count: int, gpus: list[int]) -> list[int]:
     return [gpu for _ in range(count) for gpu in gpus]
 
 
-def tensorrt_profile(config: Any) -> TensorrtProfile | None:
+def tensorrt_profile(config: ModelConfig) -> TensorrtProfile | None:
     """TensorRT's (min, opt, max) shapes, ``name:AxBxC,...`` each: batch 1, the largest preferred batch size
     (else max_batch_size), and max_batch_size, with the config's other dims. None when no profile is needed
     (fixed shapes) or none can be given (a dynamic non-batch dim: TensorRT then builds for the shapes it sees)."""
@@ -128,17 +128,17 @@ def tensorrt_profile(config: Any) -> TensorrtProfile | None:
     return shapes[0], shapes[1], shapes[2]
 
 
-def preferred_sizes(config: Any, largest: int) -> list[int]:
+def preferred_sizes(config: ModelConfig, largest: int) -> list[int]:
     """The config's preferred batch sizes the batcher can form (1..``largest``)."""
     return [int(s) for s in config.dynamic_batching.preferred_batch_size if 0 < s <= largest]
 
 
-def _model_dims(tensor: Any) -> list[int]:
+def _model_dims(tensor: ModelInput) -> list[int]:
     """The dims the model sees (after ``reshape``), without the batch dim."""
     return [int(d) for d in (tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims)]
 
 
-def cuda_graph_sizes(config: Any) -> tuple[int, ...] | None:
+def cuda_graph_sizes(config: ModelConfig) -> tuple[int, ...] | None:
     """The batch sizes to capture as CUDA graphs; None when the config does not ask for graphs, empty for a
     model without a batch dimension (one graph for its fixed shapes). ``graph_spec`` batch sizes win; the
     default is every power of two up to ``max_batch_size``, the preferred batch sizes (the batcher aims at
@@ -174,7 +174,9 @@ def cuda_options(device_id: int, settings: Settings) -> dict[str, str]:
     }
 
 
-def with_gpu_options(plan: list[SessionConfig], config: Any, settings: Settings, *, fp16: bool) -> list[SessionConfig]:
+def with_gpu_options(
+    plan: list[SessionConfig], config: ModelConfig, settings: Settings, *, fp16: bool
+) -> list[SessionConfig]:
     """The plan with per-device CUDA/TensorRT options, CUDA graphs and pinned staging on every GPU instance.
     Options already there (the optimizer's compile step) win, except ``device_id``, which is the instance's
     placement. TensorRT gets the shared engine and timing caches (engine files are named by model and GPU
