@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from server.config import ModelConfig
 from server.errors import DeadlineExceeded, InternalError, InvalidInput, ServerUnavailable
 from server.stats import ModelStats
 
@@ -70,7 +71,7 @@ class BatchPolicy:
     level_queues: dict[int, QueuePolicy] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: Any, default_max_queue_size: int) -> BatchPolicy:
+    def from_config(cls, config: ModelConfig, default_max_queue_size: int) -> BatchPolicy:
         """Read the policy from a ModelConfig message."""
         dynamic = config.dynamic_batching
 

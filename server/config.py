@@ -77,7 +77,7 @@ class TensorSpec:
 class LoadedConfig:
     """A config as read from disk, before completion; ``explicit`` lists the top-level keys it set."""
 
-    config: Any
+    config: ModelConfig
     explicit: set[str]
     optimize: dict[str, Any] | None = None
     """The ``optimize`` block (our extension), if the config has one."""
@@ -226,7 +226,7 @@ def complete_config(
     model: onnx.ModelProto,
     default_max_batch_size: int,
     gpus_visible: bool = False,
-) -> Any:
+) -> ModelConfig:
     """Fill what the config leaves out from the ONNX graph, then check the two agree."""
     config = ModelConfig()
     config.CopyFrom(loaded.config)
@@ -339,7 +339,7 @@ def _check_configured_dims(tensor: Any, model_dims: list[int], max_batch_size: i
             )
 
 
-def tensor_specs(config: Any, *, inputs: bool) -> list[TensorSpec]:
+def tensor_specs(config: ModelConfig, *, inputs: bool) -> list[TensorSpec]:
     """The input or output specs that requests and responses are checked against."""
     tensors = config.input if inputs else config.output
     return [TensorSpec(t.name, datatypes.BY_CONFIG_NAME[mc.DataType.Name(t.data_type)], tuple(t.dims)) for t in tensors]
@@ -408,12 +408,12 @@ def check_config(loaded: LoadedConfig) -> None:
         check_block(loaded.optimize)
 
 
-def model_filename(config: Any) -> str:
+def model_filename(config: ModelConfig) -> str:
     """The model file a config names (``default_model_filename``, else model.onnx): a plain file name."""
     return check_file_name(config.default_model_filename or DEFAULT_MODEL_FILENAME, "default_model_filename")
 
 
-def thread_count(config: Any, key: str) -> int:
+def thread_count(config: ModelConfig, key: str) -> int:
     """Triton's onnxruntime-backend thread parameters (``parameters { key: "intra_op_thread_count" ... }``):
     a positive count in ASCII digits up to MAX_THREADS, 0 when absent."""
     if key not in config.parameters:
@@ -427,7 +427,7 @@ def thread_count(config: Any, key: str) -> int:
     return count
 
 
-def check_batch_sizes(config: Any) -> None:
+def check_batch_sizes(config: ModelConfig) -> None:
     """Batch sizes the config names must be ones the model can take: 1..max_batch_size."""
     largest = int(config.max_batch_size)
     preferred = list(config.dynamic_batching.preferred_batch_size)
@@ -469,7 +469,7 @@ def _check_enums(message: Message, where: str) -> None:
                     raise LoadFailed(f"{name}: {number} is not a {field.enum_type.name} value")
 
 
-def _check_file_fields(config: Any) -> None:
+def _check_file_fields(config: ModelConfig) -> None:
     """Every field of Triton's schema that names a file takes a plain file name (no folder, no ``..``, not
     absolute, not hidden), with the rules of uploaded file names; a custom-op library (a shared object,
     i.e. code) is never loaded."""
@@ -509,7 +509,7 @@ def _check_tensors(kind: str, tensors: Any) -> None:
                 raise LoadFailed(f"{where}.dims: {dim} must be -1 (any size) or 1..{MAX_DIM}")
 
 
-def _check_instance_groups(config: Any) -> None:
+def _check_instance_groups(config: ModelConfig) -> None:
     """count 0 is Triton's default of 1 (proto3 cannot tell it from unset); a negative count is refused."""
     total = 0
     for index, group in enumerate(config.instance_group):

@@ -204,7 +204,7 @@ def state_families(
         "optiserve_model_state", "1 for the state each model version is in.", labels=["model", "version", "state"]
     )
     for model, version, current in states:
-        for state in ("LOADING", "READY", "UNLOADING", "UNAVAILABLE"):
+        for state in ("LOADING", "READY", "UNAVAILABLE"):
             state_family.add_metric([model, version, state], 1.0 if state == current else 0.0)
     pending_family = GaugeMetricFamily(
         "optiserve_pending_requests", "Requests queued or running.", labels=["model", "version"]

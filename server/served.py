@@ -9,7 +9,7 @@ from typing import Any
 from server import datatypes
 from server.backends.base import Backend
 from server.batching import Batcher
-from server.config import TensorSpec
+from server.config import ModelConfig, TensorSpec
 from server.errors import InvalidInput
 from server.inference import InferenceRequest, InferenceResponse, OutputTensor
 from server.stats import ModelStats
@@ -22,7 +22,7 @@ class ModelVersion:
 
     name: str
     version: int
-    config: Any
+    config: ModelConfig
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     backends: list[Backend]

@@ -8,7 +8,7 @@ import pytest
 
 from server import errors
 from server.errors import ERROR_TABLE, ServerError
-from server.http.app import error_response
+from server.http.responses import error_response
 
 
 def _walk(cls: type[ServerError]) -> list[type[ServerError]]:

@@ -106,9 +106,9 @@ def test_infer_during_shutdown_is_503_not_404(tmp_path: Path) -> None:
     async def scenario() -> None:
         await manager.load_all()
         dataplane = DataPlane(manager)
-        # OptiServe._shutdown: request_stop() sets shutting_down; once pending() == 0 the models are closed
-        # while requests still in decode (or retried after BatcherClosed) have yet to reach the data plane.
-        dataplane.shutting_down = True
+        # OptiServe._shutdown drains first; once pending() == 0 the models are closed while requests still in
+        # decode (or retried after BatcherClosed) have yet to reach the data plane.
+        manager.drain()
         await manager.close(1)
         with pytest.raises(ServerError) as caught:
             await dataplane.infer(_request())
