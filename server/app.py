@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import uvicorn
 from prometheus_client import start_http_server
 
-from server import tensors
 from server.auth import AccessPolicy
 from server.dataplane import DataPlane
 from server.http.app import create_http_app
@@ -22,6 +21,7 @@ from server.http.protocol import bounded_headers_protocol
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.models import ModelManager
+from server.protocol import tensors
 from server.repository import Repository
 from server.rpc.service import create_grpc_server
 from server.settings import Settings

@@ -20,11 +20,12 @@ from google.protobuf import descriptor, json_format, text_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server import datatypes
 from server.errors import InvalidInput, LoadFailed
 from server.modelfile import check_file_name
-from server.numbers import INT64_MAX, parse_positive
 from server.optimize_block import check_block, split_pbtxt
+from server.protocol import datatypes
+from server.protocol.numbers import INT64_MAX, parse_positive
+from server.protocol.validation import TensorSpec
 
 ModelConfig: TypeAlias = mc.ModelConfig
 """Triton's ModelConfig message: the in-memory form of a model's config (tritonclient ships no type stubs, so for
@@ -62,15 +63,6 @@ MAX_THREADS = 1024
 MAX_CONFIG_BYTES = 4 << 20
 """A config file read from the repository."""
 THREAD_PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What the server checks a request tensor against: dims exclude the batch dim; -1 is any size."""
-
-    name: str
-    datatype: datatypes.DataType
-    dims: tuple[int, ...]
 
 
 @dataclass

@@ -15,8 +15,8 @@ from server import __version__
 from server.batching import BatcherClosed
 from server.config import config_to_json
 from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, wire_status
-from server.inference import InferenceRequest, InferenceResponse
 from server.models import ModelManager, ModelState, ModelVersion
+from server.protocol.inference import InferenceRequest, InferenceResponse
 from server.repository import check_model_name
 from server.upload import Receiver, StagedUpload, UploadResult, files_receiver, recover_staging
 

@@ -21,7 +21,7 @@ import onnx
 
 from server.convert.formats import CONVERT_HINT, pickle_refusal, refuse_pickle_zip
 from server.errors import InvalidInput, UnsupportedMediaType
-from server.numbers import parse_uint
+from server.protocol.numbers import parse_uint
 
 PLAIN_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".ckpt", ".sav", ".dill", ".keras", ".h5")

@@ -14,7 +14,7 @@ from server.config import read_config
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.loader import VersionLoader
 from server.metrics import Metric, ServerMetrics, state_families
-from server.numbers import parse_uint
+from server.protocol.numbers import parse_uint
 from server.repository import Repository, select_versions
 from server.served import ModelVersion
 from server.settings import Settings

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import InvalidInput, LoadFailed, ModelNotFound
-from server.numbers import parse_positive
+from server.protocol.numbers import parse_positive
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_VERSION_ENTRIES = 10_000

@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from server import datatypes
 from server.backends.base import Backend
 from server.batching import Batcher
-from server.config import ModelConfig, TensorSpec
+from server.config import ModelConfig
 from server.errors import InvalidInput
-from server.inference import InferenceRequest, InferenceResponse, OutputTensor
+from server.protocol import datatypes
+from server.protocol.inference import InferenceRequest, InferenceResponse, OutputTensor
+from server.protocol.validation import TensorSpec, check_requested_outputs, prepare_inputs
 from server.stats import ModelStats
-from server.validation import check_requested_outputs, prepare_inputs
 
 
 @dataclass

@@ -41,7 +41,7 @@ from server.config import (
 from server.convert.staging import ACCEPTED, adopt_sources, check_sources
 from server.errors import InternalError, InvalidInput, PayloadTooLarge
 from server.modelfile import check_external_data, check_file_name, check_graph, load_graph, sniff_format
-from server.numbers import parse_positive
+from server.protocol.numbers import parse_positive
 from server.repository import Repository, check_model_name
 
 log = logging.getLogger("optiserve.upload")

@@ -22,7 +22,7 @@ from onnx import TensorProto
 
 from server.backends.base import Tensors
 from server.backends.pinned import PinnedHost, as_array
-from server.datatypes import BY_ONNX_TYPE
+from server.protocol.datatypes import BY_ONNX_TYPE
 
 log = logging.getLogger("optiserve.gpu")
 GRAPH_ID = "gpu_graph_id"

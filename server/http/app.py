@@ -21,7 +21,7 @@ from server.http.body import read_body
 from server.http.codec import HEADER_LENGTH, parse_json_object
 from server.http.multipart import form_receiver
 from server.http.responses import JSON, error_response, json_response
-from server.numbers import is_ascii_uint
+from server.protocol.numbers import is_ascii_uint
 from server.settings import Settings
 
 UPLOAD_FORM = {

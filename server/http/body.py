@@ -7,7 +7,7 @@ from starlette.types import Receive
 from server.dataplane import ClientGone
 from server.errors import PayloadTooLarge
 from server.http.codec import decompress
-from server.numbers import is_ascii_uint
+from server.protocol.numbers import is_ascii_uint
 
 
 async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:

@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 
-from server import datatypes, tensors
 from server.errors import InvalidInput, PayloadTooLarge
-from server.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
-from server.numbers import parse_uint
+from server.protocol import datatypes, tensors
+from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
+from server.protocol.numbers import parse_uint
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -8,9 +8,9 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
-from server import datatypes, tensors
 from server.errors import InvalidInput, PayloadTooLarge
-from server.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
+from server.protocol import datatypes, tensors
+from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
 
 # Which typed ``InferTensorContents`` field carries each datatype (FP16/BF16 travel only as raw bytes).
 _CONTENTS_FIELD = {

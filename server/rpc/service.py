@@ -13,10 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from server import tensors
 from server.auth import AccessPolicy, Scope, grpc_peer_host
 from server.dataplane import DataPlane
 from server.errors import InternalError, InvalidInput, ServerError, wire_status
+from server.protocol import tensors
 from server.rpc.codec import decode_request, encode_response, from_json, parameter_value
 from server.settings import Settings
 

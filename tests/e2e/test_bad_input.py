@@ -157,7 +157,8 @@ def test_tensor_element_cap(start_server, model_repo: Path) -> None:
 
 # Numbers arrive as text (URL parts, gRPC strings, headers). str.isdigit() accepts all but the ASCII-only ones
 # below, and int() then raised (500 / INTERNAL, and a dropped keep-alive connection) or read fullwidth digits as
-# numbers. One strict ASCII rule (server/numbers.py) makes each of them a 400 / INVALID_ARGUMENT naming the field.
+# numbers. One strict ASCII rule (server/protocol/numbers.py) makes each of them a 400 / INVALID_ARGUMENT naming
+# the field.
 NOT_ASCII_NUMBERS = [
     pytest.param("\u00b2", id="superscript-two"),
     pytest.param("\u2460", id="circled-one"),

@@ -12,10 +12,10 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
-from server import tensors
 from server.auth import AccessPolicy
 from server.http.app import _install_error_handlers
 from server.http.fast import InferFastPath
+from server.protocol import tensors
 from server.settings import Settings
 
 

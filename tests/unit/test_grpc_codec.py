@@ -10,9 +10,9 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from server import datatypes, tensors
 from server.errors import InvalidInput, PayloadTooLarge
-from server.inference import InferenceResponse, OutputTensor
+from server.protocol import datatypes, tensors
+from server.protocol.inference import InferenceResponse, OutputTensor
 from server.rpc import codec
 
 LIMITS = tensors.Limits(max_elements=1 << 20, max_rank=8, max_tensors=4)

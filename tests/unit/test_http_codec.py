@@ -13,10 +13,10 @@ import orjson
 import pytest
 import tritonclient.http as triton_http
 
-from server import datatypes, tensors
 from server.errors import InvalidInput, PayloadTooLarge
 from server.http import codec
-from server.inference import InferenceRequest, InferenceResponse, OutputTensor, RequestedOutput
+from server.protocol import datatypes, tensors
+from server.protocol.inference import InferenceRequest, InferenceResponse, OutputTensor, RequestedOutput
 
 LIMITS = tensors.Limits(max_elements=1 << 20, max_rank=8, max_tensors=8)
 

@@ -13,10 +13,10 @@ import pytest
 
 from server.batching import Batcher, BatchPolicy, QueuePolicy
 from server.dataplane import DataPlane
-from server.datatypes import BY_NAME
 from server.errors import DeadlineExceeded, LoadFailed, ServerError, wire_status
-from server.inference import InferenceRequest, InputTensor
 from server.models import ModelManager, ModelState
+from server.protocol.datatypes import BY_NAME
+from server.protocol.inference import InferenceRequest, InputTensor
 from server.repository import Repository
 from server.settings import Settings
 from server.stats import ModelStats

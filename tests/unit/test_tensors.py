@@ -1,4 +1,5 @@
-"""server.tensors: raw bytes <-> numpy, JSON lists <-> numpy, and the shape/size checks done before allocating."""
+"""server.protocol.tensors: raw bytes <-> numpy, JSON lists <-> numpy, and the shape/size checks done before
+allocating."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 import orjson
 import pytest
 
-from server import datatypes, tensors
 from server.errors import InvalidInput, PayloadTooLarge
+from server.protocol import datatypes, tensors
 
 LIMITS = tensors.Limits(max_elements=1 << 20, max_rank=8, max_tensors=16)
 SHAPE = [2, 3]

@@ -1,15 +1,14 @@
-"""server.validation: request tensors against the model's specs; every message names the input or field."""
+"""server.protocol.validation: request tensors against the model's specs; every message names the input or field."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from server import datatypes
-from server.config import TensorSpec
 from server.errors import InvalidInput
-from server.inference import InferenceRequest, InputTensor, RequestedOutput
-from server.validation import check_requested_outputs, prepare_inputs
+from server.protocol import datatypes
+from server.protocol.inference import InferenceRequest, InputTensor, RequestedOutput
+from server.protocol.validation import TensorSpec, check_requested_outputs, prepare_inputs
 
 FP32 = datatypes.BY_NAME["FP32"]
 INT64 = datatypes.BY_NAME["INT64"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from server.datatypes import DataType
+from server.protocol.datatypes import DataType
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from server.datatypes import DataType
 from server.errors import InvalidInput, PayloadTooLarge
+from server.protocol.datatypes import DataType
 
 _LENGTH = struct.Struct("<I")
 

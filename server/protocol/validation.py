@@ -1,5 +1,6 @@
-"""Checks of a decoded request against the model's config, done before anything is queued, so a bad
-request fails alone and never poisons a batch."""
+"""Checks of a decoded request against what the model accepts (a :class:`TensorSpec` per tensor, which
+``server.repository.config.tensor_specs`` builds from the model's config), done before anything is queued, so
+a bad request fails alone and never poisons a batch."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.config import TensorSpec
 from server.errors import InvalidInput
-from server.inference import InferenceRequest
+from server.protocol.datatypes import DataType
+from server.protocol.inference import InferenceRequest
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the server checks a request tensor against: dims exclude the batch dim; -1 is any size."""
+
+    name: str
+    datatype: DataType
+    dims: tuple[int, ...]
 
 
 @dataclass(frozen=True)
