@@ -22,7 +22,7 @@ from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.models import ModelManager
 from server.protocol import tensors
-from server.repository import Repository
+from server.repository.layout import Repository
 from server.rpc.service import create_grpc_server
 from server.settings import Settings
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from server.config import ModelConfig
 from server.errors import DeadlineExceeded, InternalError, InvalidInput, ServerUnavailable
+from server.repository.config import ModelConfig
 from server.stats import ModelStats
 
 log = logging.getLogger("optiserve.batching")

@@ -13,12 +13,12 @@ from typing import Any
 
 from server import __version__
 from server.batching import BatcherClosed
-from server.config import config_to_json
 from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, wire_status
 from server.models import ModelManager, ModelState, ModelVersion
 from server.protocol.inference import InferenceRequest, InferenceResponse
-from server.repository import check_model_name
-from server.upload import Receiver, StagedUpload, UploadResult, files_receiver, recover_staging
+from server.repository.config import config_to_json
+from server.repository.layout import check_model_name
+from server.repository.upload import Receiver, StagedUpload, UploadResult, files_receiver, recover_staging
 
 log = logging.getLogger("optiserve.models")
 

@@ -35,7 +35,10 @@ from server.backends.base import Backend
 from server.backends.capture_lock import CUDA_CAPTURE
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig, choose_providers
 from server.batching import Batcher, BatchPolicy
-from server.config import (
+from server.convert import convert_version, is_convertible
+from server.errors import LoadFailed
+from server.metrics import ServerMetrics
+from server.repository.config import (
     MAX_INSTANCES,
     LoadedConfig,
     ModelConfig,
@@ -45,11 +48,8 @@ from server.config import (
     tensor_specs,
     thread_count,
 )
-from server.convert import convert_version, is_convertible
-from server.errors import LoadFailed
-from server.metrics import ServerMetrics
-from server.modelfile import check_external_data
-from server.repository import Repository
+from server.repository.layout import Repository
+from server.repository.modelfile import check_external_data
 from server.served import ModelVersion
 from server.settings import Settings
 from server.stats import ModelStats

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from server.config import read_config
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.loader import VersionLoader
 from server.metrics import Metric, ServerMetrics, state_families
 from server.protocol.numbers import parse_uint
-from server.repository import Repository, select_versions
+from server.repository.config import read_config
+from server.repository.layout import Repository, select_versions
 from server.served import ModelVersion
 from server.settings import Settings
 from server.threads import in_daemon_thread
@@ -279,7 +279,7 @@ class ModelManager:
     # ---- building (runs in a worker thread) ------------------------------------------------------
     def _build_all(self, name: str, config_text: str | None, entry: ModelEntry) -> dict[int, ModelVersion]:
         model_dir = self.repository.model_dir(name)
-        from server.config import parse_config
+        from server.repository.config import parse_config
 
         loaded = parse_config(config_text, "json") if config_text else read_config(model_dir)
         versions = select_versions(loaded.config.version_policy, self.repository.versions(name))

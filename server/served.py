@@ -8,11 +8,11 @@ from typing import Any
 
 from server.backends.base import Backend
 from server.batching import Batcher
-from server.config import ModelConfig
 from server.errors import InvalidInput
 from server.protocol import datatypes
 from server.protocol.inference import InferenceRequest, InferenceResponse, OutputTensor
 from server.protocol.validation import TensorSpec, check_requested_outputs, prepare_inputs
+from server.repository.config import ModelConfig
 from server.stats import ModelStats
 
 

@@ -25,8 +25,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from optimizers.providers import CUDA, PROFILE_KEYS, TENSORRT, TensorrtProfile, tensorrt_cache_dirs, tensorrt_options
 from server.backends import onnxruntime as ort_backend
 from server.backends.onnxruntime import CUDA_GRAPH_OPTION, SessionConfig
-from server.config import ModelConfig, ModelInput, ModelInstanceGroup
 from server.errors import LoadFailed
+from server.repository.config import ModelConfig, ModelInput, ModelInstanceGroup
 from server.settings import Settings
 
 log = logging.getLogger("optiserve.gpu")

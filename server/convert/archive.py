@@ -13,7 +13,8 @@ from pathlib import Path, PurePosixPath
 
 from server.errors import InvalidInput, PayloadTooLarge
 
-#: The upload file-name pattern (server.modelfile imports this package, so it is not imported from there).
+#: The upload file-name pattern (server.repository.modelfile imports this package, so it is not imported from
+#: there).
 PLAIN_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 MAX_MEMBERS = 10_000

@@ -14,8 +14,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.convert.formats import pickle_refusal
 from server.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from server.modelfile import PICKLE_SUFFIXES
-from server.upload import NEXT_VERSION, Receiver, StagedFile, StagedUpload, parse_version
+from server.repository.modelfile import PICKLE_SUFFIXES
+from server.repository.upload import NEXT_VERSION, Receiver, StagedFile, StagedUpload, parse_version
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

@@ -23,8 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optimizers.providers import CPU, CUDA, GPU_PROVIDERS, TENSORRT
 from server.backends.onnxruntime import OnnxRuntimeBackend
-from server.config import parse_config
 from server.errors import LoadFailed
+from server.repository.config import parse_config
 from server.settings import Settings
 
 TRT = TENSORRT

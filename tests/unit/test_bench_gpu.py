@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from bench import gpu as bench_gpu
 from bench.models import build_resnet50_like
 from server.backends.gpu import tensorrt_profile
-from server.config import parse_config
+from server.repository.config import parse_config
 
 
 def test_results_go_to_out_when_set() -> None:

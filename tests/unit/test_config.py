@@ -1,4 +1,5 @@
-"""server.config (parse, auto-complete, JSON form) and server.repository (versions, model names)."""
+"""server.repository.config (parse, auto-complete, JSON form) and server.repository.layout (versions, model
+names)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server import config as cfg
 from server.errors import InvalidInput, LoadFailed, ModelNotFound
-from server.repository import Repository, check_model_name, select_versions
+from server.repository import config as cfg
+from server.repository.layout import Repository, check_model_name, select_versions
 from tests.models import fixtures
 
 DEFAULT_MBS = 16

@@ -1,6 +1,7 @@
-"""Hardening of model configs (server.config.check_config, server.optimize_block): every field that names a
-file takes a plain file name, every number the server uses is range-checked with its relations, and a bad
-value fails the parse naming the field, instead of a load that serves and then hangs or fails requests."""
+"""Hardening of model configs (server.repository.config.check_config, server.repository.optimize_block): every
+field that names a file takes a plain file name, every number the server uses is range-checked with its
+relations, and a bad value fails the parse naming the field, instead of a load that serves and then hangs or
+fails requests."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import pytest
 from google.protobuf import descriptor
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server import config as cfg
 from server.batching import BatchPolicy
 from server.errors import InvalidInput, LoadFailed, ServerError
 from server.loader import instance_plan, thread_parameter
+from server.repository import config as cfg
 from server.settings import Settings
 from tests.models import fixtures
 

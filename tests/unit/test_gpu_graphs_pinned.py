@@ -25,9 +25,9 @@ from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, WARMUP_RUNS, CudaGra
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig
 from server.backends.pinned import PinnedHost, StagingBuffers
 from server.batching import Batcher
-from server.config import parse_config
 from server.errors import LoadFailed
 from server.loader import instance_report
+from server.repository.config import parse_config
 from server.settings import Settings
 from server.stats import ModelStats
 

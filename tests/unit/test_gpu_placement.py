@@ -20,10 +20,10 @@ from optimizers.providers import CPU, CUDA, OPENVINO, TENSORRT
 from server.backends import gpu
 from server.backends import onnxruntime as ort_backend
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig, warn_on_fallback
-from server.config import parse_config
 from server.errors import LoadFailed
 from server.loader import VersionLoader, apply_session_spec, instance_plan, instance_report
-from server.repository import Repository
+from server.repository.config import parse_config
+from server.repository.layout import Repository
 from server.settings import Settings
 from tests.models import fixtures
 
@@ -494,7 +494,7 @@ def test_no_profile_warning_when_the_optimizer_gave_one(tmp_path: Path, caplog: 
 
 def test_default_instance_group_follows_the_gpus() -> None:
     """Like Triton's auto-complete: no instance_group means one instance per GPU when GPUs are visible."""
-    from server.config import LoadedConfig, ModelConfig, complete_config
+    from server.repository.config import LoadedConfig, ModelConfig, complete_config
     from tests.models import fixtures
 
     cpu = complete_config(LoadedConfig(ModelConfig(), set()), "m", fixtures.float_mlp(), 8)

@@ -17,7 +17,7 @@ from server.errors import DeadlineExceeded, LoadFailed, ServerError, wire_status
 from server.models import ModelManager, ModelState
 from server.protocol.datatypes import BY_NAME
 from server.protocol.inference import InferenceRequest, InputTensor
-from server.repository import Repository
+from server.repository.layout import Repository
 from server.settings import Settings
 from server.stats import ModelStats
 from tests.models import fixtures
@@ -179,8 +179,8 @@ def test_shutdown_during_startup_load_waits_for_the_build(tmp_path: Path) -> Non
 
 def test_reshape_configs_fail_to_load_clearly() -> None:
     """A Triton config with ``reshape`` would load and then fail every request in onnxruntime: refuse it."""
-    from server.config import complete_config, parse_config
     from server.errors import LoadFailed
+    from server.repository.config import complete_config, parse_config
     from tests.models import fixtures
 
     loaded = parse_config('input [{ name: "x" data_type: TYPE_FP32 dims: [8] reshape { shape: [2, 4] } }]', "pbtxt")

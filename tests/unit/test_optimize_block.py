@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.config import parse_config
 from server.errors import LoadFailed
+from server.repository.config import parse_config
 
 PBTXT = """
 name: "m"  # optimize { precision: fp16 } in a comment is ignored

@@ -13,10 +13,10 @@ import pytest
 
 from server.errors import InvalidInput, LoadFailed, ServerError
 from server.loader import VersionLoader
-from server.modelfile import check_external_data
-from server.repository import Repository
+from server.repository.layout import Repository
+from server.repository.modelfile import check_external_data
+from server.repository.upload import StagedUpload, _numeric_folders
 from server.settings import Settings
-from server.upload import StagedUpload, _numeric_folders
 from tests.models import fixtures
 
 
@@ -103,7 +103,7 @@ def test_the_loader_refuses_a_model_file_linking_out(tmp_path: Path) -> None:
     (version_dir / "model.onnx").symlink_to(outside / "evil.onnx")
     repository = Repository(root)
     loader = VersionLoader(repository, Settings(model_repository=root, default_precision="none"), None)
-    from server.config import read_config
+    from server.repository.config import read_config
 
     with pytest.raises(ServerError, match=r"model\.onnx resolves outside the model repository"):
         loader.build("m", 1, read_config(repository.model_dir("m")), lambda step: None)
@@ -114,7 +114,7 @@ def test_the_loader_takes_only_plain_model_file_names(tmp_path: Path) -> None:
     root, _, _ = _repo(tmp_path)
     repository = Repository(root)
     loader = VersionLoader(repository, Settings(model_repository=root, default_precision="none"), None)
-    from server.config import LoadedConfig, ModelConfig
+    from server.repository.config import LoadedConfig, ModelConfig
 
     config = ModelConfig(default_model_filename="../../elsewhere/evil.onnx")
     with pytest.raises(InvalidInput, match="default_model_filename"):
@@ -134,7 +134,7 @@ def test_missing_model_file_reason_names_the_plain_file(tmp_path: Path) -> None:
     (version_dir / "model.onnx").unlink()
     repository = Repository(root)
     loader = VersionLoader(repository, Settings(model_repository=root, default_precision="none"), None)
-    from server.config import parse_config
+    from server.repository.config import parse_config
 
     with pytest.raises(LoadFailed, match=r"net\.onnx is missing"):
         loader.build("m", 1, parse_config('default_model_filename: "net.onnx"', "pbtxt"), lambda step: None)

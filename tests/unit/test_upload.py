@@ -1,5 +1,5 @@
-"""server.upload and server.modelfile: file keys, version numbering, ONNX and external-data checks (the
-files they refuse are never opened), staging, the commit protocol and its recovery after a crash."""
+"""server.repository.upload and server.repository.modelfile: file keys, version numbering, ONNX and external-data
+checks (the files they refuse are never opened), staging, the commit protocol and its recovery after a crash."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import onnx
 import pytest
 from onnx import TensorProto, external_data_helper
 
-from server import upload as upload_module
 from server.errors import InvalidInput, LoadFailed, PayloadTooLarge, UnsupportedMediaType
 from server.http.multipart import form_receiver, multipart_boundary
-from server.modelfile import check_external_data, model_tensors, sniff_format
-from server.upload import (
+from server.repository import upload as upload_module
+from server.repository.modelfile import check_external_data, model_tensors, sniff_format
+from server.repository.upload import (
     MARKER,
     STAGING,
     StagedUpload,

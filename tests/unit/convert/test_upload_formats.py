@@ -1,5 +1,5 @@
-"""Uploads of framework models (server.upload + server.convert.staging): Triton file keys and the curl form
-both accept model.pt2, XGBoost JSON/UBJ, LightGBM text and SavedModels (files or a tar), named by content;
+"""Uploads of framework models (server.repository.upload + server.convert.staging): Triton file keys and the curl
+form both accept model.pt2, XGBoost JSON/UBJ, LightGBM text and SavedModels (files or a tar), named by content;
 pickles under any name are refused with 415, pointing to ``optiserve convert``, and never unpickled."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from server.errors import InvalidInput, UnsupportedMediaType
 from server.http.multipart import form_receiver
-from server.upload import StagedUpload, files_receiver, parse_file_key
+from server.repository.upload import StagedUpload, files_receiver, parse_file_key
 from tests.models import frameworks
 
 BOUNDARY = "b0undary"

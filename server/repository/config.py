@@ -21,11 +21,11 @@ from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
 
 from server.errors import InvalidInput, LoadFailed
-from server.modelfile import check_file_name
-from server.optimize_block import check_block, split_pbtxt
 from server.protocol import datatypes
 from server.protocol.numbers import INT64_MAX, parse_positive
 from server.protocol.validation import TensorSpec
+from server.repository.modelfile import check_file_name
+from server.repository.optimize_block import check_block, split_pbtxt
 
 ModelConfig: TypeAlias = mc.ModelConfig
 """Triton's ModelConfig message: the in-memory form of a model's config (tritonclient ships no type stubs, so for

@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from server.config import (
+from server.convert.staging import ACCEPTED, adopt_sources, check_sources
+from server.errors import InternalError, InvalidInput, PayloadTooLarge
+from server.protocol.numbers import parse_positive
+from server.repository.config import (
     CONFIG_FILES,
     DEFAULT_MODEL_FILENAME,
     LoadedConfig,
@@ -38,11 +41,8 @@ from server.config import (
     parse_config,
     read_config,
 )
-from server.convert.staging import ACCEPTED, adopt_sources, check_sources
-from server.errors import InternalError, InvalidInput, PayloadTooLarge
-from server.modelfile import check_external_data, check_file_name, check_graph, load_graph, sniff_format
-from server.protocol.numbers import parse_positive
-from server.repository import Repository, check_model_name
+from server.repository.layout import Repository, check_model_name
+from server.repository.modelfile import check_external_data, check_file_name, check_graph, load_graph, sniff_format
 
 log = logging.getLogger("optiserve.upload")
 
