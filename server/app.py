@@ -20,7 +20,7 @@ from server.http.fast import InferFastPath
 from server.http.protocol import bounded_headers_protocol
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
-from server.models import ModelManager
+from server.models.manager import ModelManager
 from server.protocol import tensors
 from server.repository.layout import Repository
 from server.rpc.service import create_grpc_server

@@ -12,9 +12,10 @@ from types import TracebackType
 from typing import Any
 
 from server import __version__
-from server.batching import BatcherClosed
 from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, wire_status
-from server.models import ModelManager, ModelState, ModelVersion
+from server.models.batching import BatcherClosed
+from server.models.manager import ModelManager, ModelState
+from server.models.version import ModelVersion
 from server.protocol.inference import InferenceRequest, InferenceResponse
 from server.repository.config import config_to_json
 from server.repository.layout import check_model_name

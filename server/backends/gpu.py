@@ -1,13 +1,13 @@
-"""GPU placement and the onnxruntime options of GPU instances.
+"""The GPUs this process sees, and the onnxruntime options of GPU instances.
 
-Placement follows Triton: an ``instance_group { kind: KIND_GPU, count: N, gpus: [...] }`` puts N instances on
-EACH listed GPU, and a group without ``gpus`` uses every visible GPU. Each GPU instance then gets CUDA and
-TensorRT provider options for its device: its ``device_id``, the cuDNN search mode, TensorRT's engine and
-timing caches (an engine build takes minutes, a cached one loads in seconds) and an optimization profile
-covering the batch sizes the batcher forms. What the optimizer's compile step chose is kept: these options
-only fill in what it left out. Instances whose first provider is CUDA also get CUDA graphs when the config
-asks (Triton's ``optimization { cuda { graphs: true } }``), and every GPU instance stages its batches in
-pinned host memory unless ``--no-pinned-host-buffers``.
+Instances are placed on GPUs by :mod:`server.models.placement` (Triton's ``instance_group`` rules), which asks
+:func:`visible_gpu_count` here. Each placed GPU instance then gets CUDA and TensorRT provider options for its
+device: its ``device_id``, the cuDNN search mode, TensorRT's engine and timing caches (an engine build takes
+minutes, a cached one loads in seconds) and an optimization profile covering the batch sizes the batcher
+forms. What the optimizer's compile step chose is kept: these options only fill in what it left out.
+Instances whose first provider is CUDA also get CUDA graphs when the config asks (Triton's
+``optimization { cuda { graphs: true } }``), and every GPU instance stages its batches in pinned host memory
+unless ``--no-pinned-host-buffers``.
 
 Nothing here imports a GPU library at import time: nvidia-ml-py is imported only to count GPUs, so a CPU
 install never needs it.
@@ -26,7 +26,7 @@ from optimizers.providers import CUDA, PROFILE_KEYS, TENSORRT, TensorrtProfile, 
 from server.backends import onnxruntime as ort_backend
 from server.backends.onnxruntime import CUDA_GRAPH_OPTION, SessionConfig
 from server.errors import LoadFailed
-from server.repository.config import ModelConfig, ModelInput, ModelInstanceGroup
+from server.repository.config import ModelConfig, ModelInput
 from server.settings import Settings
 
 log = logging.getLogger("optiserve.gpu")
@@ -79,30 +79,6 @@ def _nvml_count() -> int | None:
             pynvml.nvmlShutdown()
         except Exception:
             log.debug("nvmlShutdown failed", exc_info=True)
-
-
-def group_gpus(group: ModelInstanceGroup, index: int, visible: int) -> list[int]:
-    """The GPUs of one GPU instance group: its ``gpus`` list, or every visible GPU; each must exist."""
-    kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
-    if visible < 1:
-        raise LoadFailed(
-            f"instance_group[{index}] kind {kind}: no GPU is visible to this process "
-            "(check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES)"
-        )
-    gpus = [int(g) for g in group.gpus] or list(range(visible))
-    missing = sorted({g for g in gpus if not 0 <= g < visible})
-    if missing:
-        raise LoadFailed(
-            f"instance_group[{index}].gpus: GPU {', '.join(map(str, missing))} is not visible; "
-            f"this process sees {visible} GPU(s), numbered 0..{visible - 1}"
-        )
-    return gpus
-
-
-def spread(count: int, gpus: list[int]) -> list[int]:
-    """``count`` instances on each GPU, in Triton's order (GPUs inner), so consecutive instances land on
-    different GPUs and a lightly loaded model still uses them all."""
-    return [gpu for _ in range(count) for gpu in gpus]
 
 
 def tensorrt_profile(config: ModelConfig) -> TensorrtProfile | None:

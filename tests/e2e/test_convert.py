@@ -28,8 +28,8 @@ from tests.models import frameworks
 
 
 def _wired() -> bool:
-    """Whether model loading calls convert_version (in server.models, or the loader it delegates to)."""
-    for name in ("server.models", "server.loader"):
+    """Whether model loading calls convert_version (in server.models.manager, or the loader it delegates to)."""
+    for name in ("server.models.manager", "server.models.loader"):
         try:
             module = importlib.import_module(name)
         except ImportError:

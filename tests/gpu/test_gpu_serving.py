@@ -142,7 +142,7 @@ def _infer_http(http_url: str, x: np.ndarray) -> np.ndarray:
 def test_gpu_backends_match_cpu(model_file: Path, tmp_path: Path) -> None:
     """In process, no server: the plan, the provider options, the session and IO binding on every GPU."""
     from server.backends import gpu
-    from server.loader import instance_plan
+    from server.models.placement import instance_plan
 
     config = parse_config(CONFIG, "pbtxt").config
     settings = Settings(cache_dir=tmp_path)
@@ -164,7 +164,7 @@ def test_gpu_backends_match_cpu(model_file: Path, tmp_path: Path) -> None:
 
 def test_gpu_outside_the_visible_ones_fails_to_load() -> None:
     from server.backends import gpu
-    from server.loader import instance_plan
+    from server.models.placement import instance_plan
 
     visible = gpu.visible_gpu_count()
     config = parse_config(CONFIG.replace("count: 2", f"count: 1 gpus: [ {visible} ]"), "pbtxt").config
@@ -251,7 +251,7 @@ def test_cuda_graphs_are_captured_and_replay_correct_outputs(model_file: Path, t
     """In process: the planned CUDA instance captures graphs 1, 2, 4, 8 at load, and every batch size from 1 to 8
     (padded ones included, replayed twice so later replays see new data) matches the CPU."""
     from server.backends import gpu
-    from server.loader import instance_plan
+    from server.models.placement import instance_plan
 
     config = parse_config(GRAPHS_CONFIG, "pbtxt").config
     settings = Settings(cache_dir=tmp_path, execution_providers=[CUDA, CPU])

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server.batching import Batcher, BatchPolicy, QueuePolicy
 from server.errors import DeadlineExceeded, InvalidInput
-from server.loader import instance_plan
+from server.models.batching import Batcher, BatchPolicy, QueuePolicy
+from server.models.placement import instance_plan
+from server.models.stats import ModelStats
 from server.settings import Settings
-from server.stats import ModelStats
 
 KEY = (("x", (1,)),)
 
@@ -171,7 +171,7 @@ def _config(count: int, kind: Any = mc.ModelInstanceGroup.KIND_CPU) -> Any:
 
 
 def test_cpu_threads_are_split_between_instances(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("server.loader.available_cpus", lambda: 8)
+    monkeypatch.setattr("server.models.placement.available_cpus", lambda: 8)
     monkeypatch.setattr("server.backends.onnxruntime.available_providers", lambda: ["CPUExecutionProvider"])
     assert [p.intra_op_threads for p in instance_plan(_config(1), Settings())] == [8]
     assert [p.intra_op_threads for p in instance_plan(_config(4), Settings())] == [2, 2, 2, 2]
@@ -182,7 +182,7 @@ def test_cpu_threads_are_split_between_instances(monkeypatch: pytest.MonkeyPatch
 
 
 def test_triton_thread_parameters_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("server.loader.available_cpus", lambda: 8)
+    monkeypatch.setattr("server.models.placement.available_cpus", lambda: 8)
     config = _config(2)
     config.parameters["intra_op_thread_count"].string_value = "1"
     config.parameters["inter_op_thread_count"].string_value = "2"

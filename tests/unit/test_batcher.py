@@ -1,4 +1,5 @@
-"""server.batching.Batcher with fake runners: batching, splitting, back-pressure, failures, cancellation, close."""
+"""server.models.batching.Batcher with fake runners: batching, splitting, back-pressure, failures, cancellation,
+close."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.batching import Batcher, BatchPolicy, Tensors
 from server.errors import InternalError, InvalidInput, ServerUnavailable
-from server.stats import ModelStats
+from server.models.batching import Batcher, BatchPolicy, Tensors
+from server.models.stats import ModelStats
 
 WAIT_S = 5.0
 

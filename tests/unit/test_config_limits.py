@@ -14,9 +14,9 @@ import pytest
 from google.protobuf import descriptor
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server.batching import BatchPolicy
 from server.errors import InvalidInput, LoadFailed, ServerError
-from server.loader import instance_plan, thread_parameter
+from server.models.batching import BatchPolicy
+from server.models.placement import instance_plan, thread_parameter
 from server.repository import config as cfg
 from server.settings import Settings
 from tests.models import fixtures

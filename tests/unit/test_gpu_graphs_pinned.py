@@ -24,12 +24,12 @@ from server.backends import onnxruntime as ort_backend
 from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, WARMUP_RUNS, CudaGraphs, GraphsUnsupported
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig
 from server.backends.pinned import PinnedHost, StagingBuffers
-from server.batching import Batcher
 from server.errors import LoadFailed
-from server.loader import instance_report
+from server.models.batching import Batcher
+from server.models.placement import instance_report
+from server.models.stats import ModelStats
 from server.repository.config import parse_config
 from server.settings import Settings
-from server.stats import ModelStats
 
 TRT = TENSORRT
 

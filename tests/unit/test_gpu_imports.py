@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     import sys
     for name in {blocked!r}:
         sys.modules[name] = None
-    import server.app, server.cli, server.loader, server.backends.gpu, server.metrics
+    import server.app, server.cli, server.models.loader, server.models.placement, server.backends.gpu, server.metrics
     import optimizers, optimizers.cli, optimizers.passes
     from server.backends.gpu import visible_gpu_count
     from server.metrics import gpu_families

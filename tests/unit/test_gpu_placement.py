@@ -21,7 +21,8 @@ from server.backends import gpu
 from server.backends import onnxruntime as ort_backend
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig, warn_on_fallback
 from server.errors import LoadFailed
-from server.loader import VersionLoader, apply_session_spec, instance_plan, instance_report
+from server.models.loader import VersionLoader
+from server.models.placement import apply_session_spec, instance_plan, instance_report
 from server.repository.config import parse_config
 from server.repository.layout import Repository
 from server.settings import Settings
@@ -143,7 +144,7 @@ def test_cpu_and_gpu_groups_split_threads_over_cpu_instances_only(
     monkeypatch: pytest.MonkeyPatch, providers: list[str]
 ) -> None:
     visible(monkeypatch, 2)
-    monkeypatch.setattr("server.loader.available_cpus", lambda: 8)
+    monkeypatch.setattr("server.models.placement.available_cpus", lambda: 8)
     plan = instance_plan(config_with((KIND_CPU, 2, []), (KIND_GPU, 1, [])), Settings())
     assert [(p.device_id, p.providers, p.intra_op_threads) for p in plan] == [
         (None, (CPU,), 4),
@@ -263,7 +264,7 @@ def test_optimizer_options_win_except_device_id(tmp_path: Path) -> None:
 
 
 def test_optimizer_providers_go_to_instances_of_their_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("server.loader.available_cpus", lambda: 4)
+    monkeypatch.setattr("server.models.placement.available_cpus", lambda: 4)
     plan = [SessionConfig(), _gpu_session(0)]
     gpu_choice = SessionSpec(providers=(CUDA, CPU), provider_options={CUDA: {"cudnn_conv_algo_search": "DEFAULT"}})
     cpu, placed = apply_session_spec(plan, gpu_choice)
@@ -276,7 +277,7 @@ def test_optimizer_providers_go_to_instances_of_their_kind(monkeypatch: pytest.M
 
 
 def test_optimizer_threads_are_capped_and_yield_to_the_models_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("server.loader.available_cpus", lambda: 4)
+    monkeypatch.setattr("server.models.placement.available_cpus", lambda: 4)
     plan = [SessionConfig(intra_op_threads=2), SessionConfig(intra_op_threads=2)]
     assert apply_session_spec(plan, SessionSpec()) is plan  # nothing chosen: the plan as it was
     assert [s.intra_op_threads for s in apply_session_spec(plan, SessionSpec(intra_op_threads=8))] == [2, 2]

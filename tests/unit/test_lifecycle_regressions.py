@@ -11,15 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.batching import Batcher, BatchPolicy, QueuePolicy
 from server.dataplane import DataPlane
 from server.errors import DeadlineExceeded, LoadFailed, ServerError, wire_status
-from server.models import ModelManager, ModelState
+from server.models.batching import Batcher, BatchPolicy, QueuePolicy
+from server.models.manager import ModelManager, ModelState
+from server.models.stats import ModelStats
 from server.protocol.datatypes import BY_NAME
 from server.protocol.inference import InferenceRequest, InputTensor
 from server.repository.layout import Repository
 from server.settings import Settings
-from server.stats import ModelStats
 from tests.models import fixtures
 
 WAIT_S = 5.0
@@ -191,9 +191,9 @@ def test_reshape_configs_fail_to_load_clearly() -> None:
 def test_leftovers_of_a_replaced_version_are_retried_not_failed() -> None:
     """At the drain deadline of a swapped-out version, queued requests get BatcherClosed (the data plane
     retries them on the new version); after an unload they get a plain 503."""
-    from server.batching import Batcher, BatcherClosed
     from server.errors import ServerUnavailable
-    from server.stats import ModelStats
+    from server.models.batching import Batcher, BatcherClosed
+    from server.models.stats import ModelStats
 
     async def scenario(replaced: bool) -> BaseException:
         runner = _Blocked()

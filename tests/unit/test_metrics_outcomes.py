@@ -9,9 +9,9 @@ import asyncio
 import pytest
 
 from server import errors
-from server.batching import BatcherClosed
 from server.dataplane import ClientGone, failure_reason
 from server.metrics import FAILURE_REASONS, ServerMetrics
+from server.models.batching import BatcherClosed
 
 
 @pytest.mark.parametrize("cls", errors.all_error_classes(), ids=lambda cls: cls.__name__)

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from server.errors import InvalidInput, LoadFailed, ServerError
-from server.loader import VersionLoader
+from server.models.loader import VersionLoader
 from server.repository.layout import Repository
 from server.repository.modelfile import check_external_data
 from server.repository.upload import StagedUpload, _numeric_folders

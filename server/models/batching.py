@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from server.errors import DeadlineExceeded, InternalError, InvalidInput, ServerUnavailable
+from server.models.stats import ModelStats
 from server.repository.config import ModelConfig
-from server.stats import ModelStats
 
 log = logging.getLogger("optiserve.batching")
 Tensors = dict[str, np.ndarray]

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.backends.base import Backend
-from server.batching import Batcher
 from server.errors import InvalidInput
+from server.models.batching import Batcher
+from server.models.stats import ModelStats
 from server.protocol import datatypes
 from server.protocol.inference import InferenceRequest, InferenceResponse, OutputTensor
 from server.protocol.validation import TensorSpec, check_requested_outputs, prepare_inputs
 from server.repository.config import ModelConfig
-from server.stats import ModelStats
 
 
 @dataclass

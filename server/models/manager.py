@@ -11,16 +11,14 @@ from enum import Enum
 from typing import Protocol
 
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
-from server.loader import VersionLoader
 from server.metrics import Metric, ServerMetrics, state_families
+from server.models.loader import VersionLoader
+from server.models.threads import in_daemon_thread
+from server.models.version import ModelVersion
 from server.protocol.numbers import parse_uint
 from server.repository.config import read_config
 from server.repository.layout import Repository, select_versions
-from server.served import ModelVersion
 from server.settings import Settings
-from server.threads import in_daemon_thread
-
-__all__ = ["ModelManager", "ModelState", "ModelVersion"]
 
 log = logging.getLogger("optiserve.models")
 
