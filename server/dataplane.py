@@ -7,9 +7,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from server import __version__
 from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, wire_status
@@ -30,6 +30,36 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "statistics",
 ]
+
+
+class UploadFile(Protocol):
+    """One file of an upload as it is written; :meth:`close` makes it durable."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class UploadSink(Protocol):
+    """Where an edge writes a streamed upload: the edge parses its wire format (the curl form) and hands each
+    event here; the data plane's sink stages, counts and checks it (server/repository/upload.py's
+    ``StagedUpload``). Blocking calls (``write``, ``close``, ``set_config``) belong in a worker thread."""
+
+    def count(self, size: int) -> None:
+        """Count bytes against the upload cap before writing them (413 past it)."""
+
+    def open_model_file(self, filename: str) -> UploadFile:
+        """The model file; ``filename`` is the client's name for it, only checked, never used as a path."""
+
+    def request_version(self, text: str) -> None:
+        """The version asked for, as sent."""
+
+    def set_config(self, text: str) -> None:
+        """The config (JSON text) sent with the upload."""
+
+
+UploadReceiver = Callable[[UploadSink], Awaitable[None]]
+"""An edge's reader of one upload body: writes what arrives into the sink it is given."""
 
 
 class DataPlane:
@@ -134,7 +164,7 @@ class DataPlane:
         and the config sent along becomes the model's config; returns once loaded (400 if it failed)."""
         check_model_name(name)
         if files:
-            result = await self.upload_model(name, files_receiver(files, config_json), wait=True)
+            result = await self._stage_and_load(name, files_receiver(files, config_json), wait=True)
             if result.failed:
                 raise LoadFailed(result.reason)
             return
@@ -152,9 +182,12 @@ class DataPlane:
         """At start, before loading: finish committed uploads and delete unfinished ones."""
         recover_staging(self.models.repository.root)
 
-    async def upload_model(self, name: str, receive: Receiver, *, wait: bool) -> UploadResult:
+    async def upload_model(self, name: str, receive: UploadReceiver, *, wait: bool) -> UploadResult:
         """Stage what ``receive`` writes, validate it, then publish and load it under the model's lock.
         Without ``wait`` this returns once the files are published (state LOADING)."""
+        return await self._stage_and_load(name, receive, wait=wait)
+
+    async def _stage_and_load(self, name: str, receive: Receiver, *, wait: bool) -> UploadResult:
         check_model_name(name)
         settings = self.models.settings
         staged = StagedUpload(self.models.repository.root, name, settings.max_upload_bytes)

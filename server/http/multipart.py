@@ -1,7 +1,8 @@
 """The curl upload body: ``multipart/form-data`` with a file field ``model`` and optional ``config`` (JSON)
-and ``version`` fields, parsed as it streams in and written straight into the upload's staging folder
-(never held whole in memory, never spooled to /tmp). File bytes are counted against the upload cap as they
-arrive; other fields are capped at the request body limit."""
+and ``version`` fields, parsed as it streams in and handed, part by part, to the upload sink the data plane
+gives (:class:`server.dataplane.UploadSink`), which writes it straight into the upload's staging folder (never
+held whole in memory, never spooled to /tmp). File bytes are counted against the upload cap as they arrive;
+other fields are capped at the request body limit. This edge knows the form, not the repository."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ from typing import TYPE_CHECKING
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from server.convert.formats import pickle_refusal
+from server.dataplane import UploadFile, UploadReceiver, UploadSink
 from server.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from server.repository.modelfile import PICKLE_SUFFIXES
-from server.repository.upload import NEXT_VERSION, Receiver, StagedFile, StagedUpload, parse_version
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -36,12 +35,12 @@ def multipart_boundary(content_type: str) -> bytes:
     return options[b"boundary"]
 
 
-def form_receiver(content_type: str, body: AsyncIterator[bytes], max_field_bytes: int) -> Receiver:
-    """A receiver that parses the streamed form into the staged upload."""
+def form_receiver(content_type: str, body: AsyncIterator[bytes], max_field_bytes: int) -> UploadReceiver:
+    """A receiver that parses the streamed form into the upload sink."""
     boundary = multipart_boundary(content_type)
 
-    async def receive(staged: StagedUpload) -> None:
-        form = _Form(staged, max_field_bytes)
+    async def receive(sink: UploadSink) -> None:
+        form = _Form(sink, max_field_bytes)
         parser = MultipartParser(boundary, form.callbacks())
         try:
             async for chunk in body:
@@ -58,13 +57,13 @@ class _Form:
     """Callbacks of the streaming parser. They run synchronously inside ``parser.write``; file data is
     queued there and written by :meth:`drain` in a worker thread so the event loop never waits on disk."""
 
-    def __init__(self, staged: StagedUpload, max_field_bytes: int) -> None:
-        self.staged = staged
+    def __init__(self, sink: UploadSink, max_field_bytes: int) -> None:
+        self.sink = sink
         self.max_field_bytes = max_field_bytes
         self.headers: dict[bytes, bytes] = {}
         self._header = [b"", b""]
         self.part = ""
-        self.file: StagedFile | None = None
+        self.file: UploadFile | None = None
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.closing = False
@@ -102,9 +101,7 @@ class _Form:
             raise InvalidInput(f"form field {name!r} is given twice")
         if name == FILE_FIELD:
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
-            if filename.lower().endswith(PICKLE_SUFFIXES):  # the name is otherwise ignored
-                raise pickle_refusal(f"uploaded file {filename!r}", "a pickle-based format by its name")
-            self.file = self.staged.open(NEXT_VERSION, "model.onnx")
+            self.file = self.sink.open_model_file(filename)
         elif name in TEXT_FIELDS:
             self.fields[name] = bytearray()
         else:
@@ -113,7 +110,7 @@ class _Form:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self.part == FILE_FIELD:
-            self.staged.count(end - start)
+            self.sink.count(end - start)
             self.pending.append(data[start:end])
             self.pending_size += end - start
             return
@@ -140,19 +137,19 @@ class _Form:
             self.file, self.closing, self.model_done = None, False, True
 
     async def finish(self) -> None:
-        """After the body: everything required arrived, the text fields go to the staged upload."""
+        """After the body: everything required arrived, the text fields go to the sink."""
         await self.drain()
         if not self.ended:
             raise InvalidInput("multipart body ended before its closing boundary")
         if not self.model_done:
             raise InvalidInput(f"form field {FILE_FIELD!r} (the ONNX file) is missing")
         if "version" in self.fields:
-            self.staged.requested_version = parse_version(_text(self.fields["version"], "version"))
+            self.sink.request_version(_text(self.fields["version"], "version"))
         if "config" in self.fields:
-            await asyncio.to_thread(self.staged.set_config, _text(self.fields["config"], "config"))
+            await asyncio.to_thread(self.sink.set_config, _text(self.fields["config"], "config"))
 
 
-def _write(file: StagedFile, data: bytes, close: bool) -> None:
+def _write(file: UploadFile, data: bytes, close: bool) -> None:
     file.write(data)
     if close:
         file.close()

@@ -36,9 +36,14 @@ def check_file_name(name: str, what: str) -> str:
     """A plain file name (no folders, not hidden) that is not a pickle-based format by its suffix."""
     if not PLAIN_FILE_NAME.fullmatch(name):
         raise InvalidInput(f"{what} {name!r} must be a plain file name matching {PLAIN_FILE_NAME.pattern}")
+    refuse_pickle_name(name, what)
+    return name
+
+
+def refuse_pickle_name(name: str, what: str) -> None:
+    """Refuse (415) a name with a pickle-based format's suffix (``.pkl``, ``.pt``, ``.joblib``, ...)."""
     if name.lower().endswith(PICKLE_SUFFIXES):
         raise pickle_refusal(f"{what} {name!r}", "a pickle-based format by its name")
-    return name
 
 
 def sniff_format(path: Path, label: str) -> None:

@@ -42,7 +42,14 @@ from server.repository.config import (
     read_config,
 )
 from server.repository.layout import Repository, check_model_name
-from server.repository.modelfile import check_external_data, check_file_name, check_graph, load_graph, sniff_format
+from server.repository.modelfile import (
+    check_external_data,
+    check_file_name,
+    check_graph,
+    load_graph,
+    refuse_pickle_name,
+    sniff_format,
+)
 
 log = logging.getLogger("optiserve.upload")
 
@@ -180,6 +187,16 @@ class StagedUpload:
         staged = StagedFile(path)
         self._open.append(staged)
         return staged
+
+    def open_model_file(self, filename: str) -> StagedFile:
+        """The curl upload's model file, staged as the next version's ``model.onnx`` whatever the client called
+        it. Its name is only checked: a pickle-based format by its name is refused (415) before a byte lands."""
+        refuse_pickle_name(filename, "uploaded file")
+        return self.open(NEXT_VERSION, DEFAULT_MODEL_FILENAME)
+
+    def request_version(self, text: str) -> None:
+        """The version the upload asks for (a positive integer); without it, the next free one."""
+        self.requested_version = parse_version(text)
 
     def add_file(self, key: str, data: bytes) -> None:
         """Write one whole file given by a Triton file key (blocking: call it in a thread)."""
