@@ -12,15 +12,17 @@ import numpy as np
 
 from optimizers.runtime import Feed
 
-Family = Literal["fp32", "fp16", "int8", "sparse"]
+Family = Literal["fp32", "fp16", "bf16", "int8", "sparse"]
 
 #: Metrics where lower is better (a budget is a maximum); the others are similarities (a minimum).
 LOWER_IS_BETTER = frozenset({"rel_l2", "max_abs"})
 
-#: Budgets by candidate family. Pruning without fine-tuning is lossy like INT8, so it gets INT8's budgets.
+#: Budgets by candidate family. Pruning without fine-tuning is lossy like INT8, so it gets INT8's budgets; bf16
+#: (OpenVINO on CPUs with avx512_bf16/AMX) is a half-width float like FP16 and gets FP16's.
 DEFAULT_THRESHOLDS: dict[Family, dict[str, float]] = {
     "fp32": {"rel_l2": 1e-4},
     "fp16": {"rel_l2": 1e-2},
+    "bf16": {"rel_l2": 1e-2},
     "int8": {"cosine": 0.99, "top1": 0.99},
     "sparse": {"cosine": 0.99, "top1": 0.99},
 }

@@ -1,6 +1,7 @@
-"""Probe the machine once: CPU instruction sets, GPUs, onnxruntime's providers, TensorRT. The answers decide
-which candidates can pay (INT8 needs fast integer dot products; FP16 needs a GPU) and, as a fingerprint,
-key the cache: an artifact tuned for one machine is never reused on another."""
+"""Probe the machine once: CPU instruction sets, GPUs, onnxruntime's providers, the OpenVINO plugin, TensorRT. The
+answers decide which candidates can pay (INT8 needs fast integer dot products; FP16 needs a GPU; bf16 needs
+avx512_bf16 or AMX) and, as a fingerprint, key the cache: an artifact tuned for one machine is never reused on
+another."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from optimizers import openvino
 from optimizers.providers import CPU, uses_gpu
 
 log = logging.getLogger("optiserve.optimizers")
@@ -62,6 +64,12 @@ class DeviceInfo(BaseModel):
     gpus: tuple[GpuInfo, ...] = ()
     tensorrt_version: str = ""
     onnxruntime_version: str = ""
+    openvino_version: str = ""
+    """The ``onnxruntime-ep-openvino`` plugin's version; empty when it is not installed."""
+    openvino_devices: tuple[str, ...] = ()
+    """The devices the plugin offers here (OpenVINO's names: ``CPU``...); none on non-Intel hardware."""
+    openvino_note: str = ""
+    """Why the plugin offers no device, for the report."""
 
     @property
     def has_vnni(self) -> bool:
@@ -72,6 +80,16 @@ class DeviceInfo(BaseModel):
     def int8_pays(self) -> bool:
         """Whether INT8 kernels can beat FP32 here: x86 with AVX2 or better, ARM with dot products."""
         return self.has_vnni or "avx2" in self.cpu_flags or "asimddp" in self.cpu_flags
+
+    @property
+    def has_bf16(self) -> bool:
+        """bf16 arithmetic in hardware (avx512_bf16 or AMX): where OpenVINO's bf16 can pay."""
+        return any(flag in self.cpu_flags for flag in ("avx512_bf16", "amx_bf16"))
+
+    @property
+    def openvino_cpu(self) -> bool:
+        """Whether OpenVINO can run on this CPU (the plugin is installed and offers it)."""
+        return "CPU" in self.openvino_devices
 
     @property
     def has_gpu(self) -> bool:
@@ -105,6 +123,7 @@ def probe_device() -> DeviceInfo:
     providers = tuple(ort.get_available_providers())
     cpu_model, flags = read_cpuinfo(Path("/proc/cpuinfo"))
     wants_gpu = uses_gpu(providers)
+    plugin = openvino.availability()
     device = DeviceInfo(
         arch=platform.machine() or "unknown",
         cpu_model=cpu_model,
@@ -114,8 +133,12 @@ def probe_device() -> DeviceInfo:
         gpus=probe_gpus() if wants_gpu or _has_module("pynvml") else (),
         tensorrt_version=tensorrt_version(),
         onnxruntime_version=str(ort.__version__),
+        openvino_version=plugin.version,
+        openvino_devices=plugin.devices,
+        openvino_note=plugin.reason,
     )
-    log.info("device %s: flags %s, providers %s", device.fingerprint, ",".join(flags), ",".join(providers))
+    engines = f"OpenVINO on {','.join(plugin.devices)}" if plugin.devices else f"no OpenVINO ({plugin.reason})"
+    log.info("device %s: flags %s, providers %s, %s", device.fingerprint, ",".join(flags), ",".join(providers), engines)
     return device
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from optimizers import engines, openvino
 from optimizers.accuracy import Family
 from optimizers.cache import Cache, cache_key
 from optimizers.device import DeviceInfo, probe_device
@@ -30,7 +31,7 @@ from optimizers.timing import Benchmark, OrtBenchmark
 log = logging.getLogger("optiserve.optimizers")
 
 #: Bump when a change in this package changes what a run would select: old cached results then miss.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 Progress = Callable[[str], None]
 
 
@@ -64,7 +65,8 @@ class StoredResult(BaseModel):
 
 
 def library_versions() -> dict[str, str]:
-    """Versions whose change invalidates artifacts (a new quantizer or optimizer writes different graphs)."""
+    """Versions whose change invalidates artifacts and results (a new quantizer or optimizer writes different
+    graphs; a new OpenVINO runs them differently)."""
     import numpy
     import onnx
     import onnxruntime
@@ -74,6 +76,7 @@ def library_versions() -> dict[str, str]:
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
         "numpy": numpy.__version__,
+        "openvino": openvino.availability().version,
     }
 
 
@@ -227,7 +230,8 @@ class Pipeline:
         )
 
     def _unchanged(self, model_path: Path, report: Report, reason: str) -> Outcome:
-        report.steps = [Step(name=p.name, reason=reason) for p in self.passes] + [Step(name="compile", reason=reason)]
+        names = [p.name for p in self.passes] + [e.name for e in engines.candidates(report.target)] + ["compile"]
+        report.steps = [Step(name=name, reason=reason) for name in names]
         report.reference = report.reference or {"source": "none", "count": 0, "note": reason}
         report.selected = "original"
         return Outcome(model_path, None, SessionSpec(), "fp32", report)

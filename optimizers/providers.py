@@ -37,6 +37,16 @@ def uses_gpu(providers: Iterable[str]) -> bool:
     return any(provider in GPU_PROVIDERS for provider in providers)
 
 
+def engine_of(providers: Iterable[str]) -> str:
+    """The engine that computes with ``providers`` (the report's name): ``openvino``, ``tensorrt``, ``cuda``, or
+    ``onnxruntime`` for its own CPU kernels (MLAS)."""
+    listed = set(providers)
+    for provider, engine in ((OPENVINO, "openvino"), (TENSORRT, "tensorrt"), (CUDA, "cuda")):
+        if provider in listed:
+            return engine
+    return "onnxruntime"
+
+
 def target_of(providers: Iterable[str]) -> Target:
     """The optimizer target for a provider list: its best GPU provider, else ``cpu``."""
     listed = set(providers)

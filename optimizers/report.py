@@ -42,6 +42,10 @@ class Report(BaseModel):
     precision: str = "auto"
     selected: str = "original"
     session_options: dict[str, Any] = Field(default_factory=dict)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    """What serves the selected candidate: ``engine`` (onnxruntime, openvino, cuda, tensorrt), ``precision`` (its
+    family: fp32, bf16, int8, fp16, sparse), for OpenVINO its ``device`` and the ``precision_hint`` it was given,
+    the ``providers`` asked for, and ``nodes`` by provider as onnxruntime placed them when the guard ran it."""
     cache_hit: bool = False
     duration_s: float = 0.0
     reference: dict[str, Any] = Field(default_factory=dict)
@@ -72,6 +76,7 @@ def format_table(report: dict[str, Any]) -> str:
     summary = [
         f"model {report['model']} -> selected: {report['selected']}"
         + (f" with {report['session_options']}" if report["session_options"] else ""),
+        f"engine {_engine(report.get('engine', {}))}",
         f"device {report['device'].get('fingerprint', '')}, target {report['target']}, precision {report['precision']}"
         + (", cache hit" if report["cache_hit"] else ""),
         f"reference: {reference.get('source', '')}, {reference.get('count', 0)} inputs"
@@ -87,3 +92,13 @@ def _pair(values: dict[str, float | None], scale: float, fmt: str) -> str:
     left = fmt.format(before * scale) if before is not None else "?"
     right = fmt.format(after * scale) if after is not None else "?"
     return f"{left} -> {right}"
+
+
+def _engine(engine: dict[str, Any]) -> str:
+    """``openvino CPU bf16 (hint bf16), nodes OpenVINOExecutionProvider=12``; ``?`` for a report without one."""
+    if not engine:
+        return "?"
+    where = " ".join(str(engine[key]) for key in ("engine", "device", "precision") if engine.get(key))
+    hint = f" (hint {engine['precision_hint']})" if engine.get("precision_hint") else ""
+    nodes = ", ".join(f"{name}={count}" for name, count in sorted(engine.get("nodes", {}).items()))
+    return f"{where}{hint}" + (f", nodes {nodes}" if nodes else "")

@@ -1,5 +1,6 @@
 """Sessions for checking and timing candidates: one small spec (threads, providers, provider options) that is
-both what the pipeline times and what it hands the server to serve with (``PipelineResult.session``)."""
+both what the pipeline times and what it hands the server to serve with (``PipelineResult.session``). A spec
+whose providers include OpenVINO opens through the plugin (:mod:`optimizers.openvino`), never by name."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from optimizers.providers import CPU, uses_gpu
+from optimizers import openvino
+from optimizers.providers import CPU, OPENVINO, engine_of, uses_gpu
 
 Feed = dict[str, np.ndarray]
 DeviceGuard = Callable[[], AbstractContextManager[object]]
@@ -52,35 +54,73 @@ class SessionSpec:
             options["provider_options"] = {name: dict(opts) for name, opts in self.provider_options.items()}
         return options
 
+    @property
+    def engine(self) -> str:
+        """The engine that computes: ``openvino``, ``tensorrt``, ``cuda`` or ``onnxruntime`` (its CPU kernels)."""
+        return engine_of(self.providers)
+
+    @property
+    def precision_hint(self) -> str | None:
+        """The precision the engine is told to compute in, where it takes one (OpenVINO: ``f32``/``bf16``)."""
+        if self.engine != "openvino":
+            return None
+        return openvino.precision_hint(self.provider_options.get(OPENVINO, {}))
+
 
 def open_session(model_path: Path, spec: SessionSpec, guard: DeviceGuard = NO_GUARD) -> Any:
     """An InferenceSession for ``spec``, created inside ``guard`` when it uses a GPU. Providers this onnxruntime
-    lacks are dropped (CPU stays last), so a plan made for a GPU still opens, on CPU, where there is none."""
+    lacks are dropped (CPU stays last), so a plan made for a GPU still opens, on CPU, where there is none. An
+    OpenVINO spec opens through the plugin and fails (:class:`optimizers.openvino.OpenVinoError`) rather than run
+    elsewhere. Every session records which provider got each node (:func:`optimizers.openvino.placement`)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # candidates are expected to warn (e.g. FP16 casts); keep logs readable
+    options.add_session_config_entry(openvino.ASSIGNMENT_ENTRY, "1")
+    if spec.intra_op_threads is not None:
+        options.intra_op_num_threads = spec.intra_op_threads
+    if spec.engine == "openvino":
+        ov_options = spec.provider_options.get(OPENVINO, {})
+        return openvino.PLUGIN.create_session(model_path, options, ov_options, spec.intra_op_threads)
     installed = set(ort.get_available_providers())
     providers = [(p, spec.provider_options.get(p, {})) for p in spec.providers if p in installed]
     if not any(name == CPU for name, _ in providers):
         providers.append((CPU, {}))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # candidates are expected to warn (e.g. FP16 casts); keep logs readable
-    if spec.intra_op_threads is not None:
-        options.intra_op_num_threads = spec.intra_op_threads
     with device_work(spec, guard):
         return ort.InferenceSession(str(model_path), options, providers=providers)
+
+
+@dataclass
+class SessionRun:
+    """Outputs of every batch, and where the session really ran them: nodes by provider as onnxruntime recorded
+    them (empty where it kept no record)."""
+
+    outputs: list[Feed]
+    nodes: dict[str, int] = field(default_factory=dict)
+
+
+def run_checked(
+    model_path: Path, spec: SessionSpec, batches: Sequence[Feed], guard: DeviceGuard = NO_GUARD
+) -> SessionRun:
+    """Open ``model_path`` with ``spec``, note where its nodes run, run every batch, and drop the session inside
+    the device guard (freeing its GPU memory is GPU work too). An OpenVINO session that took no node is refused
+    (:func:`optimizers.openvino.check_placement`): it would be timed as OpenVINO while onnxruntime computes."""
+    session = open_session(model_path, spec, guard)
+    try:
+        nodes = openvino.placement(session)
+        if spec.engine == "openvino":
+            openvino.check_placement(nodes)
+        return SessionRun(run_batches(session, batches, spec, guard), nodes)
+    finally:
+        with device_work(spec, guard):
+            del session
 
 
 def outputs_of(
     model_path: Path, spec: SessionSpec, batches: Sequence[Feed], guard: DeviceGuard = NO_GUARD
 ) -> list[Feed]:
-    """Open ``model_path`` with ``spec``, run every batch, and drop the session inside the device guard
-    (freeing its GPU memory is GPU work too)."""
-    session = open_session(model_path, spec, guard)
-    try:
-        return run_batches(session, batches, spec, guard)
-    finally:
-        with device_work(spec, guard):
-            del session
+    """The outputs of :func:`run_checked`."""
+    return run_checked(model_path, spec, batches, guard).outputs
 
 
 def run_batches(

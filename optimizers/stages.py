@@ -1,17 +1,19 @@
-"""One pipeline run on a cache miss: reference, candidates (build -> guard -> time), selection, compile.
-Kept apart from :mod:`optimizers.pipeline` (cache, public API) so each file has one job."""
+"""One pipeline run on a cache miss: reference, candidates (model passes, then engine candidates: build -> guard ->
+time), selection, compile. Kept apart from :mod:`optimizers.pipeline` (cache, public API) so each file has one
+job."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimizers import accuracy
+from optimizers import accuracy, engines
 from optimizers.accuracy import Family
 from optimizers.cache import Cache, cache_key
 from optimizers.device import DeviceInfo
@@ -21,7 +23,7 @@ from optimizers.passes import compile as compiling
 from optimizers.passes.base import ModelPass, PassContext
 from optimizers.reference import ReferenceSet, resize_batch
 from optimizers.report import BeforeAfter, Report, Step
-from optimizers.runtime import DeviceGuard, Feed, SessionSpec, outputs_of
+from optimizers.runtime import DeviceGuard, Feed, SessionSpec, run_checked
 from optimizers.selection import select_fastest
 from optimizers.timing import Benchmark, Latencies
 
@@ -31,7 +33,8 @@ Progress = Callable[[str], None]
 
 @dataclass
 class Candidate:
-    """A model that passed the guard and was timed."""
+    """A model (with the session spec that runs it) that passed the guard and was timed. ``nodes``: where the
+    guard's session placed its nodes, by provider."""
 
     name: str
     path: Path
@@ -40,6 +43,7 @@ class Candidate:
     latencies: Latencies
     artifact_key: str | None = None
     sparse_24: bool = False
+    nodes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,9 +93,9 @@ class OptimizationRun:
         self.batch_dim = options.max_batch_size > 0 and info.batch_dynamic
         self.batch = options.preferred_batch_size if self.batch_dim else 1
         self.feeds = self._timing_feeds()
-        self.compile_config = compiling.configure(
-            options, info, device.cores, device.providers, cache.root, reference.batches[0]
-        )
+        self.compile_config = compiling.configure(options, info, device.cores, cache.root, reference.batches[0])
+        self.built: dict[str, tuple[str, Path]] = {}
+        """Artifacts built in this run, by pass name: (cache key, path). Engine candidates run some of them."""
         report.timing = {
             "preferred_batch_size": self.batch,
             "batch_sizes": sorted(self.feeds),
@@ -109,15 +113,21 @@ class OptimizationRun:
         """Reference outputs, baseline timing, every candidate, selection, compile."""
         base_spec = compiling.target_spec(self.compile_config)
         self.progress(f"optimize: reference ({self.reference.source}, {self.reference.count} inputs)")
-        self.reference.outputs = outputs_of(self.model_path, base_spec, self.reference.batches, self.guard)
+        run = run_checked(self.model_path, base_spec, self.reference.batches, self.guard)
+        self.reference.outputs = run.outputs
         self.progress("optimize: timing the original")
         baseline = self.benchmark("original", self.model_path, base_spec, self.feeds)
-        original = Candidate("original", self.model_path, "fp32", base_spec, baseline)
-        survivors = [c for p in self.passes if (c := self._model_step(p, baseline)) is not None]
+        original = Candidate("original", self.model_path, "fp32", base_spec, baseline, nodes=run.nodes)
+        steps = [(p.name, functools.partial(self._evaluate, p, baseline)) for p in self.passes]
+        steps += [
+            (e.name, functools.partial(self._engine, e, baseline)) for e in engines.candidates(self.options.target)
+        ]
+        survivors = [candidate for name, evaluate in steps if (candidate := self._step(name, evaluate)) is not None]
         winner = self._select(original, survivors)
         session = self._compile(winner)
         self.report.selected = winner.name
         self.report.session_options = session.as_options()
+        self.report.engine = engines.describe(session, winner.family, winner.nodes)
         return Outcome(winner.path, winner.artifact_key, session, winner.family, self.report)
 
     def _select(self, original: Candidate, survivors: list[Candidate]) -> Candidate:
@@ -149,17 +159,18 @@ class OptimizationRun:
             log.info("step %s rejected: %s", step.name, step.reason)
         return verdict.winner is not None
 
-    # ---- model passes ----------------------------------------------------------------------------
-    def _model_step(self, model_pass: ModelPass[Any], baseline: Latencies) -> Candidate | None:
-        step = Step(name=model_pass.name)
+    # ---- candidates ------------------------------------------------------------------------------------------
+    def _step(self, name: str, evaluate: Callable[[Step], Candidate | None]) -> Candidate | None:
+        """One report step: ``evaluate`` builds, guards and times its candidate (None: skipped or rejected)."""
+        step = Step(name=name)
         self.report.steps.append(step)
         started = time.monotonic()
         candidate = None
         try:
-            candidate = self._evaluate(model_pass, step, baseline)
-        except Exception as exc:  # a broken pass must not stop the model from loading
+            candidate = evaluate(step)
+        except Exception as exc:  # a broken pass or engine must not stop the model from loading
             step.status, step.reason = "rejected", f"failed: {type(exc).__name__}: {exc}"
-            log.warning("pass %s failed", model_pass.name, exc_info=True)
+            log.warning("step %s failed", name, exc_info=True)
         step.duration_s = round(time.monotonic() - started, 3)
         if candidate is None:
             log.info("step %s %s in %.2fs: %s", step.name, step.status, step.duration_s, step.reason)
@@ -167,7 +178,7 @@ class OptimizationRun:
             log.info("step %s passed the guard and was timed in %.2fs", step.name, step.duration_s)
         return candidate
 
-    def _evaluate(self, model_pass: ModelPass[Any], step: Step, baseline: Latencies) -> Candidate | None:
+    def _evaluate(self, model_pass: ModelPass[Any], baseline: Latencies, step: Step) -> Candidate | None:
         ctx = PassContext(self.device, self.options, self.info, self.reference.batches, self.guard)
         config = model_pass.configure(ctx)
         skip = family_refusal(self.options.precision, model_pass.family) or model_pass.skip_reason(ctx, config)
@@ -176,19 +187,39 @@ class OptimizationRun:
             return None
         self.progress(f"optimize: {model_pass.name}")
         key, path, details = self._artifact(model_pass, config, ctx)
+        self.built[model_pass.name] = (key, path)
         step.details = details
-        step.size_bytes = BeforeAfter(before=self.info.size_bytes, after=path.stat().st_size)
         sparse_24 = model_pass.family == "sparse" and getattr(config, "pattern", "") == "2:4"
         spec = compiling.target_spec(self.compile_config, model_pass.family, sparse_24)
-        failures = self._guard(step, path, spec, model_pass.family)
+        found = Candidate(model_pass.name, path, model_pass.family, spec, {}, key, sparse_24)
+        return self._check(step, found, baseline)
+
+    def _engine(self, engine: engines.EngineCandidate, baseline: Latencies, step: Step) -> Candidate | None:
+        """An engine candidate: the original (or a pass's artifact) run by another engine at its precision."""
+        skip = family_refusal(self.options.precision, engine.family) or engines.skip_reason(
+            engine, self.device, self.built
+        )
+        if skip:
+            step.reason = skip
+            return None
+        key, path = self.built.get(engine.source, (None, self.model_path))
+        step.details = {"source": engine.source}
+        return self._check(step, Candidate(engine.name, path, engine.family, engine.spec, {}, key), baseline)
+
+    def _check(self, step: Step, candidate: Candidate, baseline: Latencies) -> Candidate | None:
+        """Guard ``candidate`` on the reference set, then time it; fills the step (engine, sizes, accuracy,
+        latencies). None when the guard rejects it."""
+        step.size_bytes = BeforeAfter(before=self.info.size_bytes, after=candidate.path.stat().st_size)
+        failures = self._guard(step, candidate)
+        step.details["engine"] = engines.describe(candidate.spec, candidate.family, candidate.nodes)
         if failures:
             step.status, step.reason = "rejected", "accuracy: " + "; ".join(failures)
             return None
-        self.progress(f"optimize: timing {model_pass.name}")
-        latencies = self.benchmark(model_pass.name, path, spec, self.feeds)
-        step.latency_ms = BeforeAfter(before=baseline.get(self.batch), after=latencies.get(self.batch))
-        step.details["latency_ms_by_batch"] = {str(b): round(v, 4) for b, v in latencies.items()}
-        return Candidate(model_pass.name, path, model_pass.family, spec, latencies, key, sparse_24)
+        self.progress(f"optimize: timing {candidate.name}")
+        candidate.latencies = self.benchmark(candidate.name, candidate.path, candidate.spec, self.feeds)
+        step.latency_ms = BeforeAfter(before=baseline.get(self.batch), after=candidate.latencies.get(self.batch))
+        step.details["latency_ms_by_batch"] = {str(b): round(v, 4) for b, v in candidate.latencies.items()}
+        return candidate
 
     def _artifact(self, model_pass: ModelPass[Any], config: Any, ctx: PassContext) -> tuple[str, Path, dict[str, Any]]:
         """The pass's output from the cache, or built now and stored."""
@@ -213,15 +244,17 @@ class OptimizationRun:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _guard(self, step: Step, path: Path, spec: SessionSpec, family: Family) -> list[str]:
-        """Run the candidate on the reference set and check the family's budgets; fills the step."""
-        thresholds = accuracy.thresholds_for(family, self.options.accuracy)
+    def _guard(self, step: Step, candidate: Candidate) -> list[str]:
+        """Run the candidate on the reference set and check its family's budgets; fills the step, and the
+        candidate's ``nodes`` (where its session placed them)."""
+        thresholds = accuracy.thresholds_for(candidate.family, self.options.accuracy)
         try:
-            outputs = outputs_of(path, spec, self.reference.batches, self.guard)
-        except Exception as exc:  # onnxruntime refuses some converted graphs (missing kernels)
+            run = run_checked(candidate.path, candidate.spec, self.reference.batches, self.guard)
+        except Exception as exc:  # onnxruntime refuses some converted graphs (missing kernels); OpenVINO fell back
             step.thresholds = thresholds
             return [f"does not run: {type(exc).__name__}: {exc}"]
-        comparison = accuracy.compare(self.reference.outputs, outputs)
+        candidate.nodes = run.nodes
+        comparison = accuracy.compare(self.reference.outputs, run.outputs)
         step.accuracy = {name: round(value, 6) for name, value in comparison.metrics.items()}
         step.thresholds = accuracy.applicable(thresholds, comparison) if not comparison.problems else thresholds
         return accuracy.violations(comparison, thresholds)
@@ -245,6 +278,9 @@ class OptimizationRun:
         """Race the session-config candidates against the winner's default spec."""
         size = winner.path.stat().st_size
         step.size_bytes = BeforeAfter(before=size, after=size)
+        if winner.spec.engine == "openvino":
+            step.reason = "OpenVINO keeps its own threads (the instances x threads split is the server's)"
+            return winner.spec
         variants = compiling.candidates(self.compile_config, winner.family, winner.sparse_24)
         if not variants:
             step.reason = f"nothing to tune for target {self.options.target}"
@@ -255,11 +291,8 @@ class OptimizationRun:
         for variant in variants:
             if variant.family is not None and family_refusal(self.options.precision, variant.family):
                 continue
-            failures = (
-                self._guard(Step(name=variant.label), winner.path, variant.spec, variant.family)
-                if variant.family
-                else []
-            )
+            trial = Candidate(variant.label, winner.path, variant.family or winner.family, variant.spec, {})
+            failures = self._guard(Step(name=variant.label), trial) if variant.family else []
             if failures:
                 rejected[variant.label] = "; ".join(failures)
                 continue

@@ -1,7 +1,8 @@
 """Compile: choose how the selected model is *run* rather than changing it. On CPU, candidate session
-configs with different intra-op thread counts (and OpenVINO when its provider is installed); on NVIDIA GPUs,
-TensorRT provider options (engine + timing caches under the cache folder, an optimization profile from the
-batch sizes, FP16/INT8/sparsity flags) with CUDA as the fallback provider."""
+configs with different intra-op thread counts for onnxruntime's own kernels (OpenVINO competes earlier, as an
+engine candidate: :mod:`optimizers.engines`); on NVIDIA GPUs, TensorRT provider options (engine + timing caches
+under the cache folder, an optimization profile from the batch sizes, FP16/INT8/sparsity flags) with CUDA as
+the fallback provider."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from optimizers.accuracy import Family
 from optimizers.modelinfo import ModelInfo
 from optimizers.options import OptimizeOptions
 from optimizers.passes.base import PassConfig
-from optimizers.providers import CPU, CUDA, OPENVINO, TENSORRT, TensorrtProfile, tensorrt_options
+from optimizers.providers import CPU, CUDA, TENSORRT, TensorrtProfile, tensorrt_options
 from optimizers.runtime import Feed, SessionSpec
 
 
@@ -21,7 +22,6 @@ class CompileConfig(PassConfig):
 
     target: str = "cpu"
     thread_candidates: tuple[int, ...] = ()
-    openvino: bool = False
     allow_fp16: bool = False
     """TensorRT may pick FP16 kernels (lossy: only under precision auto/fp16)."""
     cache_root: str = ""
@@ -39,14 +39,11 @@ class SessionCandidate:
     family: Family | None = None
 
 
-def configure(
-    options: OptimizeOptions, info: ModelInfo, cores: int, providers: tuple[str, ...], cache_root: Path, sample: Feed
-) -> CompileConfig:
+def configure(options: OptimizeOptions, info: ModelInfo, cores: int, cache_root: Path, sample: Feed) -> CompileConfig:
     """The compile config for this model, machine and cache folder."""
     return CompileConfig(
         target=options.target,
         thread_candidates=thread_candidates(cores),
-        openvino=OPENVINO in providers,
         allow_fp16=options.precision in ("auto", "fp16"),
         cache_root=str(cache_root),
         profile=profile_shapes(info, options, sample),
@@ -103,11 +100,7 @@ def target_spec(config: CompileConfig, family: Family = "fp32", sparse_24: bool 
 def candidates(config: CompileConfig, family: Family, sparse_24: bool) -> list[SessionCandidate]:
     """Session configs to race against :func:`target_spec` for the selected model."""
     if config.target == "cpu":
-        found = [SessionCandidate(f"threads={n}", SessionSpec(intra_op_threads=n)) for n in config.thread_candidates]
-        if config.openvino:
-            ov = SessionSpec(providers=(OPENVINO, CPU), provider_options={OPENVINO: {"device_type": "CPU"}})
-            found.append(SessionCandidate("openvino", ov, family="fp32"))
-        return found
+        return [SessionCandidate(f"threads={n}", SessionSpec(intra_op_threads=n)) for n in config.thread_candidates]
     if config.target == "tensorrt":
         found = [SessionCandidate("cuda", SessionSpec(providers=(CUDA, CPU)))]
         if config.allow_fp16 and family in ("fp32", "sparse"):

@@ -10,17 +10,17 @@ import numpy as np
 from optimizers import OptimizeOptions
 from optimizers.modelinfo import analyze
 from optimizers.passes import compile as compiling
-from optimizers.providers import CPU, CUDA, OPENVINO, TENSORRT
+from optimizers.providers import CPU, CUDA, TENSORRT
 from optimizers.runtime import SessionSpec
 from tests.models import fixtures
 from tests.unit.optimizers import models
 
 
-def _config(tmp_path: Path, options: OptimizeOptions, model: object = None, providers: tuple[str, ...] = (CPU,)):
+def _config(tmp_path: Path, options: OptimizeOptions, model: object = None):
     path = models.save(model or models.conv_net(), tmp_path / "m")  # type: ignore[arg-type]
     info = analyze(path)
     sample = {t.name: np.zeros((8, 3, 16, 16), np.float32) for t in info.inputs}
-    return compiling.configure(options, info, 4, providers, tmp_path / "cache", sample)
+    return compiling.configure(options, info, 4, tmp_path / "cache", sample)
 
 
 def test_thread_candidates() -> None:
@@ -29,12 +29,10 @@ def test_thread_candidates() -> None:
     assert compiling.thread_candidates(6) == (1, 2, 4, 6)
 
 
-def test_cpu_candidates_are_thread_counts_and_openvino_when_installed(tmp_path: Path) -> None:
+def test_cpu_candidates_are_thread_counts(tmp_path: Path) -> None:
     plain = compiling.candidates(_config(tmp_path, OptimizeOptions()), "fp32", False)
     assert [c.label for c in plain] == ["threads=1", "threads=2", "threads=4"]
     assert plain[0].spec.as_options() == {"intra_op_threads": 1} and plain[0].family is None
-    with_ov = compiling.candidates(_config(tmp_path, OptimizeOptions(), providers=(OPENVINO, CPU)), "fp32", False)
-    assert with_ov[-1].spec.providers == (OPENVINO, CPU) and with_ov[-1].family == "fp32"
     assert compiling.target_spec(_config(tmp_path, OptimizeOptions())) == SessionSpec()
 
 

@@ -10,7 +10,10 @@ from optimizers.report import Report, format_table
 from tests.unit.optimizers import models
 from tests.unit.optimizers.conftest import FakeBenchmark, fake_device
 
-TOP = {"model", "version", "device", "selected", "cache_hit", "reference", "steps", "session_options", "timing"}
+TOP = {
+    *("model", "version", "device", "selected", "engine", "cache_hit"),
+    *("reference", "steps", "session_options", "timing"),
+}
 STEP = {"name", "status", "reason", "duration_s", "size_bytes", "latency_ms", "accuracy", "thresholds"}
 
 
@@ -25,7 +28,15 @@ def test_schema(tmp_path: Path) -> None:
     assert report["reference"]["source"] == "random"
     assert report["reference"]["count"] == 32 and "weak check" in report["reference"]["note"]
     names = [step["name"] for step in report["steps"]]
-    assert names == ["graph_opt", "int8_dynamic", "int8_static", "fp16", "prune", "compile"]
+    engines = ["openvino_fp32", "openvino_bf16", "openvino_int8"]
+    assert names == ["graph_opt", "int8_dynamic", "int8_static", "fp16", "prune", *engines, "compile"]
+    assert report["engine"] == {  # int8_dynamic won, on onnxruntime's CPU kernels: every node recorded there
+        "engine": "onnxruntime",
+        "precision": "int8",
+        "providers": ["CPUExecutionProvider"],
+        "nodes": {"CPUExecutionProvider": report["engine"]["nodes"]["CPUExecutionProvider"]},
+    }
+    assert report["engine"]["nodes"]["CPUExecutionProvider"] > 0
     for step in report["steps"]:
         assert set(step) >= STEP
         assert step["status"] in ("applied", "rejected", "skipped")

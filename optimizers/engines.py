@@ -1,0 +1,78 @@
+"""Engine candidates: a model file run by another engine at an explicit precision. They compete with the model
+passes' candidates (onnxruntime's CPU kernels at FP32/INT8) through the same guard, timing and selection:
+
+- ``openvino_fp32``: the original model on OpenVINO computing in f32 (family fp32, the lossless budget);
+- ``openvino_bf16``: the original on OpenVINO in bf16, only where the CPU has avx512_bf16 or AMX (its own family,
+  bf16, with FP16's budget; refused under ``precision: fp32``);
+- ``openvino_int8``: the ``int8_static`` pass's QDQ model on OpenVINO (family int8), whose INT8 kernels read the
+  QDQ graph; everything not quantized computes in f32.
+
+Each spec sets its precision explicitly (:mod:`optimizers.openvino`), and the report names the engine, the
+precision and where onnxruntime really placed the nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from optimizers import openvino
+from optimizers.accuracy import Family
+from optimizers.device import DeviceInfo
+from optimizers.providers import CPU, OPENVINO
+from optimizers.runtime import SessionSpec
+
+ORIGINAL = "original"
+"""The ``source`` of a candidate that runs the uploaded model itself."""
+
+
+@dataclass(frozen=True)
+class EngineCandidate:
+    """One engine x precision. ``source`` is the model it runs: :data:`ORIGINAL`, or the name of the pass whose
+    artifact it takes."""
+
+    name: str
+    family: Family
+    source: str
+    spec: SessionSpec
+
+
+def openvino_spec(hint: openvino.Hint, device: str = "CPU") -> SessionSpec:
+    """OpenVINO on ``device`` computing in ``hint``, with onnxruntime's CPU kernels for any node it does not take."""
+    return SessionSpec(providers=(OPENVINO, CPU), provider_options={OPENVINO: openvino.provider_options(hint, device)})
+
+
+OPENVINO_CANDIDATES = (
+    EngineCandidate("openvino_fp32", "fp32", ORIGINAL, openvino_spec("f32")),
+    EngineCandidate("openvino_bf16", "bf16", ORIGINAL, openvino_spec("bf16")),
+    EngineCandidate("openvino_int8", "int8", "int8_static", openvino_spec("f32")),
+)
+
+
+def candidates(target: str) -> tuple[EngineCandidate, ...]:
+    """The engine candidates for a target, in report order (none on GPUs yet: TensorRT is the compile step's)."""
+    return OPENVINO_CANDIDATES if target == "cpu" else ()
+
+
+def skip_reason(candidate: EngineCandidate, device: DeviceInfo, built: Collection[str]) -> str | None:
+    """Why ``candidate`` cannot run here (None: it can). ``built`` names the passes whose artifact exists."""
+    if candidate.spec.engine == "openvino" and not device.openvino_cpu:
+        return f"OpenVINO unavailable: {device.openvino_note or 'the plugin offers no CPU device'}"
+    if candidate.family == "bf16" and not device.has_bf16:
+        return "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would not pay"
+    if candidate.source != ORIGINAL and candidate.source not in built:
+        return f"needs the {candidate.source} model, which this run did not build"
+    return None
+
+
+def describe(spec: SessionSpec, family: Family, nodes: dict[str, int]) -> dict[str, Any]:
+    """What runs, for the report: the engine, its device, the precision family (plus the hint the engine was given,
+    where it takes one), the providers asked for, and nodes by provider as onnxruntime placed them when the guard
+    ran this spec (an OpenVINO candidate whose nodes all fell back is rejected there)."""
+    summary: dict[str, Any] = {"engine": spec.engine, "precision": family}
+    if spec.engine == "openvino":
+        summary["device"] = openvino.device_of(spec.provider_options.get(OPENVINO, {}))
+        summary["precision_hint"] = spec.precision_hint
+    summary["providers"] = list(spec.providers)
+    summary["nodes"] = dict(nodes)
+    return summary
