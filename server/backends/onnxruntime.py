@@ -5,7 +5,13 @@ copied back once), replays CUDA graphs where its config asks for them, and offer
 buffers; a CPU instance uses plain ``session.run``. onnxruntime quietly drops a provider it cannot create (a
 missing CUDA or TensorRT library), so after creating a session the providers it really got are compared with
 those asked for and any fallback is logged. A model that cannot run as CUDA graphs is served without them,
-with a warning and the reason in the optimization report."""
+with a warning and the reason in the optimization report.
+
+An instance whose providers include OpenVINO opens through the plugin (:mod:`optimizers.openvino`, the same code
+that opened the optimizer's candidate): explicit precision, never a ``providers`` argument, and OpenVINO's own
+thread count set from the instance's intra-op threads. Where the plugin offers no device, the instance serves on
+onnxruntime's CPU kernels with a warning (``engine_fallback``); every session records where its nodes run
+(``nodes``)."""
 
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from optimizers.providers import CPU, CUDA, GPU_PROVIDERS, PREFERRED, uses_gpu
+from optimizers import openvino
+from optimizers.providers import CPU, CUDA, GPU_PROVIDERS, OPENVINO, PREFERRED, engine_of, uses_gpu
 from server.backends.base import Backend, Tensors
 from server.backends.capture_lock import CUDA_CAPTURE
 from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, CudaGraphs
@@ -90,6 +97,10 @@ class OnnxRuntimeBackend(Backend):
         self._outputs: list[tuple[str, bool]] = []  # (name, is a string tensor)
         self.providers: list[str] = []
         """The providers onnxruntime really uses, best first (may be fewer than asked for)."""
+        self.nodes: dict[str, int] = {}
+        """How many nodes each provider runs, as onnxruntime placed them (empty where it kept no record)."""
+        self.engine_fallback: str | None = None
+        """Why OpenVINO was asked for and the instance runs on onnxruntime's CPU kernels instead; None otherwise."""
         self.gpu_device: int | None = None
         """The GPU the session runs on (its first provider is CUDA or TensorRT); None on the CPU."""
         self.graphs_off_reason: str | None = None
@@ -147,11 +158,26 @@ class OnnxRuntimeBackend(Backend):
     def _create_session(self, config: SessionConfig) -> Any:
         ort = self._ort
         try:
+            if OPENVINO in config.providers:
+                return self._openvino_session(config)
             with CUDA_CAPTURE.shared() if config.wants_gpu else contextlib.nullcontext():
                 options = self._session_options(ort)
                 return ort.InferenceSession(str(self.model_path), options, providers=provider_list(config))
         except Exception as exc:  # onnxruntime raises its own exception types for bad models
             raise LoadFailed(f"{self.name}: onnxruntime could not load the model: {exc}") from None
+
+    def _openvino_session(self, config: SessionConfig) -> Any:
+        """A session on OpenVINO through the plugin, or on onnxruntime's CPU kernels (with a warning) where the
+        plugin offers no device: the same model file, run at least as precisely."""
+        options = config.provider_options.get(OPENVINO, {})
+        try:
+            return openvino.PLUGIN.create_session(
+                self.model_path, self._session_options(self._ort), options, config.intra_op_threads
+            )
+        except openvino.OpenVinoUnavailable as exc:
+            self.engine_fallback = f"OpenVINO unavailable ({exc}); serving on onnxruntime's CPU kernels"
+            log.warning("%s: %s", self.name, self.engine_fallback)
+        return self._ort.InferenceSession(str(self.model_path), self._session_options(self._ort), providers=[CPU])
 
     def _adopt(self, session: Any, config: SessionConfig) -> None:
         """Serve ``session``, created from ``config``: check its tensors, see where it really runs (logging any
@@ -159,8 +185,12 @@ class OnnxRuntimeBackend(Backend):
         for value in [*session.get_inputs(), *session.get_outputs()]:
             if value.type == "tensor(bfloat16)":
                 raise LoadFailed(f"{self.name}: {value.name!r} is BF16, which onnxruntime's Python API cannot feed")
-        self.providers = list(session.get_providers())
-        warn_on_fallback(self.name, config, session)
+        self.nodes = openvino.placement(session)
+        self.providers = _providers_used(session, self.nodes)
+        if self.engine_fallback is None:  # already logged
+            warn_on_fallback(self.name, config, session)
+            if OPENVINO in config.providers and self.nodes and not self.nodes.get(OPENVINO):
+                log.warning("%s: OpenVINO took no node of this model; onnxruntime's CPU kernels run it", self.name)
         self.gpu_device = _running_device(session, self.providers, config)
         self._string_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(string)"}
         self._outputs = [(o.name, o.type == "tensor(string)") for o in session.get_outputs()]
@@ -191,6 +221,7 @@ class OnnxRuntimeBackend(Backend):
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         level = _OPT_LEVELS.get(self.config.graph_optimization_level, "ORT_ENABLE_ALL")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        options.add_session_config_entry(openvino.ASSIGNMENT_ENTRY, "1")
         return options
 
     @property
@@ -205,6 +236,20 @@ class OnnxRuntimeBackend(Backend):
 
     def staging_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
         return self._staging.get(name, shape, dtype) if self._staging is not None else None
+
+    @property
+    def engine(self) -> dict[str, Any]:
+        """What computes, for the report's instance entries: ``engine`` (as the optimizer names it, from the
+        providers that really run: OpenVINO only where it took nodes), OpenVINO's ``precision_hint``, ``nodes`` by
+        provider and any ``fallback``."""
+        used = [p for p in self.providers if p != OPENVINO or self.nodes.get(OPENVINO) or not self.nodes]
+        summary: dict[str, Any] = {"engine": engine_of(used)}
+        if summary["engine"] == "openvino":
+            summary["precision_hint"] = openvino.precision_hint(self.config.provider_options.get(OPENVINO, {}))
+        summary["nodes"] = dict(self.nodes)
+        if self.engine_fallback is not None:
+            summary["fallback"] = self.engine_fallback
+        return summary
 
     @property
     def device(self) -> str:
@@ -244,6 +289,12 @@ class OnnxRuntimeBackend(Backend):
             self._graphs = None
             self._staging = None
             self._session = None  # freeing GPU memory must not interleave with a capture elsewhere
+
+
+def _providers_used(session: Any, nodes: dict[str, int]) -> list[str]:
+    """The session's providers, best first, plus any that onnxruntime placed nodes on without listing it."""
+    listed = list(session.get_providers())
+    return [name for name in nodes if nodes[name] and name not in listed] + listed
 
 
 def provider_list(config: SessionConfig) -> list[tuple[str, dict[str, str]]]:
