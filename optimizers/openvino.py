@@ -144,7 +144,8 @@ class Plugin:
             offered = ", ".join(status.devices)
             raise OpenVinoUnavailable(status.reason or f"the plugin offers no {device} device (only {offered})")
         session_options.add_session_config_entry(ASSIGNMENT_ENTRY, "1")
-        session_options.add_provider_for_devices(self._devices(device), passed)
+        # One device: the plugin refuses several for a plain device (a second registration lists it twice).
+        session_options.add_provider_for_devices(self._devices(device)[:1], passed)
         # No providers argument: onnxruntime would use it instead of the plugin, with only a warning.
         return self.ort.InferenceSession(str(model_path), sess_options=session_options)
 
