@@ -9,10 +9,13 @@ Traps this module exists for (each has a test):
   ``SessionOptions.add_provider_for_devices``. The plugin offers Intel hardware only (it matches onnxruntime's
   devices by vendor id), so on other CPUs it registers and offers no device.
 - Passing ``providers=[...]`` to ``InferenceSession`` as well replaces the plugin: everything runs on onnxruntime's
-  CPU kernels with only a Python warning. :func:`create_session` never passes providers.
-- OpenVINO computes in bf16 by default on CPUs with AMX, without saying so; its ``precision`` provider option is
-  ignored with a warning. Every session here sets ``INFERENCE_PRECISION_HINT`` in ``load_config`` and a session
-  without it is refused (:class:`OpenVinoError`).
+  CPU kernels with only a Python warning. :meth:`Plugin.create_session` never passes providers.
+- OpenVINO computes in bf16 by default on CPUs with bf16 hardware (AMX, and avx512_bf16 alone: OpenVINO 2026.4
+  reports bf16 as its default on an AMD EPYC without AMX), without saying so; the plugin ignores its ``precision``
+  provider option with only a warning. Every session here sets ``INFERENCE_PRECISION_HINT`` in ``load_config`` and a
+  session without it is refused (:class:`OpenVinoError`). The values are lowercase: OpenVINO refuses ``F32``.
+- The plugin ignores ``device_type`` and ``num_of_threads`` too (device: the OrtEpDevice handed over; threads:
+  ``INFERENCE_NUM_THREADS`` in ``load_config``).
 
 A spec names the device with OpenVINO's ``device_type`` option (``CPU``), which picks the plugin's device here and
 is not passed on; everything else in its provider options goes to the plugin as is."""
@@ -44,7 +47,7 @@ ASSIGNMENT_ENTRY = "session.record_ep_graph_assignment_info"
 """Session config entry that makes onnxruntime record which provider got each node (read by :func:`placement`)."""
 
 Hint = Literal["f32", "bf16"]
-"""OpenVINO's names for the CPU precisions we ask for."""
+"""OpenVINO's names for the CPU precisions we ask for (lowercase: ``F32`` is refused, ``BF16`` accepted)."""
 
 
 class OpenVinoError(RuntimeError):
@@ -209,7 +212,7 @@ def plugin_options(options: dict[str, str], threads: int | None = None) -> dict[
     if precision_hint(options) is None:
         raise OpenVinoError(
             f"an OpenVINO session must set its precision: load_config {{{device!r}: {{{PRECISION_HINT!r}: ...}}}} "
-            "(OpenVINO picks bf16 by itself on AMX CPUs; its 'precision' option is ignored)"
+            "(OpenVINO picks bf16 by itself on CPUs with bf16 hardware; its 'precision' option is ignored)"
         )
     passed = {key: value for key, value in options.items() if key != DEVICE_OPTION}
     if threads is not None:
