@@ -159,6 +159,7 @@ def instance_report(backends: list[Backend]) -> list[dict[str, Any]]:
 
 def _instance_entry(index: int, backend: OnnxRuntimeBackend) -> dict[str, Any]:
     entry: dict[str, Any] = {"index": index, "device": backend.device, "providers": list(backend.providers)}
+    entry.update(backend.engine)  # what really computes: engine, OpenVINO's precision hint, nodes, any fallback
     if backend.gpu_device is not None:
         entry["pinned_host_buffers"] = backend.pinned
         sizes = backend.cuda_graph_sizes

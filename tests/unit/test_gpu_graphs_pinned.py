@@ -388,6 +388,8 @@ def test_graphs_are_captured_by_prepare_and_replayed(fake_graph_ort: Any) -> Non
             "index": 0,
             "device": "gpu:0",
             "providers": [CUDA, CPU],
+            "engine": "cuda",
+            "nodes": {},
             "pinned_host_buffers": False,
             "cuda_graphs": True,
             "cuda_graph_batch_sizes": [1, 2, 4],

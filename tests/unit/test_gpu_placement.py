@@ -399,7 +399,15 @@ def test_gpu_instance_runs_through_io_binding(fake_ort: list[str]) -> None:
     ]
     assert np.array_equal(out["y"], x * 2) and out["labels"].tolist() == [[b"a"], [b"b"]]
     assert instance_report([backend]) == [
-        {"index": 0, "device": "gpu:1", "providers": [CUDA, CPU], "pinned_host_buffers": False, "cuda_graphs": False}
+        {
+            "index": 0,
+            "device": "gpu:1",
+            "providers": [CUDA, CPU],
+            "engine": "cuda",
+            "nodes": {},
+            "pinned_host_buffers": False,
+            "cuda_graphs": False,
+        }
     ]
 
 
@@ -450,7 +458,13 @@ def test_loader_places_gpu_instances_and_reports_them(
         asked = [dict(s.asked) for s in FakeSession.instances]
         assert [a[CUDA]["device_id"] for a in asked] == ["1", "0"]
         assert asked[0][TRT]["trt_profile_max_shapes"] == "x:8x8"
-        gpu_entry = {"providers": [TRT, CUDA, CPU], "pinned_host_buffers": False, "cuda_graphs": False}
+        gpu_entry = {
+            "providers": [TRT, CUDA, CPU],
+            "engine": "tensorrt",
+            "nodes": {},
+            "pinned_host_buffers": False,
+            "cuda_graphs": False,
+        }
         assert version.report["instances"] == [
             {"index": 0, "device": "gpu:1", **gpu_entry},  # the CUDA runtime cannot pin memory here
             {"index": 1, "device": "gpu:0", **gpu_entry},
@@ -465,7 +479,14 @@ def test_loader_reports_cpu_instances(tmp_path: Path) -> None:
     version = _build(tmp_path, config, Settings(cache_dir=tmp_path / "cache", default_precision="none"))
     try:
         assert version.report["instances"] == [
-            {"index": i, "device": "cpu", "providers": ["CPUExecutionProvider"]} for i in range(2)
+            {
+                "index": i,
+                "device": "cpu",
+                "providers": ["CPUExecutionProvider"],
+                "engine": "onnxruntime",  # what really computes: every node on onnxruntime's CPU kernels
+                "nodes": {"CPUExecutionProvider": 3},
+            }
+            for i in range(2)
         ]
         out = version.backends[0].infer({"x": np.ones((1, 8), np.float32)})
         assert out["y"].shape == (1, 4)
