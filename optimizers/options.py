@@ -14,10 +14,11 @@ from optimizers.providers import Target
 Precision = Literal["auto", "fp32", "fp16", "int8", "none"]
 Metric = Literal["rel_l2", "max_abs", "cosine", "top1"]
 PrunePattern = Literal["unstructured", "2:4"]
+Mode = Literal["background", "before_ready"]
 
 #: Keys a model config's ``optimize`` block may set; the rest come from the server (or the CLI), never from
 #: an uploaded config, so no API field carries a filesystem path.
-CONFIG_KEYS = ("precision", "prune", "accuracy", "time_budget_s", "min_gain")
+CONFIG_KEYS = ("precision", "prune", "accuracy", "time_budget_s", "min_gain", "mode")
 
 
 class PruneOptions(BaseModel):
@@ -66,6 +67,10 @@ class OptimizeOptions(BaseModel):
     must not swap a model for nothing."""
     reference_samples: int = Field(default=32, ge=1, le=4096)
     """How many random samples to generate when there is no samples file."""
+    mode: Mode | None = None
+    """When a server runs the pipeline: ``background`` (serve the original at once, swap the variant in when
+    it is proven) or ``before_ready`` (the version is READY only once optimized). None: the server's default.
+    Not part of the cache key: both modes select the same variant."""
 
     @field_validator("accuracy")
     @classmethod
@@ -113,7 +118,7 @@ class OptimizeOptions(BaseModel):
 
     def cache_dict(self) -> dict[str, Any]:
         """What the pipeline result depends on, for its cache key (the samples file is keyed by content)."""
-        return self.model_dump(mode="json", exclude={"samples_path"})
+        return self.model_dump(mode="json", exclude={"samples_path", "mode"})
 
 
 def describe(exc: ValidationError, prefix: str = "") -> str:

@@ -123,16 +123,7 @@ class Pipeline:
         samples = find_samples(model_path, options.samples_path)
         model_sha = sha256_file(model_path)
         libraries = library_versions()
-        key = cache_key(
-            kind="result",
-            pipeline=PIPELINE_VERSION,
-            model=model_sha,
-            samples=sha256_file(samples) if samples else None,
-            options=options.cache_dict(),
-            device=self.device.fingerprint,
-            libraries=libraries,
-            passes=[p.name for p in self.passes],
-        )
+        key = self._result_key(model_sha, samples, options, libraries)
         cached = self._from_cache(key, model_path, label, version, started)
         if cached is not None:
             notify("optimize: cache hit")
@@ -143,6 +134,47 @@ class Pipeline:
         notify(f"optimize: done, serving {outcome.report.selected}")
         log.info("optimized %s in %.2fs: %s", label, outcome.report.duration_s, outcome.report.selected)
         return _result(outcome)
+
+    def lookup(
+        self, model_path: Path, options: OptimizeOptions | None = None, *, name: str = "", version: str = ""
+    ) -> PipelineResult | None:
+        """What :meth:`run` would return without optimizing anything: the cached result (or the disabled
+        pipeline's, for ``precision: none``); None when only a real run can tell. A file hash and a JSON read,
+        so a server can decide before a version is READY whether it must serve the original first."""
+        started = time.monotonic()
+        model_path = Path(model_path)
+        options = options or OptimizeOptions()
+        label = name or model_path.stem
+        if options.precision == "none":
+            return self._disabled(model_path, options, label, version, started)
+        self._check_target(options)
+        samples = find_samples(model_path, options.samples_path)
+        key = self._result_key(sha256_file(model_path), samples, options, library_versions())
+        return self._from_cache(key, model_path, label, version, started)
+
+    def pending(
+        self, model_path: Path, options: OptimizeOptions | None = None, *, name: str = "", version: str = ""
+    ) -> PipelineResult:
+        """The original model, served while a run has not finished: a report with no steps yet."""
+        options = options or OptimizeOptions()
+        report = self._new_report(options, name or Path(model_path).stem, version)
+        report.selected = "original"
+        report.reference = {"source": "none", "count": 0, "note": "the optimizer has not finished yet"}
+        return PipelineResult(Path(model_path), SessionSpec(), "fp32", report)
+
+    def _result_key(
+        self, model_sha: str, samples: Path | None, options: OptimizeOptions, libraries: dict[str, str]
+    ) -> str:
+        return cache_key(
+            kind="result",
+            pipeline=PIPELINE_VERSION,
+            model=model_sha,
+            samples=sha256_file(samples) if samples else None,
+            options=options.cache_dict(),
+            device=self.device.fingerprint,
+            libraries=libraries,
+            passes=[p.name for p in self.passes],
+        )
 
     def _optimize(
         self,

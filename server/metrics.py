@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -81,6 +81,18 @@ class ServerMetrics:
             "Time of each optimizer step by outcome.",
             ("model", "step", "status"),
             buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=reg,
+        )
+        self.time_to_ready = Gauge(
+            "optiserve_model_time_to_ready_seconds",
+            "Seconds from the start of a model's load until this version served (READY).",
+            labels,
+            registry=reg,
+        )
+        self.time_to_optimized = Gauge(
+            "optiserve_model_time_to_optimized_seconds",
+            "Seconds from the start of a model's load until this version served the optimizer's final choice.",
+            labels,
             registry=reg,
         )
         self.cache_hits = Counter(

@@ -110,6 +110,15 @@ class Settings(BaseSettings):
     guard accepts compete and serves the fastest (never slower than the original); none serves the file
     as uploaded."""
 
+    optimize_mode: Literal["background", "before_ready"] = "background"
+    """When the optimizer runs for models whose optimize block sets no mode: background serves the original
+    model as soon as it is loaded and swaps a proven variant in later, with no request lost; before_ready keeps
+    the version LOADING until it is optimized. A cached result is applied before READY in both modes."""
+
+    optimize_delay_s: float = Field(0.0, ge=0, le=3600)
+    """Background mode: wait this long after a version is READY before optimizing it, so the first traffic
+    does not compete with the optimizer for the CPU."""
+
     cache_dir: Path = Path(".optiserve-cache")
     """Where optimized artifacts are kept, so a restart or a re-upload of the same bytes reuses them."""
 
