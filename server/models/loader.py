@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,30 @@ log = logging.getLogger("optiserve.loader")
 Progress = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class PendingOptimization:
+    """A version's model as loaded and checked, with its completed config, instance plan and optimize options:
+    all the optimizer needs to run later (in background mode) and the loader needs to rebuild the version."""
+
+    name: str
+    version: int
+    model_path: Path
+    options: OptimizeOptions
+    config: ModelConfig
+    plan: list[SessionConfig]
+    conversion: dict[str, Any] | None = None
+
+
+def phase_of(selected: str) -> str:
+    """The report's phase once the optimizer has finished: a variant serves, or the original stays."""
+    return "original" if selected == "original" else "optimized"
+
+
+def phase_fields(phase: str, step: str = "") -> dict[str, str]:
+    """``phase`` (optimizing | optimized | original) and ``step`` (the optimizer's step in progress)."""
+    return {"phase": phase, "step": step if phase == "optimizing" else ""}
+
+
 class VersionLoader:
     """Turns a version folder into a ready :class:`ModelVersion`."""
 
@@ -63,8 +88,21 @@ class VersionLoader:
         self._pipeline_lock = threading.Lock()
 
     def build(self, name: str, version: int, loaded: LoadedConfig, progress: Progress) -> ModelVersion:
-        """Everything from files on disk to a started batcher; raises LoadFailed with the reason."""
+        """Everything from files on disk to a started batcher; raises LoadFailed with the reason. In background
+        mode a cache miss serves the original model and leaves ``pending`` on the version for the manager."""
         started = time.monotonic()
+        source = self._source(name, version, loaded, progress)
+        optimized, background = self._first_choice(source, progress)
+        built = self._assemble(source, optimized, started, phase="optimizing" if background else None)
+        if self.metrics is not None:
+            self.metrics.load_duration.labels(name).observe(time.monotonic() - started)
+        if background:
+            built.pending = source
+        return built
+
+    def _source(self, name: str, version: int, loaded: LoadedConfig, progress: Progress) -> PendingOptimization:
+        """Read and check the version's model (converting a framework upload), complete its config, plan its
+        instances and read its optimize options."""
         label = f"model {name!r} version {version}"
         version_dir = self.repository.version_dir(name, version)
         filename = model_filename(loaded.config)  # a plain name, never a path
@@ -84,13 +122,58 @@ class VersionLoader:
             loaded, name, graph, self.settings.default_max_batch_size, gpu_serving_available(self.settings)
         )
         plan = instance_plan(config, self.settings)
-        optimized = self._optimize(name, version, model_path, loaded, config, plan, progress)
+        options = self._options(name, loaded, config, plan)
+        return PendingOptimization(name, version, model_path, options, config, plan, conversion)
+
+    def _first_choice(self, source: PendingOptimization, progress: Progress) -> tuple[PipelineResult, bool]:
+        """What serves when the version becomes READY, and whether the optimizer still has to run afterwards:
+        before_ready runs it now; background applies a cached result at once and otherwise serves the original."""
+        mode = source.options.mode or self.settings.optimize_mode
+        if mode == "before_ready":
+            return self._run(source, progress), False
+        try:
+            cached = self.pipeline().lookup(
+                source.model_path, source.options, name=source.name, version=str(source.version)
+            )
+        except OptimizeError as exc:
+            raise LoadFailed(f"model {source.name!r} version {source.version}: {exc}") from None
+        if cached is not None:
+            progress("optimize: cache hit")
+            self._record(source.name, cached.summary)
+            return cached, False
+        pending = self.pipeline().pending(
+            source.model_path, source.options, name=source.name, version=str(source.version)
+        )
+        return pending, True
+
+    def optimize(self, source: PendingOptimization, progress: Progress) -> PipelineResult:
+        """The background run for a version that serves its original model (blocking: a worker thread)."""
+        return self._run(source, progress)
+
+    def rebuild(self, source: PendingOptimization, optimized: PipelineResult, stats: ModelStats) -> ModelVersion:
+        """A new ModelVersion for the same (name, version) serving the optimizer's choice; it keeps the
+        statistics of the version it replaces."""
+        return self._assemble(source, optimized, time.monotonic(), stats=stats)
+
+    def _assemble(
+        self,
+        source: PendingOptimization,
+        optimized: PipelineResult,
+        started: float,
+        *,
+        phase: str | None = None,
+        stats: ModelStats | None = None,
+    ) -> ModelVersion:
+        """Sessions per instance and a started batcher for ``optimized``'s model and session spec."""
+        name, version, config = source.name, source.version, source.config
         own_threads = bool(thread_parameter(config, "intra_op_thread_count"))  # the model's own setting wins
-        plan = apply_session_spec(plan, optimized.session, keep_threads=own_threads)
+        plan = apply_session_spec(source.plan, optimized.session, keep_threads=own_threads)
         plan = gpu.with_gpu_options(plan, config, self.settings, fp16=optimized.family == "fp16")
         selected = optimized.summary.selected
         backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
-        stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
+        reused_stats = stats is not None
+        if stats is None:
+            stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
         try:
             batcher = _make_batcher(f"{name}:{version}", config, backends, stats, self.settings)
         except BaseException:  # an instance could not get ready on its worker thread (CUDA graph capture)
@@ -98,18 +181,19 @@ class VersionLoader:
                 backend.unload()
             raise
         elapsed = time.monotonic() - started
-        if self.metrics is not None:
-            self.metrics.load_duration.labels(name).observe(elapsed)
         instances = instance_report(backends)
         log.info(
-            "model %s version %s ready in %.2fs: %d instance(s) on %s, serving %s",
+            "model %s version %s %s in %.2fs: %d instance(s) on %s, serving %s%s",
             name,
             version,
+            "rebuilt" if reused_stats else "ready",
             elapsed,
             len(backends),
             ", ".join(sorted({str(i["device"]) for i in instances})),
             selected,
+            "; optimizing in the background" if phase == "optimizing" else "",
         )
+        report = {**optimized.report, "instances": instances, **phase_fields(phase or phase_of(selected))}
         return ModelVersion(
             name,
             version,
@@ -120,7 +204,7 @@ class VersionLoader:
             batcher,
             stats,
             variant=selected,
-            report=_with_conversion({**optimized.report, "instances": instances}, conversion),
+            report=_with_conversion(report, source.conversion),
         )
 
     def _convert(self, version_dir: Path, loaded: LoadedConfig, progress: Progress) -> tuple[Path, dict[str, Any]]:
@@ -136,20 +220,14 @@ class VersionLoader:
         )
         return result.onnx_path, result.report_step
 
-    def _optimize(
-        self,
-        name: str,
-        version: int,
-        model_path: Path,
-        loaded: LoadedConfig,
-        config: ModelConfig,
-        plan: list[SessionConfig],
-        progress: Progress,
-    ) -> PipelineResult:
-        """Run the optimization pipeline for this version (or skip it), recording its steps as metrics."""
+    def _options(
+        self, name: str, loaded: LoadedConfig, config: ModelConfig, plan: list[SessionConfig]
+    ) -> OptimizeOptions:
+        """The version's optimize options: its config's block (or the server's default precision) plus what the
+        server knows (target, batch sizes)."""
         block = loaded.optimize if loaded.optimize is not None else {"precision": self.settings.default_precision}
         try:
-            options = OptimizeOptions.from_config_dict(
+            return OptimizeOptions.from_config_dict(
                 block,
                 target=_target(plan),
                 max_batch_size=int(config.max_batch_size),
@@ -157,8 +235,12 @@ class VersionLoader:
             )
         except OptionsError as exc:
             raise LoadFailed(f"model {name!r}: {exc}") from None
+
+    def _run(self, source: PendingOptimization, progress: Progress) -> PipelineResult:
+        """Run the optimization pipeline for this version (or skip it), recording its steps as metrics."""
+        name, version = source.name, source.version
         try:
-            result = self.pipeline().run(model_path, options, progress, name=name, version=str(version))
+            result = self.pipeline().run(source.model_path, source.options, progress, name=name, version=str(version))
         except OptimizeError as exc:
             raise LoadFailed(f"model {name!r} version {version}: {exc}") from None
         self._record(name, result.summary)

@@ -4,7 +4,7 @@ optimizer's report."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.backends.base import Backend
 from server.errors import InvalidInput
@@ -14,6 +14,9 @@ from server.protocol import datatypes
 from server.protocol.inference import InferenceRequest, InferenceResponse, OutputTensor
 from server.protocol.validation import TensorSpec, check_requested_outputs, prepare_inputs
 from server.repository.config import ModelConfig
+
+if TYPE_CHECKING:
+    from server.models.loader import PendingOptimization
 
 
 @dataclass
@@ -30,6 +33,9 @@ class ModelVersion:
     stats: ModelStats
     variant: str = "original"
     report: dict[str, Any] = field(default_factory=dict)
+    pending: PendingOptimization | None = None
+    """What the background optimizer needs (a loader's PendingOptimization) while this version serves its
+    original model; None once optimized, or when nothing is left to do."""
 
     @property
     def max_batch_size(self) -> int:
