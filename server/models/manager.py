@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+from optimizers.runtime import SessionSpec
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.metrics import Metric, ServerMetrics, state_families
-from server.models.loader import VersionLoader
+from server.models.loader import PendingOptimization, VersionLoader, phase_fields, phase_of
 from server.models.threads import in_daemon_thread
 from server.models.version import ModelVersion
 from server.protocol.numbers import parse_uint
@@ -21,6 +25,8 @@ from server.repository.layout import Repository, select_versions
 from server.settings import Settings
 
 log = logging.getLogger("optiserve.models")
+T = TypeVar("T")
+_ORIGINAL_SESSION = SessionSpec()
 
 
 class RepositoryChange(Protocol):
@@ -70,6 +76,8 @@ class ModelManager:
         self._entries: dict[str, ModelEntry] = {}
         self._draining = False
         self._startup_done = False
+        self._optimizer_gate = threading.Lock()  # one background optimization at a time per server
+        self._background: dict[tuple[str, int], tuple[asyncio.Task[None], threading.Event]] = {}
 
     # ---- queries -------------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
@@ -173,6 +181,7 @@ class ModelManager:
         until the new ones are ready; on failure they keep serving and the index shows the reason.
         ``change`` (an upload) is published under the model's lock first, and withdrawn if the load fails."""
         entry = self._entry(name)
+        started = time.monotonic()
         async with entry.lock:
             wanted_before = entry.wanted
             if change is not None:
@@ -199,9 +208,10 @@ class ModelManager:
                 raise LoadFailed(f"model {name!r}: {exc}") from exc
             old = entry.served
             entry.served = built
-            entry.status = {v: VersionStatus(ModelState.READY) for v in built}
+            entry.status = {v: _ready_status(built[v]) for v in built}
             entry.model_status = VersionStatus(ModelState.READY)
             log.info("model %s ready, versions %s", name, sorted(built))
+            self._after_ready(entry, built, started)
         await self._retire(old)
         return sorted(built)
 
@@ -213,6 +223,7 @@ class ModelManager:
             entry = self._entry(name)
         async with entry.lock:
             old, entry.served = entry.served, {}
+            self._cancel_background(name)
             entry.wanted = False
             for version in old:
                 entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, "unloaded")
@@ -226,6 +237,7 @@ class ModelManager:
         versions = self.served_versions()
         for entry in self._entries.values():
             entry.served = {}
+            self._cancel_background(entry.name)
         await asyncio.gather(*(asyncio.to_thread(v.close, timeout_s) for v in versions))
 
     def drain(self) -> None:
@@ -274,6 +286,143 @@ class ModelManager:
             entry = self._entries[name] = ModelEntry(name)
         return entry
 
+    # ---- background optimization ----------------------------------------------------------------
+    def _after_ready(self, entry: ModelEntry, built: dict[int, ModelVersion], started: float) -> None:
+        """Record time to ready; versions serving their original model get a background optimization (one
+        server-wide at a time); the rest are already served as the optimizer chose."""
+        self._cancel_background(entry.name)  # a reload replaces what an older load was still optimizing
+        elapsed = time.monotonic() - started
+        for number, served in built.items():
+            self._gauge("time_to_ready", served, elapsed)
+            if served.pending is None:
+                self._gauge("time_to_optimized", served, elapsed)
+                continue
+            cancelled = threading.Event()
+            task = asyncio.get_running_loop().create_task(
+                self._optimize_later(entry, served, served.pending, started, cancelled),
+                name=f"optimize-{entry.name}-{number}",
+            )
+            self._background[(entry.name, number)] = (task, cancelled)
+            task.add_done_callback(functools.partial(self._forget, (entry.name, number)))
+
+    def _forget(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        current = self._background.get(key)
+        if current is not None and current[0] is task:
+            del self._background[key]
+
+    def _cancel_background(self, name: str) -> None:
+        """Stop the background optimizations of a model (unload, reload, shutdown): a waiting one never runs,
+        a running one finishes on its thread and its result is discarded."""
+        for key in [k for k in self._background if k[0] == name]:
+            task, cancelled = self._background.pop(key)
+            cancelled.set()
+            task.cancel()
+
+    async def _optimize_later(
+        self,
+        entry: ModelEntry,
+        served: ModelVersion,
+        source: PendingOptimization,
+        started: float,
+        cancelled: threading.Event,
+    ) -> None:
+        """Optimize a READY version serving its original model, then swap the chosen variant in."""
+        if self.settings.optimize_delay_s > 0:
+            await asyncio.sleep(self.settings.optimize_delay_s)
+        progress = self._optimizing(entry, served)
+        try:
+            result = await in_daemon_thread(
+                lambda: self._gated(cancelled, lambda: self.loader.optimize(source, progress)),
+                name=f"optimize-{entry.name}",
+            )
+            if result is None or not self._still_served(entry, served):
+                return
+            rebuilt = None
+            if result.model_path != source.model_path or result.session != _ORIGINAL_SESSION:
+                rebuilt = await in_daemon_thread(
+                    lambda: self.loader.rebuild(source, result, served.stats),
+                    name=f"rebuild-{entry.name}",
+                    orphan=_close_version,
+                )
+        except asyncio.CancelledError:
+            log.info("model %s version %s: background optimization cancelled", entry.name, served.version)
+            raise
+        except Exception as exc:  # the original keeps serving; the report says why
+            log.warning("model %s version %s: background optimization failed: %s", entry.name, served.version, exc)
+            served.report = {**served.report, **phase_fields("original"), "error": str(exc)}
+            served.pending = None
+            if self._still_served(entry, served):
+                entry.status[served.version] = VersionStatus(ModelState.READY)
+            return
+        await self._swap_in(entry, served, rebuilt, result.report, started)
+
+    def _gated(self, cancelled: threading.Event, fn: Callable[[], T]) -> T | None:
+        """Run ``fn`` under the server's optimizer gate unless cancelled while waiting for it (on a thread: the
+        gate stays held until a running optimization really ends, even when nobody waits for it any more)."""
+        with self._optimizer_gate:
+            return None if cancelled.is_set() else fn()
+
+    async def _swap_in(
+        self,
+        entry: ModelEntry,
+        served: ModelVersion,
+        rebuilt: ModelVersion | None,
+        report: dict[str, Any],
+        started: float,
+    ) -> None:
+        """Serve the optimizer's choice on the same (name, version), atomically; the replaced version drains
+        (queued requests finish or are retried on the new one). A version no longer served is not resurrected."""
+        number = served.version
+        async with entry.lock:
+            if not self._still_served(entry, served):
+                log.info("model %s version %s: no longer served; optimized variant discarded", entry.name, number)
+                if rebuilt is not None:
+                    await asyncio.to_thread(rebuilt.close, 0)
+                return
+            phase = phase_of(str(report.get("selected", "original")))
+            extras = {k: served.report[k] for k in ("instances",) if k in served.report}
+            conversion = [s for s in served.report.get("steps", [])[:1] if s.get("name") == "convert"]
+            full = {**report, **extras, **phase_fields(phase)}
+            if conversion:
+                full["steps"] = conversion + list(full.get("steps", []))
+            if rebuilt is None:
+                served.report, served.pending = full, None
+            else:
+                full["instances"] = rebuilt.report.get("instances", full.get("instances"))
+                rebuilt.report = full
+                entry.served = {**entry.served, number: rebuilt}
+            entry.status[number] = VersionStatus(ModelState.READY)
+        elapsed = time.monotonic() - started
+        self._gauge("time_to_optimized", served, elapsed)
+        log.info(
+            "model %s version %s %s %.2fs after its load began: serving %s",
+            entry.name,
+            number,
+            phase,
+            elapsed,
+            report.get("selected", "original"),
+        )
+        if rebuilt is not None:
+            await self._retire({number: served})
+
+    @staticmethod
+    def _still_served(entry: ModelEntry, served: ModelVersion) -> bool:
+        return entry.served.get(served.version) is served
+
+    def _optimizing(self, entry: ModelEntry, served: ModelVersion) -> Callable[[str], None]:
+        """Progress of a background run: the report's ``step`` and the index reason, while the version serves."""
+
+        def report(step: str) -> None:
+            if self._still_served(entry, served):
+                served.report = {**served.report, **phase_fields("optimizing", step)}
+                entry.status[served.version] = VersionStatus(ModelState.READY, f"optimizing: {step}")
+
+        return report
+
+    def _gauge(self, which: str, served: ModelVersion, seconds: float) -> None:
+        if self.metrics is not None and self.metrics.enabled:
+            getattr(self.metrics, which).labels(served.name, str(served.version)).set(round(seconds, 3))
+
     # ---- building (runs in a worker thread) ------------------------------------------------------
     def _build_all(self, name: str, config_text: str | None, entry: ModelEntry) -> dict[int, ModelVersion]:
         model_dir = self.repository.model_dir(name)
@@ -293,6 +442,15 @@ class ModelManager:
                 done.close(0)
             raise
         return built
+
+
+def _ready_status(served: ModelVersion) -> VersionStatus:
+    """READY; the reason says when the optimizer still has to run for it."""
+    return VersionStatus(ModelState.READY, "optimizing: waiting" if served.pending is not None else "")
+
+
+def _close_version(version: ModelVersion) -> None:
+    version.close(0)
 
 
 def _close_all(versions: dict[int, ModelVersion]) -> None:
