@@ -44,6 +44,7 @@ from server.models.placement import (
 )
 from server.models.stats import ModelStats
 from server.models.version import ModelVersion
+from server.models.warmup import warm_up
 from server.repository.config import LoadedConfig, ModelConfig, complete_config, model_filename, tensor_specs
 from server.repository.layout import Repository
 from server.repository.modelfile import check_external_data
@@ -174,9 +175,11 @@ class VersionLoader:
         reused_stats = stats is not None
         if stats is None:
             stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
-        try:
+        try:  # warmup on every instance (before the workers: CUDA graphs belong to their threads), then the batcher
+            label = f"model {name!r} version {version}"
+            warmup = warm_up(backends, config, self.repository.model_dir(name), self.repository, label=label)
             batcher = _make_batcher(f"{name}:{version}", config, backends, stats, self.settings)
-        except BaseException:  # an instance could not get ready on its worker thread (CUDA graph capture)
+        except BaseException:  # a failed model_warmup entry, or an instance not ready on its worker (graph capture)
             for backend in backends:
                 backend.unload()
             raise
@@ -193,7 +196,12 @@ class VersionLoader:
             selected,
             "; optimizing in the background" if phase == "optimizing" else "",
         )
-        report = {**optimized.report, "instances": instances, **phase_fields(phase or phase_of(selected))}
+        report = {
+            **optimized.report,
+            "instances": instances,
+            "warmup": warmup,
+            **phase_fields(phase or phase_of(selected)),
+        }
         return ModelVersion(
             name,
             version,

@@ -62,6 +62,13 @@ MAX_THREADS = 1024
 """parameters intra_op_thread_count / inter_op_thread_count."""
 MAX_CONFIG_BYTES = 4 << 20
 """A config file read from the repository."""
+MAX_WARMUP_ENTRIES = 256
+"""model_warmup entries of one config."""
+MAX_WARMUP_COUNT = 1000
+"""model_warmup[].count: times one entry runs on each instance."""
+MAX_WARMUP_ELEMENTS = 1 << 26
+"""Elements of every model_warmup entry together (batch_size x dims, summed over inputs and entries): the
+samples are built in memory before a load."""
 THREAD_PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count")
 
 
@@ -250,6 +257,7 @@ def complete_config(
         # As Triton's auto-complete: one instance on each GPU when there are GPUs, else one on the CPU.
         kind = mc.ModelInstanceGroup.KIND_GPU if gpus_visible else mc.ModelInstanceGroup.KIND_CPU
         config.instance_group.add(count=1, kind=kind)
+    check_warmup(config, completed=True)
     return config
 
 
@@ -396,6 +404,7 @@ def check_config(loaded: LoadedConfig) -> None:
         thread_count(config, key)
     if "max_batch_size" in loaded.explicit:
         check_batch_sizes(config)
+    check_warmup(config, completed=False)
     if loaded.optimize is not None:
         check_block(loaded.optimize)
 
@@ -534,3 +543,72 @@ def _check_dynamic_batching(batching: Any) -> None:
 def _check_queue_policy(where: str, policy: Any) -> None:
     _check_range(f"{where}.default_timeout_microseconds", policy.default_timeout_microseconds, 0, MAX_MICROSECONDS)
     _check_range(f"{where}.max_queue_size", policy.max_queue_size, 0, MAX_QUEUE_SIZE)
+
+
+def check_warmup(config: ModelConfig, *, completed: bool) -> None:
+    """Triton's ``model_warmup`` entries, against what the config says: every input named must be a model
+    input with the same data_type, dims (without the batch dim) fixed and fitting the configured dims,
+    1 <= batch_size <= max_batch_size (1 without a batch dim; 0 is 1), exactly one data source, count
+    (0 is 1) and the elements of all entries bounded. Before completion (``completed`` False) only what the
+    config itself lists is checked against; after it, every model input must be given."""
+    entries = config.model_warmup
+    if len(entries) > MAX_WARMUP_ENTRIES:
+        raise LoadFailed(f"model_warmup: {len(entries)} entries, at most {MAX_WARMUP_ENTRIES}")
+    inputs = {tensor.name: tensor for tensor in config.input}
+    batched = int(config.max_batch_size) > 0
+    total = 0
+    for index, warmup in enumerate(entries):
+        where = f"model_warmup[{index}]" + (f" ({warmup.name!r})" if warmup.name else "")
+        if batched:
+            _check_range(
+                f"{where}.batch_size", max(int(warmup.batch_size), 1), 1, int(config.max_batch_size), "max_batch_size"
+            )
+        elif completed and warmup.batch_size > 1:
+            raise LoadFailed(
+                f"{where}.batch_size: {warmup.batch_size} must be 1 (max_batch_size 0: no batch dimension)"
+            )
+        _check_range(f"{where}.count", warmup.count, 0, MAX_WARMUP_COUNT)
+        if not warmup.inputs:
+            raise LoadFailed(f"{where}.inputs: no inputs given; every model input needs data")
+        if completed and (missing := sorted(set(inputs) - set(warmup.inputs))):
+            raise LoadFailed(f"{where}.inputs: the model's inputs {missing} have no warmup data")
+        for key, value in sorted(warmup.inputs.items()):
+            elements = _check_warmup_input(f"{where}.inputs[{key!r}]", key, value, inputs, batched)
+            total += max(int(warmup.batch_size), 1) * elements
+            if total > MAX_WARMUP_ELEMENTS:
+                raise LoadFailed(
+                    f"{where}.inputs[{key!r}]: the warmup entries hold more than {MAX_WARMUP_ELEMENTS} elements "
+                    "(batch_size x dims over every input and entry)"
+                )
+
+
+def _check_warmup_input(at: str, key: str, value: Any, inputs: dict[str, Any], batched: bool) -> int:
+    """One ``model_warmup[].inputs`` value; returns the elements of one sample."""
+    if inputs and key not in inputs:
+        raise LoadFailed(f"{at}: not an input of the model {sorted(inputs)}")
+    if value.WhichOneof("input_data_type") is None:
+        raise LoadFailed(f"{at}: give exactly one of zero_data, random_data or input_data_file")
+    if value.data_type == mc.TYPE_INVALID:
+        raise LoadFailed(f"{at}.data_type: missing")
+    tensor = inputs.get(key)
+    if tensor is not None and tensor.data_type not in (mc.TYPE_INVALID, value.data_type):
+        raise LoadFailed(
+            f"{at}.data_type: {mc.DataType.Name(value.data_type)} does not match the input's "
+            f"{mc.DataType.Name(tensor.data_type)}"
+        )
+    dims = [int(d) for d in value.dims]
+    if len(dims) > MAX_RANK:
+        raise LoadFailed(f"{at}.dims: rank {len(dims)} is more than {MAX_RANK}")
+    elements = 1
+    for dim in dims:
+        _check_range(f"{at}.dims", dim, 1, MAX_DIM)
+        elements *= dim
+    configured = [int(d) for d in tensor.dims] if tensor is not None else []
+    if configured and (
+        len(dims) != len(configured) or any(c not in (-1, d) for c, d in zip(configured, dims, strict=False))
+    ):
+        raise LoadFailed(
+            f"{at}.dims: {dims} do not fit the input's dims {configured}"
+            + (" (without the batch dimension)" if batched else "")
+        )
+    return elements

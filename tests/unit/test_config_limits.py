@@ -86,6 +86,8 @@ def test_every_file_field_refuses_paths(path: tuple[Any, ...], name: str) -> Non
 @pytest.mark.parametrize("path", FILE_FIELDS, ids=lambda p: ".".join(step[1] for step in p))
 def test_file_fields_accept_plain_names_except_custom_op_libraries(path: tuple[Any, ...]) -> None:
     data = _json_with(path, "plain_name.bin")
+    if path[0][1] == "model_warmup":  # a warmup input also needs its data type (check_warmup)
+        data["model_warmup"][0]["inputs"]["k"]["data_type"] = "TYPE_FP32"
     if path[-1][1] == "op_library_filename":  # a shared object is code: never loaded, whatever its name
         with pytest.raises(InvalidInput, match="op_library_filename"):
             _parse(data)
