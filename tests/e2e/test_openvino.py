@@ -23,7 +23,7 @@ OPENVINO_STEPS = ("openvino_fp32", "openvino_bf16", "openvino_int8")
 CONFIG = {
     "max_batch_size": 32,
     "dynamic_batching": {"preferred_batch_size": [32]},  # throughput is compared at batch 32
-    "optimize": {"precision": "auto"},
+    "optimize": {"precision": "auto", "mode": "before_ready"},
 }
 
 

@@ -55,7 +55,12 @@ def optimizing_server(start_server, tmp_path: Path) -> ServerProcess:
     repo = tmp_path / "repo"
     repo.mkdir()
     return start_server(
-        repo, env={"OPTISERVE_DEFAULT_PRECISION": "auto", "OPTISERVE_CACHE_DIR": str(tmp_path / "cache")}
+        repo,
+        env={
+            "OPTISERVE_DEFAULT_PRECISION": "auto",
+            "OPTISERVE_CACHE_DIR": str(tmp_path / "cache"),
+            "OPTISERVE_OPTIMIZE_MODE": "before_ready",  # these tests check the selection: serve it at READY
+        },
     )
 
 
@@ -114,7 +119,7 @@ def test_restart_reuses_the_cache(start_server, tmp_path: Path) -> None:
     repo, cache = tmp_path / "repo", tmp_path / "cache"
     fixtures.write_model(repo, "wide", fixtures.wide_mlp(seed=8))
     env = {"OPTISERVE_DEFAULT_PRECISION": "auto", "OPTISERVE_CACHE_DIR": str(cache)}
-    first = start_server(repo, env=env)
+    first = start_server(repo, env={**env, "OPTISERVE_OPTIMIZE_MODE": "before_ready"})
     cold = httpx.get(f"{first.http_url}/v2/models/wide/optimization").json()
     assert cold["cache_hit"] is False
     assert first.stop() == 0
