@@ -60,7 +60,8 @@ def test_upload_serves_the_original_at_once_then_swaps_the_variant_in_under_load
     assert set(first) >= {"model", "version", "device", "selected", "engine", "cache_hit", "reference", "steps"}
 
     x = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32)
-    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    original = session.run(None, {"x": x})[0]
     stop = threading.Event()
     results: list[tuple[float, int, np.ndarray | None]] = []
 
