@@ -380,16 +380,13 @@ class ModelManager:
                     await asyncio.to_thread(rebuilt.close, 0)
                 return
             phase = phase_of(str(report.get("selected", "original")))
-            extras = {k: served.report[k] for k in ("instances",) if k in served.report}
+            serving = rebuilt if rebuilt is not None else served
+            full = {**report, **_served_facts(serving.report), **phase_fields(phase)}
             conversion = [s for s in served.report.get("steps", [])[:1] if s.get("name") == "convert"]
-            full = {**report, **extras, **phase_fields(phase)}
             if conversion:
                 full["steps"] = conversion + list(full.get("steps", []))
-            if rebuilt is None:
-                served.report, served.pending = full, None
-            else:
-                full["instances"] = rebuilt.report.get("instances", full.get("instances"))
-                rebuilt.report = full
+            serving.report, serving.pending = full, None
+            if rebuilt is not None:
                 entry.served = {**entry.served, number: rebuilt}
             entry.status[number] = VersionStatus(ModelState.READY)
         elapsed = time.monotonic() - started
@@ -442,6 +439,11 @@ class ModelManager:
                 done.close(0)
             raise
         return built
+
+
+def _served_facts(report: dict[str, Any]) -> dict[str, Any]:
+    """What the loader adds to the optimizer's report about the instances that really serve."""
+    return {key: report[key] for key in ("instances", "warmup") if key in report}
 
 
 def _ready_status(served: ModelVersion) -> VersionStatus:

@@ -32,9 +32,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_upload_serves_the_original_at_once_then_swaps_the_variant_in_under_load(
-    start_server, tmp_path: Path
-) -> None:
+def test_upload_serves_the_original_at_once_then_swaps_the_variant_in_under_load(start_server, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     env = {

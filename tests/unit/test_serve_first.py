@@ -93,6 +93,7 @@ def test_background_serves_the_original_then_swaps_the_variant_in(tmp_path: Path
         assert (second.name, second.version, second.variant) == ("mlp", 1, "fake_variant")
         assert second.report["phase"] == "optimized" and second.report["step"] == ""
         assert second.stats is first.stats  # statistics continue across the swap
+        assert {"instances", "warmup"} <= set(second.report)
         after = (await second.infer(_request())).outputs[0].array
         np.testing.assert_allclose(before, after, rtol=1e-6)
         assert manager.index()[0] == {"name": "mlp", "version": "1", "state": "READY", "reason": ""}
