@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     """Background mode: wait this long after a version is READY before optimizing it, so the first traffic
     does not compete with the optimizer for the CPU."""
 
+    optimize_nice: int = Field(10, ge=0, le=19)
+    """Background mode: how much lower the background optimizer's OS scheduling priority is (Linux nice
+    increment for its thread and the onnxruntime threads of its candidate sessions), so serving keeps the CPU
+    under load; the optimized variant's serving sessions are built at normal priority. 0: off."""
+
     cache_dir: Path = Path(".optiserve-cache")
     """Where optimized artifacts are kept, so a restart or a re-upload of the same bytes reuses them."""
 

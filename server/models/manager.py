@@ -17,7 +17,7 @@ from optimizers.runtime import SessionSpec
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.metrics import Metric, ServerMetrics, state_families
 from server.models.loader import PendingOptimization, VersionLoader, phase_fields, phase_of
-from server.models.threads import in_daemon_thread
+from server.models.threads import in_daemon_thread, lower_thread_priority
 from server.models.version import ModelVersion
 from server.protocol.numbers import parse_uint
 from server.repository.config import read_config
@@ -332,13 +332,15 @@ class ModelManager:
         progress = self._optimizing(entry, served)
         try:
             result = await in_daemon_thread(
-                lambda: self._gated(cancelled, lambda: self.loader.optimize(source, progress)),
+                lambda: self._gated(cancelled, lambda: self.loader.optimize(source, progress), lowered=True),
                 name=f"optimize-{entry.name}",
             )
             if result is None or not self._still_served(entry, served):
                 return
             rebuilt = None
             if result.model_path != source.model_path or result.session != _ORIGINAL_SESSION:
+                # A fresh thread started from the loop's: the serving sessions (and their onnxruntime pools)
+                # get normal priority, not the optimizer thread's lowered one.
                 rebuilt = await in_daemon_thread(
                     lambda: self.loader.rebuild(source, result, served.stats),
                     name=f"rebuild-{entry.name}",
@@ -356,9 +358,12 @@ class ModelManager:
             return
         await self._swap_in(entry, served, rebuilt, result.report, started)
 
-    def _gated(self, cancelled: threading.Event, fn: Callable[[], T]) -> T | None:
+    def _gated(self, cancelled: threading.Event, fn: Callable[[], T], *, lowered: bool = False) -> T | None:
         """Run ``fn`` under the server's optimizer gate unless cancelled while waiting for it (on a thread: the
-        gate stays held until a running optimization really ends, even when nobody waits for it any more)."""
+        gate stays held until a running optimization really ends, even when nobody waits for it any more).
+        ``lowered``: at --optimize-nice lower priority (this thread ends with the run), so serving keeps the CPU."""
+        if lowered:
+            lower_thread_priority(self.settings.optimize_nice)
         with self._optimizer_gate:
             return None if cancelled.is_set() else fn()
 

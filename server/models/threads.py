@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def in_daemon_thread(fn: Callable[[], T], *, name: str, orphan: Callable[[T], None] | None = None) -> T:
@@ -41,3 +44,17 @@ async def in_daemon_thread(fn: Callable[[], T], *, name: str, orphan: Callable[[
 
     threading.Thread(target=run, daemon=True, name=name).start()
     return await future
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux: per thread; the threads it creates from
+    then on, e.g. onnxruntime's intra-op pools of sessions built on it, inherit it). It cannot be undone
+    without privileges, so call it only on a thread that ends with its work. No-op elsewhere or at 0."""
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+    except OSError as exc:  # e.g. a sandbox that forbids it: optimize at normal priority
+        log.debug("could not lower the optimizer thread's priority: %s", exc)

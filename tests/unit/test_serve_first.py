@@ -4,16 +4,19 @@ cached results and ``mode: before_ready`` apply before READY; unload/reload duri
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from optimizers import PipelineResult, Report
 from optimizers.runtime import SessionSpec
 from server.metrics import ServerMetrics
+from server.models import loader as loader_module
 from server.models.loader import PendingOptimization
 from server.models.manager import ModelManager
 from server.protocol.datatypes import BY_NAME
@@ -106,6 +109,49 @@ def test_background_serves_the_original_then_swaps_the_variant_in(tmp_path: Path
         await manager.close(1)
 
     _run(scenario())
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux's")
+def test_background_optimizer_runs_at_lower_priority_and_the_variant_serves_at_normal_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = _manager(tmp_path, optimize_nice=7)
+    slow = SlowOptimizer(tmp_path)
+    seen: dict[str, int] = {}
+
+    def optimize(source: PendingOptimization, progress: Any) -> PipelineResult:
+        seen["optimizer"] = _nice()
+        child = threading.Thread(target=lambda: seen.setdefault("optimizer_child", _nice()))  # e.g. ORT's pool
+        child.start()
+        child.join()
+        return slow(source, progress)
+
+    manager.loader.optimize = optimize  # type: ignore[method-assign]
+    make_backends = loader_module._make_backends
+
+    def recording(label: str, model_path: Path, plan: Any) -> Any:
+        seen.setdefault("serving", _nice())  # first call: the original's load; then the variant's (same value)
+        seen["variant"] = _nice()
+        return make_backends(label, model_path, plan)
+
+    monkeypatch.setattr(loader_module, "_make_backends", recording)
+    normal = _nice()
+
+    async def scenario() -> None:
+        await manager.load_all()
+        first = manager.get("mlp")
+        slow.release.set()
+        await _until(lambda: manager.get("mlp") is not first)
+        assert manager.get("mlp").variant == "fake_variant"
+        await manager.close(1)
+
+    _run(scenario())
+    assert seen["optimizer"] == seen["optimizer_child"] == min(19, normal + 7)
+    assert seen["serving"] == seen["variant"] == normal
 
 
 def test_before_ready_opt_out_then_a_restart_applies_the_cached_result_before_ready(tmp_path: Path) -> None:
