@@ -3,6 +3,7 @@ weights (decides dynamic vs static INT8), whether weights live in external files
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 Dim = int | str | None
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
@@ -65,8 +66,50 @@ def analyze(path: Path) -> ModelInfo:
     return analyze_model(model, path.stat().st_size)
 
 
+def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with its top-level ``Constant`` nodes folded into initializers (Paddle and some
+    TensorFlow exports keep every weight in one), and ONNX shape inference run where it can. The input is never
+    changed. Returns the copy and how many Constant nodes were folded."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    kept, folded = [], 0
+    for node in graph.node:
+        tensor = _constant_value(node)
+        if tensor is None:
+            kept.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+    with contextlib.suppress(Exception):  # shape inference is a bonus: custom domains and odd graphs make it raise
+        copy = onnx.shape_inference.infer_shapes(copy)
+    return copy, folded
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a ``Constant`` node holds (value, or one of the value_* attributes), else None."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        return None
+    for attribute in node.attribute:
+        if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attribute.t)
+            return tensor
+        if attribute.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            value = helper.get_attribute_value(attribute)
+            dtype = np.float32 if attribute.name.startswith("value_float") else np.int64
+            return numpy_helper.from_array(np.asarray(value, dtype=dtype))
+    return None
+
+
 def analyze_model(model: onnx.ModelProto, size_bytes: int = 0) -> ModelInfo:
-    """:func:`analyze` for a model already in memory."""
+    """:func:`analyze` for a model already in memory: on its normalized copy (:func:`normalize`), so weights
+    held in Constant nodes count as weights."""
+    model, _ = normalize(model)
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)

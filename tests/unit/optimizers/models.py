@@ -54,3 +54,96 @@ def save(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path
     path = folder / name
     onnx.save(model, str(path))
     return path
+
+
+def constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every initializer moved into a ``Constant`` node (how Paddle exports weights)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    constants = [helper.make_node("Constant", [], [init.name], value=init) for init in graph.initializer]
+    nodes = [*constants, *graph.node]
+    del graph.initializer[:]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(copy, full_check=True)
+    return copy
+
+
+def stride_detector(channels: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """image FP32 [batch, 3, height, width] -> five stride-2 convs (strides 2..32) -> the stride-32 map upsampled
+    x2 and concatenated with the stride-16 map -> 1x1 head. Like a detector's FPN, it only runs where height and
+    width are multiples of 32: elsewhere the Concat gets mismatched dimensions."""
+    rng = np.random.default_rng(seed)
+    weights, nodes = [], []
+    previous, width = "image", 3
+    for level in range(5):
+        weights.append(
+            numpy_helper.from_array(
+                (rng.standard_normal((channels, width, 3, 3)) * 0.3).astype(np.float32), f"w{level}"
+            )
+        )
+        weights.append(numpy_helper.from_array(np.zeros(channels, np.float32), f"b{level}"))
+        conv_inputs = [previous, f"w{level}", f"b{level}"]
+        nodes.append(helper.make_node("Conv", conv_inputs, [f"c{level}"], pads=[1, 1, 1, 1], strides=[2, 2]))
+        nodes.append(helper.make_node("Relu", [f"c{level}"], [f"f{level}"]))
+        previous, width = f"f{level}", channels
+    weights.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    head = (rng.standard_normal((6, 2 * channels, 1, 1)) * 0.3).astype(np.float32)
+    weights.append(numpy_helper.from_array(head, "head"))
+    nodes += [
+        helper.make_node("Resize", ["f4", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Concat", ["f3", "up"], ["merged"], axis=1),
+        helper.make_node("Conv", ["merged", "head"], ["boxes"]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", 6, None, None])],
+        weights,
+    )
+
+
+AUDIO_PAD = 64
+AUDIO_RATE = 16000
+
+
+def stateful_audio(hidden: int = 128, seed: int = 0) -> onnx.ModelProto:
+    """Like a voice-activity detector: input FP32 [batch, sequence], state FP32 [2, batch, hidden], sr INT64 scalar
+    -> a reflect Pad of :data:`AUDIO_PAD` samples (fails unless sequence > AUDIO_PAD), a MatMul over the padded
+    signal's mean, the state updated -> output FP32 [batch, 1], stateN FP32 [2, batch, hidden]. ``sr`` must be
+    :data:`AUDIO_RATE`: any other rate divides by zero and the output is NaN."""
+    rng = np.random.default_rng(seed)
+    weights = [
+        numpy_helper.from_array(np.array([0, AUDIO_PAD, 0, AUDIO_PAD], np.int64), "pads"),
+        numpy_helper.from_array((rng.standard_normal((1, hidden)) * 0.5).astype(np.float32), "w_in"),
+        numpy_helper.from_array((rng.standard_normal((hidden, 1)) * 0.1).astype(np.float32), "w_out"),
+        numpy_helper.from_array(np.array(AUDIO_RATE, np.int64), "rate"),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["input", "pads"], ["padded"], mode="reflect"),
+        helper.make_node("ReduceMean", ["padded"], ["level"], axes=[-1], keepdims=1),  # [batch, 1]
+        helper.make_node("MatMul", ["level", "w_in"], ["features"]),  # [batch, hidden]
+        helper.make_node("Add", ["state", "features"], ["stateN"]),  # [2, batch, hidden]
+        helper.make_node("ReduceMean", ["stateN"], ["pooled"], axes=[-1], keepdims=0),  # [2, batch]
+        helper.make_node("Equal", ["sr", "rate"], ["known"]),
+        helper.make_node("Cast", ["known"], ["ok"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["pooled", "ok"], ["scaled"]),  # inf (then NaN) for another rate
+        helper.make_node("Sub", ["scaled", "scaled"], ["zero"]),
+        helper.make_node("MatMul", ["features", "w_out"], ["logit"]),  # [batch, 1]
+        helper.make_node("ReduceSum", ["zero"], ["offset"], keepdims=0),
+        helper.make_node("Add", ["logit", "offset"], ["output"]),
+    ]
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "sequence"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", hidden]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", hidden]),
+        ],
+        weights,
+    )
