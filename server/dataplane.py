@@ -25,6 +25,7 @@ log = logging.getLogger("optiserve.models")
 
 EXTENSIONS = [
     "binary_tensor_data",
+    "classification",
     "model_configuration",
     "model_repository",
     "model_repository(unload_dependents)",

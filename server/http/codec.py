@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from server.errors import InvalidInput, PayloadTooLarge
-from server.protocol import datatypes, tensors
+from server.protocol import classification, datatypes, tensors
 from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
 from server.protocol.numbers import parse_uint
 
@@ -131,8 +131,12 @@ def _decode_outputs(raw: Any, limits: tensors.Limits) -> list[RequestedOutput]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput(f"outputs[{index}]: must be an object with a string 'name'")
         params = item.get("parameters") or {}
-        binary = params.get("binary_data") if isinstance(params, dict) else None
-        outputs.append(RequestedOutput(item["name"], binary if isinstance(binary, bool) else None))
+        if not isinstance(params, dict):
+            raise InvalidInput(f"outputs[{index}].parameters: must be a JSON object")
+        binary = params.get("binary_data")
+        top = params.get(classification.PARAMETER)
+        k = 0 if top is None else classification.class_count(top, f"outputs[{index}].parameters.classification")
+        outputs.append(RequestedOutput(item["name"], binary if isinstance(binary, bool) else None, k))
     return outputs
 
 

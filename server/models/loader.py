@@ -35,6 +35,7 @@ from server.convert import convert_version, is_convertible
 from server.errors import LoadFailed
 from server.metrics import ServerMetrics
 from server.models.batching import Batcher, BatchPolicy
+from server.models.labels import load_labels
 from server.models.placement import (
     apply_session_spec,
     gpu_serving_available,
@@ -171,6 +172,7 @@ class VersionLoader:
         plan = apply_session_spec(source.plan, optimized.session, keep_threads=own_threads)
         plan = gpu.with_gpu_options(plan, config, self.settings, fp16=optimized.family == "fp16")
         selected = optimized.summary.selected
+        labels = load_labels(config, self.repository.model_dir(name), self.repository)  # before any session
         backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
         reused_stats = stats is not None
         if stats is None:
@@ -213,6 +215,7 @@ class VersionLoader:
             stats,
             variant=selected,
             report=_with_conversion(report, source.conversion),
+            labels=labels,
         )
 
     def _convert(self, version_dir: Path, loaded: LoadedConfig, progress: Progress) -> tuple[Path, dict[str, Any]]:

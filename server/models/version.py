@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from server.backends.base import Backend
 from server.errors import InvalidInput
 from server.models.batching import Batcher
 from server.models.stats import ModelStats
-from server.protocol import datatypes
+from server.protocol import classification, datatypes
 from server.protocol.inference import InferenceRequest, InferenceResponse, OutputTensor
 from server.protocol.validation import TensorSpec, check_requested_outputs, prepare_inputs
 from server.repository.config import ModelConfig
@@ -36,6 +38,8 @@ class ModelVersion:
     pending: PendingOptimization | None = None
     """What the background optimizer needs (a loader's PendingOptimization) while this version serves its
     original model; None once optimized, or when nothing is left to do."""
+    labels: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+    """Each output's labels from its ``label_filename`` (server/models/labels.py), for classification."""
 
     @property
     def max_batch_size(self) -> int:
@@ -46,12 +50,30 @@ class ModelVersion:
         """Validate, queue, wait, and pick the requested outputs. The data plane counts the outcome."""
         prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
         names = check_requested_outputs(request, self.outputs)
+        top = self._classifications(request)
         priority, timeout_us = scheduling_parameters(request.parameters)
         results = await self.batcher.submit(
             prepared.tensors, prepared.samples, prepared.key, priority=priority, timeout_us=timeout_us
         )
-        outputs = [OutputTensor(n, datatypes.of_array(results[n]), results[n]) for n in names]
+        outputs = [self._output(n, results[n], top.get(n, 0)) for n in names]
         return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
+
+    def _classifications(self, request: InferenceRequest) -> dict[str, int]:
+        """The outputs asked for as top-k classes (Triton's classification extension), checked before
+        anything is queued: only outputs that hold numbers can be classified."""
+        top = {o.name: o.classification for o in request.outputs if o.classification}
+        for spec in self.outputs:
+            if spec.name in top:
+                classification.check_classifiable(spec.name, spec.datatype)
+        return top
+
+    def _output(self, name: str, array: np.ndarray, k: int) -> OutputTensor:
+        """One result tensor, or its top ``k`` classes when the request asked for them."""
+        if k:
+            classification.check_classifiable(name, datatypes.of_array(array))
+            labels = self.labels.get(name, ())
+            array = classification.top_k(array, k, batched=self.max_batch_size > 0, labels=labels)
+        return OutputTensor(name, datatypes.of_array(array), array)
 
     def close(self, timeout_s: float, *, replaced: bool = False) -> None:
         """Drain the queue, then release every instance (``replaced``: a newer version now serves)."""

@@ -21,10 +21,12 @@ class InputTensor:
 
 @dataclass
 class RequestedOutput:
-    """An output the client asked for; ``binary`` is the HTTP binary-data choice (None = default)."""
+    """An output the client asked for; ``binary`` is the HTTP binary-data choice (None = default);
+    ``classification`` is the top k asked for with Triton's classification extension (0 = the tensor)."""
 
     name: str
     binary: bool | None = None
+    classification: int = 0
 
 
 @dataclass

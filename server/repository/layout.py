@@ -82,6 +82,11 @@ class Repository:
                     if resolved.is_dir():
                         pending.append(resolved)
 
+    def contained(self, path: Path, what: str = "") -> Path:
+        """The resolved path of a file a model's config names (a label file): 400 unless it lies inside a
+        model folder of the repository. Only resolves, never opens."""
+        return self._inside(path, what)
+
     def _inside(self, path: Path, what: str = "") -> Path:
         """The resolved path, which must lie inside a model folder (never the root itself, nor a hidden
         folder such as .staging)."""

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidInput, PayloadTooLarge
-from server.protocol import datatypes, tensors
+from server.protocol import classification, datatypes, tensors
 from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
 
 # Which typed ``InferTensorContents`` field carries each datatype (FP16/BF16 travel only as raw bytes).
@@ -45,9 +45,21 @@ def decode_request(message: Any, limits: tensors.Limits) -> InferenceRequest:
     if raw and len(raw) != len(message.inputs):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs")
     inputs = [_decode_input(tensor, raw[i] if raw else None, limits) for i, tensor in enumerate(message.inputs)]
-    outputs = [RequestedOutput(o.name) for o in message.outputs]
+    outputs = [_requested_output(index, output) for index, output in enumerate(message.outputs)]
     parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
     return InferenceRequest(message.model_name, message.model_version, inputs, outputs, message.id, parameters)
+
+
+def _requested_output(index: int, output: Any) -> RequestedOutput:
+    """An InferRequestedOutputTensor; ``parameters["classification"]`` (an int64_param, as tritonclient's
+    ``class_count`` sets it) asks for the top k."""
+    top = output.parameters.get(classification.PARAMETER)
+    if top is None:
+        return RequestedOutput(output.name)
+    field = f"outputs[{index}].parameters.classification"
+    if top.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"{field}: must be an int64_param")
+    return RequestedOutput(output.name, classification=classification.class_count(parameter_value(top), field))
 
 
 def _decode_input(tensor: Any, raw: bytes | None, limits: tensors.Limits) -> InputTensor:
