@@ -59,6 +59,7 @@ bench: $(VENV)/.test
 	$(PY) -m bench.run
 	$(PY) -m bench.optimize
 	$(PY) -m bench.metrics_cost
+	$(PY) -m bench.ready
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out
