@@ -4,6 +4,8 @@ which quantization needs to see every tensor's shape) and the quantization types
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,3 +33,88 @@ def quant_type(name: IntType) -> Any:
     from onnxruntime.quantization import QuantType
 
     return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
+
+
+#: Ops whose third input is a bias onnxruntime quantizes to int32 (the path that raises on some real models).
+BIASED_OPS = ("Conv", "Gemm", "ConvTranspose")
+MAX_ERROR_CHARS = 300
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    """One way to call onnxruntime's quantizer. The passes try a list of them in order, each one avoiding the
+    path that made the previous one raise: per-tensor instead of per-channel scales, no weight-scale adjustment
+    for int32 biases (``QDQDisableWeightAdjustForInt32Bias``), biases left in float (``QuantizeBias``), and last
+    the nodes with a bias left out of quantization."""
+
+    name: str
+    per_channel: bool
+    extra_options: dict[str, Any] = field(default_factory=dict)
+    exclude_biased: bool = False
+
+
+def fallback_settings(per_channel: bool, extra_options: dict[str, Any], qdq: bool) -> list[QuantSetting]:
+    """The configured setting first, then the fallbacks (``qdq``: the static QDQ quantizer's extra options)."""
+    settings = [QuantSetting("configured", per_channel, dict(extra_options))]
+    if per_channel:
+        settings.append(QuantSetting("per_tensor", False, dict(extra_options)))
+    if qdq:
+        no_adjust = {**extra_options, "QDQDisableWeightAdjustForInt32Bias": True}
+        settings.append(QuantSetting("no_int32_bias_weight_adjust", False, no_adjust))
+        settings.append(QuantSetting("float_bias", False, {**no_adjust, "QuantizeBias": False}))
+    settings.append(QuantSetting("exclude_biased_nodes", False, dict(extra_options), exclude_biased=True))
+    return settings
+
+
+def quantize_with_fallbacks(
+    settings: Sequence[QuantSetting], prepared: Path, quantize: Callable[[QuantSetting, list[str]], None]
+) -> dict[str, Any]:
+    """Call ``quantize(setting, nodes_to_exclude)`` for each setting until one returns; the report's details
+    name the setting that passed and every attempt. Raises :class:`QuantizeFailed` when all of them raise."""
+    attempts: list[dict[str, Any]] = []
+    for setting in settings:
+        excluded = name_biased_nodes(prepared) if setting.exclude_biased else []
+        try:
+            quantize(setting, excluded)
+        except Exception as exc:  # onnxruntime's quantizer raises anything (ValueError, IndexError, bare Exception)
+            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            attempts.append({"setting": setting.name, "error": error})
+            log.info(
+                "quantizer setting %s failed (%s)%s",
+                setting.name,
+                error,
+                "; trying the next" * (setting != settings[-1]),
+            )
+            continue
+        attempt: dict[str, Any] = {"setting": setting.name, "error": None}
+        if excluded:
+            attempt["excluded_nodes"] = len(excluded)
+        return {"quantizer_setting": setting.name, "quantizer_attempts": [*attempts, attempt]}
+    tried = "; ".join(f"{a['setting']}: {a['error']}" for a in attempts)
+    raise QuantizeFailed(f"onnxruntime's quantizer failed with every setting ({tried})")
+
+
+class QuantizeFailed(RuntimeError):
+    """Every quantizer setting raised."""
+
+
+def name_biased_nodes(prepared: Path) -> list[str]:
+    """Names of the nodes with a bias input in ``prepared`` (unnamed nodes get a name, written back), so
+    ``nodes_to_exclude`` can leave them in float."""
+    import onnx
+
+    model = onnx.load(str(prepared))
+    taken = {node.name for node in model.graph.node if node.name}
+    changed, names = False, []
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = next(
+                n for n in (f"{node.op_type}_{index}_{k}" for k in range(len(taken) + 1)) if n not in taken
+            )
+            taken.add(node.name)
+            changed = True
+        if node.op_type in BIASED_OPS and len(node.input) > 2 and node.input[2]:
+            names.append(node.name)
+    if changed:
+        onnx.save(model, str(prepared))
+    return names

@@ -7,7 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from optimizers.passes._quant import IntType, preprocess, quant_type
+from optimizers.passes._quant import (
+    IntType,
+    QuantSetting,
+    fallback_settings,
+    preprocess,
+    quant_type,
+    quantize_with_fallbacks,
+)
 from optimizers.passes.base import ModelPass, PassConfig, PassContext
 
 #: Below this share of weights in MatMul/Gemm the model is a conv net: static quantization fits it better.
@@ -49,13 +56,19 @@ class Int8DynamicPass(ModelPass[DynamicQuantConfig]):
 
         prepared = target.with_name(target.stem + ".pre.onnx")
         symbolic = preprocess(source, prepared)
-        quantize_dynamic(
-            str(prepared),
-            str(target),
-            weight_type=quant_type(config.weight_type),
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            op_types_to_quantize=list(config.op_types),
-        )
+
+        def quantize(setting: QuantSetting, excluded: list[str]) -> None:
+            quantize_dynamic(
+                str(prepared),
+                str(target),
+                weight_type=quant_type(config.weight_type),
+                per_channel=setting.per_channel,
+                reduce_range=config.reduce_range,
+                op_types_to_quantize=list(config.op_types),
+                nodes_to_exclude=excluded,
+                extra_options=setting.extra_options,
+            )
+
+        fallbacks = quantize_with_fallbacks(fallback_settings(config.per_channel, {}, qdq=False), prepared, quantize)
         prepared.unlink(missing_ok=True)
-        return {"reduce_range": config.reduce_range, "symbolic_shape_inference": symbolic}
+        return {"reduce_range": config.reduce_range, "symbolic_shape_inference": symbolic, **fallbacks}

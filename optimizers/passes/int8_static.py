@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from optimizers.passes._quant import IntType, preprocess, quant_type
+from optimizers.passes._quant import (
+    IntType,
+    QuantSetting,
+    fallback_settings,
+    preprocess,
+    quant_type,
+    quantize_with_fallbacks,
+)
 from optimizers.passes.base import ModelPass, PassConfig, PassContext
 from optimizers.runtime import Feed
 
@@ -59,23 +66,30 @@ class Int8StaticPass(ModelPass[StaticQuantConfig]):
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }[config.calibration]
-        quantize_static(
-            str(prepared),
-            str(target),
-            _Reader(batches),
-            quant_format=QuantFormat.QDQ,
-            activation_type=quant_type(config.activation_type),
-            weight_type=quant_type(config.weight_type),
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            calibrate_method=method,
-            extra_options={"ActivationSymmetric": config.symmetric_activations},
-        )
+        extra = {"ActivationSymmetric": config.symmetric_activations}
+
+        def quantize(setting: QuantSetting, excluded: list[str]) -> None:
+            quantize_static(
+                str(prepared),
+                str(target),
+                _Reader(batches),
+                quant_format=QuantFormat.QDQ,
+                activation_type=quant_type(config.activation_type),
+                weight_type=quant_type(config.weight_type),
+                per_channel=setting.per_channel,
+                reduce_range=config.reduce_range,
+                calibrate_method=method,
+                nodes_to_exclude=excluded,
+                extra_options=setting.extra_options,
+            )
+
+        fallbacks = quantize_with_fallbacks(fallback_settings(config.per_channel, extra, qdq=True), prepared, quantize)
         prepared.unlink(missing_ok=True)
         return {
             "calibration_batches": len(batches),
             "reduce_range": config.reduce_range,
             "symbolic_shape_inference": symbolic,
+            **fallbacks,
         }
 
 
