@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 Dim = int | str | None
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+INT_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class ModelInfo:
     weight_params: dict[str, int] = field(default_factory=dict)
     external_data: bool = False
     size_bytes: int = 0
+    int_constants_beside: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Per input: the int scalar constants a node reads together with it (directly or through a Cast), such
+    as the 16000 of a ``sr == 16000`` check: hints for the values an int scalar input takes."""
 
     @property
     def batch_dynamic(self) -> bool:
@@ -128,7 +132,28 @@ def analyze_model(model: onnx.ModelProto, size_bytes: int = 0) -> ModelInfo:
         weight_params=dict(params),
         external_data=external,
         size_bytes=size_bytes,
+        int_constants_beside=_int_constants_beside(graph, [t.name for t in inputs], initializers),
     )
+
+
+def _int_constants_beside(
+    graph: onnx.GraphProto, inputs: list[str], initializers: dict[str, onnx.TensorProto]
+) -> dict[str, tuple[int, ...]]:
+    scalars = {}
+    for name, init in initializers.items():
+        if (
+            init.data_type in INT_TYPES
+            and int(np.prod(init.dims)) == 1
+            and init.data_location != onnx.TensorProto.EXTERNAL
+        ):
+            scalars[name] = int(numpy_helper.to_array(init).reshape(-1)[0])
+    found: dict[str, tuple[int, ...]] = {}
+    for source in inputs:
+        names = {source} | {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[:1] == [source]}
+        values = [scalars[i] for n in graph.node if names & set(n.input) for i in n.input if i in scalars]
+        if values:
+            found[source] = tuple(dict.fromkeys(values))
+    return found
 
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:

@@ -58,6 +58,9 @@ class OptimizeOptions(BaseModel):
     """The config's max_batch_size (0: no batch dimension)."""
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     """The config's preferred batch sizes; the largest one is where throughput is compared."""
+    input_shapes: dict[str, list[int]] = Field(default_factory=dict)
+    """The config's ``dims`` per input (as Triton writes them: no batch dim when max_batch_size > 0, -1 for a
+    dynamic dim), or a ``model_warmup`` entry's: the first shapes generated reference inputs are tried with."""
     samples_path: Path | None = None
     """A .npz of validation inputs (keys = input names); default: ``samples.npz`` next to the model."""
     time_budget_s: float = Field(default=1.5, gt=0.0, le=60.0)

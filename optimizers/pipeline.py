@@ -22,7 +22,7 @@ from optimizers.modelinfo import analyze, sha256_file
 from optimizers.options import OptimizeOptions
 from optimizers.passes import ModelPass, default_passes
 from optimizers.providers import TARGET_PROVIDERS
-from optimizers.reference import build_reference, find_samples
+from optimizers.reference import NoRunnableInputs, SessionProbe, build_reference, find_samples
 from optimizers.report import Report, Step
 from optimizers.runtime import NO_GUARD, DeviceGuard, SessionSpec
 from optimizers.stages import OptimizationRun, Outcome
@@ -31,7 +31,7 @@ from optimizers.timing import Benchmark, OrtBenchmark
 log = logging.getLogger("optiserve.optimizers")
 
 #: Bump when a change in this package changes what a run would select: old cached results then miss.
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 Progress = Callable[[str], None]
 
 
@@ -193,7 +193,21 @@ class Pipeline:
             why = "weights in external data files are not supported yet" if info.inputs else "model has no inputs"
             return self._unchanged(model_path, report, why)
         batch_dim = options.max_batch_size > 0 and info.batch_dynamic
-        reference = build_reference(info, samples, options.reference_samples, batch_dim)
+        probe = SessionProbe(model_path)
+        try:
+            reference = build_reference(
+                info,
+                samples,
+                options.reference_samples,
+                batch_dim,
+                probe=probe,
+                config_shapes=options.input_shapes,
+            )
+        except NoRunnableInputs as exc:
+            report.reference = exc.summary()
+            return self._unchanged(model_path, report, str(exc))
+        finally:
+            probe.close()
         report.reference = reference.summary()
         run = OptimizationRun(
             cache=self.cache,

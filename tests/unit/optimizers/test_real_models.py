@@ -16,6 +16,8 @@ from optimizers.modelinfo import analyze, analyze_model, normalize
 from optimizers.passes.base import ModelPass
 from optimizers.passes.int8_dynamic import Int8DynamicPass
 from optimizers.passes.int8_static import Int8StaticPass
+from optimizers.reference import MAX_ATTEMPTS, NoRunnableInputs, build_reference
+from optimizers.runtime import Feed
 from tests.unit.optimizers import models
 from tests.unit.optimizers.conftest import FakeBenchmark, context, fake_device
 
@@ -113,3 +115,60 @@ def test_every_setting_failing_rejects_the_step_with_each_error(
     reason = steps["int8_dynamic"]["reason"]
     assert steps["int8_dynamic"]["status"] == "rejected"
     assert "every setting" in reason and "configured: ValueError" in reason and "exclude_biased_nodes" in reason
+
+
+def _report(tmp_path: Path, model: onnx.ModelProto, options: OptimizeOptions | None = None) -> dict[str, Any]:
+    path = models.save(model, tmp_path / "model")
+    pipeline = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=FakeBenchmark({"int8_static": 4.0}))
+    report: dict[str, Any] = pipeline.run(path, options or OptimizeOptions()).report
+    return report
+
+
+def _tried(report: dict[str, Any], name: str) -> dict[str, Any]:
+    step: dict[str, Any] = next(s for s in report["steps"] if s["name"] == name)
+    assert step["status"] != "skipped", step["reason"]
+    return step
+
+
+def test_a_detector_that_runs_only_at_multiples_of_32_gets_a_reference(tmp_path: Path) -> None:
+    report = _report(tmp_path, models.stride_detector())
+    reference = report["reference"]
+    assert reference["source"] == "search" and reference["count"] == 32
+    first, last = reference["attempts"][0], reference["attempts"][-1]
+    assert first["source"] == "random" and "Concat" in first["error"]
+    assert last == {"source": "search", "shapes": {"image": [1, 3, 32, 32]}, "error": None}
+    assert _tried(report, "int8_static")["status"] == "applied"
+
+
+def test_config_dims_come_first(tmp_path: Path) -> None:
+    options = OptimizeOptions(input_shapes={"image": [3, 64, -1]})
+    reference = _report(tmp_path, models.stride_detector(), options)["reference"]
+    assert reference["source"] == "config"
+    assert [a["shapes"]["image"] for a in reference["attempts"]] == [[1, 3, 64, 8], [1, 3, 64, 32]]
+
+
+def test_a_stateful_audio_model_with_a_scalar_rate_gets_a_reference(tmp_path: Path) -> None:
+    report = _report(tmp_path, models.stateful_audio(), OptimizeOptions(max_batch_size=0))
+    reference = report["reference"]
+    assert reference["source"] == "search"
+    assert "Pad" in reference["attempts"][0]["error"]
+    last = reference["attempts"][-1]
+    assert last["error"] is None and last["values"] == {"sr": models.AUDIO_RATE}
+    assert last["shapes"] == {"input": [1, 2 * models.AUDIO_PAD], "state": [2, 1, 128], "sr": []}
+    assert _tried(report, "int8_dynamic")["accuracy"]
+
+
+def test_the_search_is_bounded_and_reports_every_attempt(tmp_path: Path) -> None:
+    info = analyze(models.save(models.stride_detector(), tmp_path))
+
+    def never(feed: Feed) -> None:
+        raise RuntimeError("Concat: mismatched dimensions")
+
+    with pytest.raises(NoRunnableInputs) as failed:
+        build_reference(info, None, 8, batch_dim=True, probe=never)
+    attempts = failed.value.attempts
+    assert 1 < len(attempts) <= MAX_ATTEMPTS + 1
+    assert all("mismatched" in a["error"] for a in attempts if "shapes" in a)
+    with pytest.raises(NoRunnableInputs) as timed_out:
+        build_reference(info, None, 8, batch_dim=True, probe=never, budget_s=0.0)
+    assert "stopped" in timed_out.value.attempts[-1]["error"]
