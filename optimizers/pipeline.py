@@ -23,7 +23,7 @@ from optimizers.options import OptimizeOptions
 from optimizers.passes import ModelPass, default_passes
 from optimizers.providers import TARGET_PROVIDERS
 from optimizers.reference import NoRunnableInputs, SessionProbe, build_reference, find_samples
-from optimizers.report import Report, Step
+from optimizers.report import Report, Step, summarize
 from optimizers.runtime import NO_GUARD, DeviceGuard, SessionSpec
 from optimizers.stages import OptimizationRun, Outcome
 from optimizers.timing import Benchmark, OrtBenchmark
@@ -129,6 +129,7 @@ class Pipeline:
             notify("optimize: cache hit")
             return cached
         outcome = self._optimize(model_path, model_sha, options, samples, notify, label, version, libraries)
+        outcome.report.summary = outcome.report.summary or summarize(outcome.report)
         outcome.report.duration_s = round(time.monotonic() - started, 3)
         self._store(key, outcome)
         notify(f"optimize: done, serving {outcome.report.selected}")
@@ -160,6 +161,7 @@ class Pipeline:
         report = self._new_report(options, name or Path(model_path).stem, version)
         report.selected = "original"
         report.reference = {"source": "none", "count": 0, "note": "the optimizer has not finished yet"}
+        report.summary = "the optimizer has not finished yet: serving the original"
         return PipelineResult(Path(model_path), SessionSpec(), "fp32", report)
 
     def _result_key(
@@ -280,6 +282,7 @@ class Pipeline:
         report.steps = [Step(name=name, reason=reason) for name in names]
         report.reference = report.reference or {"source": "none", "count": 0, "note": reason}
         report.selected = "original"
+        report.summary = summarize(report, reason)
         return Outcome(model_path, None, SessionSpec(), "fp32", report)
 
     def _disabled(

@@ -41,6 +41,8 @@ class Report(BaseModel):
     target: str = "cpu"
     precision: str = "auto"
     selected: str = "original"
+    summary: str = ""
+    """One line on the outcome: what serves and why, or plainly why nothing was applied."""
     session_options: dict[str, Any] = Field(default_factory=dict)
     engine: dict[str, Any] = Field(default_factory=dict)
     """What serves the selected candidate: ``engine`` (onnxruntime, openvino, cuda, tensorrt), ``precision`` (its
@@ -51,6 +53,31 @@ class Report(BaseModel):
     reference: dict[str, Any] = Field(default_factory=dict)
     timing: dict[str, Any] = Field(default_factory=dict)
     steps: list[Step] = Field(default_factory=list)
+
+
+MAX_REASON_CHARS = 160
+QUIET_REASONS = ("not asked for",)
+"""Skips that are the user's choice, left out of a summary of why nothing was applied."""
+
+
+def summarize(report: Report, reason: str = "") -> str:
+    """The report's ``summary``: ``serving int8_static: <its reason>``; or ``nothing applied: <reason>`` when the
+    whole run was skipped for one reason; or ``nothing applied, serving the original: <each candidate: why>``."""
+    if report.selected != "original":
+        step = next((s for s in report.steps if s.name == report.selected), None)
+        return f"serving {report.selected}" + (f": {step.reason}" if step and step.reason else "")
+    if reason:
+        return f"nothing applied: {reason}"
+    why = [
+        f"{step.name} {step.status} ({_clip(step.reason)})"
+        for step in report.steps
+        if step.name != "compile" and not any(quiet in step.reason for quiet in QUIET_REASONS)
+    ]
+    return "nothing applied, serving the original: " + ("; ".join(why) or "no candidate for this model")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -80,7 +107,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"device {report['device'].get('fingerprint', '')}, target {report['target']}, precision {report['precision']}"
         + (", cache hit" if report["cache_hit"] else ""),
         f"reference: {reference.get('source', '')}, {reference.get('count', 0)} inputs"
-        + (" (random inputs: a weak check)" if reference.get("source") == "random" else ""),
+        + (" (random inputs: a weak check)" if reference.get("source") in ("random", "config", "search") else ""),
+        *([f"summary: {report['summary']}"] if report.get("summary") else []),
     ]
     return "\n".join([*summary, "", *lines])
 

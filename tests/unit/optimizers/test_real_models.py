@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from optimizers import OptimizeOptions, Pipeline
 from optimizers.modelinfo import analyze, analyze_model, normalize
@@ -18,6 +20,7 @@ from optimizers.passes.int8_dynamic import Int8DynamicPass
 from optimizers.passes.int8_static import Int8StaticPass
 from optimizers.reference import MAX_ATTEMPTS, NoRunnableInputs, build_reference
 from optimizers.runtime import Feed
+from tests.models.fixtures import _model
 from tests.unit.optimizers import models
 from tests.unit.optimizers.conftest import FakeBenchmark, context, fake_device
 
@@ -172,3 +175,29 @@ def test_the_search_is_bounded_and_reports_every_attempt(tmp_path: Path) -> None
     with pytest.raises(NoRunnableInputs) as timed_out:
         build_reference(info, None, 8, batch_dim=True, probe=never, budget_s=0.0)
     assert "stopped" in timed_out.value.attempts[-1]["error"]
+
+
+def _never_runs() -> onnx.ModelProto:
+    """x FP32 [batch, n] reshaped to rows of 13: no searched size is a multiple of 13."""
+    shape = numpy_helper.from_array(np.array([-1, 13], np.int64), "rows")
+    return _model(
+        [helper.make_node("Reshape", ["x", "rows"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 13])],
+        [shape],
+    )
+
+
+def test_the_summary_says_why_nothing_was_applied(tmp_path: Path) -> None:
+    skipped = _report(tmp_path / "never", _never_runs())
+    assert skipped["selected"] == "original"
+    assert skipped["summary"].startswith("nothing applied: no generated input ran on the model")
+    assert skipped["reference"]["source"] == "none" and len(skipped["reference"]["attempts"]) > 1
+    assert all(step["status"] == "skipped" for step in skipped["steps"])
+    pipeline = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=FakeBenchmark())
+    digits = models.save(models.trained_digits().model, tmp_path / "digits")
+    equal = pipeline.run(digits, OptimizeOptions()).report
+    assert equal["summary"].startswith("nothing applied, serving the original: graph_opt rejected (passed the guard;")
+    assert "int8_dynamic rejected" in equal["summary"] and "prune" not in equal["summary"]
+    served = _report(tmp_path / "detector", models.stride_detector())
+    assert served["summary"].startswith("serving int8_static: fastest")
