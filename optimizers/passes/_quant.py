@@ -3,8 +3,10 @@ which quantization needs to see every tensor's shape) and the quantization types
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,13 +21,55 @@ def preprocess(source: Path, target: Path) -> bool:
     on exotic graphs, and the ONNX shape inference alone is then the best there is)."""
     from onnxruntime.quantization import quant_pre_process
 
-    try:
-        quant_pre_process(str(source), str(target))
-        return True
-    except Exception as exc:  # onnxruntime raises bare Exceptions from its shape inference
-        log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
+    if (Path.cwd() / SYMBOLIC_DEBRIS).exists():  # a failure would overwrite it: never touch a file we did not write
+        log.warning("%s exists in the working folder; skipping symbolic shape inference", SYMBOLIC_DEBRIS)
+    else:
+        try:
+            with _SYMBOLIC_LOCK, _no_debris_in_cwd():
+                quant_pre_process(str(source), str(target))
+            return True
+        except Exception as exc:  # onnxruntime raises bare Exceptions from its shape inference
+            log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
     quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
     return False
+
+
+#: onnxruntime's symbolic shape inference, when it cannot finish, saves the partial model as this file (plus
+#: external data) in the *current folder* of the process before raising: a server's working folder.
+SYMBOLIC_DEBRIS = "sym_shape_infer_temp.onnx"
+_SYMBOLIC_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_debris_in_cwd() -> Iterator[None]:
+    """Remove what a failed symbolic shape inference left in the current folder (only files that were not there
+    before). Callers hold _SYMBOLIC_LOCK so two runs never share the file."""
+    debris = Path.cwd() / SYMBOLIC_DEBRIS
+    before = {p.name for p in Path.cwd().iterdir()}
+    try:
+        yield
+    finally:
+        if SYMBOLIC_DEBRIS not in before and debris.exists():
+            for name in _external_files(debris):
+                if name not in before:
+                    (Path.cwd() / name).unlink(missing_ok=True)
+            debris.unlink(missing_ok=True)
+
+
+def _external_files(model_path: Path) -> list[str]:
+    """The plain file names the saved model's tensors point to (onnx names them itself, next to the model)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # a half-written file: nothing more to find
+        return []
+    names = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == Path(entry.value).name:
+                names.add(entry.value)
+    return sorted(names)
 
 
 def quant_type(name: IntType) -> Any:

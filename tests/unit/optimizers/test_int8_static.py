@@ -6,6 +6,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+import pytest
 
 from optimizers import OptimizeOptions
 from optimizers.accuracy import cosine
@@ -65,3 +66,21 @@ def _input_scale(path: Path) -> float:
     first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "image")
     init = {i.name: i for i in model.graph.initializer}[first_q.input[1]]
     return float(onnx.numpy_helper.to_array(init))
+
+
+def test_a_failed_symbolic_shape_inference_leaves_nothing_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime saves its partial model as sym_shape_infer_temp.onnx in the cwd (a server's folder) before
+    raising; the stride detector's shapes cannot be inferred symbolically, so it takes that path."""
+    from optimizers.passes._quant import SYMBOLIC_DEBRIS, preprocess
+
+    source = models.save(models.stride_detector(), tmp_path / "m")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    assert preprocess(source, tmp_path / "pre.onnx") is False  # symbolic inference failed, the fallback ran
+    assert list(workdir.iterdir()) == []
+    (workdir / SYMBOLIC_DEBRIS).write_bytes(b"a user's own file")  # one that was there before is kept
+    preprocess(source, tmp_path / "pre2.onnx")
+    assert (workdir / SYMBOLIC_DEBRIS).read_bytes() == b"a user's own file"
