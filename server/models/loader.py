@@ -243,6 +243,7 @@ class VersionLoader:
                 target=_target(plan),
                 max_batch_size=int(config.max_batch_size),
                 preferred_batch_sizes=[int(s) for s in config.dynamic_batching.preferred_batch_size],
+                input_shapes=_config_shapes(config, explicit_inputs="input" in loaded.explicit),
             )
         except OptionsError as exc:
             raise LoadFailed(f"model {name!r}: {exc}") from None
@@ -321,3 +322,16 @@ def _make_backends(label: str, model_path: Path, plan: list[SessionConfig]) -> l
             backend.unload()
         raise
     return backends
+
+
+def _config_shapes(config: ModelConfig, *, explicit_inputs: bool) -> dict[str, list[int]]:
+    """The shapes the user gave per input, for the optimizer's first reference guess: a ``model_warmup``
+    entry's dims (a shape the user says runs), else the config's own ``dims``. Dims that auto-completion copied
+    from the graph add nothing (and would only change the cache key), so they are left out."""
+    shapes = {tensor.name: [int(d) for d in tensor.dims] for tensor in config.input} if explicit_inputs else {}
+    known = {tensor.name for tensor in config.input}
+    for warmup in config.model_warmup:
+        for name, data in warmup.inputs.items():
+            if name in known and data.dims:
+                shapes[name] = [int(d) for d in data.dims]
+    return shapes
