@@ -21,6 +21,7 @@ from server.http.protocol import bounded_headers_protocol
 from server.logs import configure_logging
 from server.metrics import ServerMetrics
 from server.models.manager import ModelManager
+from server.models.response_cache import ResponseCache
 from server.protocol import tensors
 from server.repository.layout import Repository
 from server.rpc.service import create_grpc_server
@@ -44,7 +45,8 @@ class OptiServe:
         self.settings = settings
         self.repository = Repository(settings.model_repository)
         self.metrics = ServerMetrics(enabled=settings.metrics)
-        self.models = ModelManager(self.repository, settings, self.metrics)
+        self.response_cache = ResponseCache(settings.response_cache_bytes)
+        self.models = ModelManager(self.repository, settings, self.metrics, self.response_cache)
         self.metrics.add_state_collector(self.models.metric_families)
         self.dataplane = DataPlane(self.models)
         # Both edges decode under the same limits and ask the same access policy.

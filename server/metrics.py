@@ -101,6 +101,18 @@ class ServerMetrics:
             ("model",),
             registry=reg,
         )
+        self.response_cache_hits = Counter(
+            "optiserve_response_cache_hits",
+            "Requests answered from the response cache (no queue, no execution).",
+            labels,
+            registry=reg,
+        )
+        self.response_cache_misses = Counter(
+            "optiserve_response_cache_misses",
+            "Requests of a response-cached model that the cache could not answer.",
+            labels,
+            registry=reg,
+        )
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
 
@@ -129,6 +141,8 @@ class ServerMetrics:
             compute_infer=self.compute_infer.labels(*ids),
             compute_output=self.compute_output.labels(*ids),
             batch_size=self.batch_size.labels(*ids),
+            cache_hits=self.response_cache_hits.labels(*ids),
+            cache_misses=self.response_cache_misses.labels(*ids),
         )
 
     def for_unrouted(self) -> RequestCounters | None:
@@ -174,6 +188,12 @@ class VersionMetrics:
     compute_infer: Any
     compute_output: Any
     batch_size: Any
+    cache_hits: Any
+    cache_misses: Any
+
+    def observe_cache(self, hit: bool) -> None:
+        """One response cache lookup of this version."""
+        (self.cache_hits if hit else self.cache_misses).inc()
 
     def observe_request(self, reason: str | None, duration_ns: int) -> None:
         """One request ended: ``reason`` None is a success. Every request counts in ``requests``."""

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(10 * 1024 * MIB, gt=0)
     """Size cap of the optimization cache; least recently used artifacts are evicted beyond it."""
 
+    response_cache_bytes: int = Field(0, ge=0)
+    """Size of the response cache shared by every model whose config sets response_cache { enable: true }
+    (Triton's --cache-config local,size=N): identical requests are answered from memory, skipping the queue and
+    the model; least recently used responses go first. 0: off."""
+
     exit_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT, how long in-flight and queued requests may take to finish before exit."""
 

@@ -43,6 +43,7 @@ from server.models.placement import (
     instance_report,
     thread_parameter,
 )
+from server.models.response_cache import ResponseCache
 from server.models.stats import ModelStats
 from server.models.version import ModelVersion
 from server.models.warmup import warm_up
@@ -82,10 +83,17 @@ def phase_fields(phase: str, step: str = "") -> dict[str, str]:
 class VersionLoader:
     """Turns a version folder into a ready :class:`ModelVersion`."""
 
-    def __init__(self, repository: Repository, settings: Settings, metrics: ServerMetrics | None) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        settings: Settings,
+        metrics: ServerMetrics | None,
+        response_cache: ResponseCache | None = None,
+    ) -> None:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
+        self.response_cache = response_cache
         self._pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
 
@@ -216,7 +224,14 @@ class VersionLoader:
             variant=selected,
             report=_with_conversion(report, source.conversion),
             labels=labels,
+            response_cache=self._response_cache(name, config),
         )
+
+    def _response_cache(self, name: str, config: ModelConfig) -> ResponseCache | None:
+        """The server's response cache for a version whose config sets ``response_cache { enable: true }``."""
+        if self.response_cache is None:
+            return None
+        return self.response_cache.for_model(name, bool(config.response_cache.enable))
 
     def _convert(self, version_dir: Path, loaded: LoadedConfig, progress: Progress) -> tuple[Path, dict[str, Any]]:
         """A framework model (torch.export, SavedModel, XGBoost, LightGBM) becomes guarded ONNX, cached next

@@ -17,6 +17,7 @@ from optimizers.runtime import SessionSpec
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.metrics import Metric, ServerMetrics, state_families
 from server.models.loader import PendingOptimization, VersionLoader, phase_fields, phase_of
+from server.models.response_cache import ResponseCache
 from server.models.threads import in_daemon_thread, lower_thread_priority
 from server.models.version import ModelVersion
 from server.protocol.numbers import parse_uint
@@ -68,11 +69,19 @@ class ModelEntry:
 class ModelManager:
     """Loads models from the repository, serves them, and swaps versions atomically."""
 
-    def __init__(self, repository: Repository, settings: Settings, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        settings: Settings,
+        metrics: ServerMetrics | None = None,
+        response_cache: ResponseCache | None = None,
+    ) -> None:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
-        self.loader = VersionLoader(repository, settings, metrics)
+        # One response cache for every version of every model (the composition root passes it in).
+        self.response_cache = response_cache or ResponseCache(settings.response_cache_bytes)
+        self.loader = VersionLoader(repository, settings, metrics, self.response_cache)
         self._entries: dict[str, ModelEntry] = {}
         self._draining = False
         self._startup_done = False

@@ -53,6 +53,8 @@ class ModelStats:
         self.compute_input = Duration()
         self.compute_infer = Duration()
         self.compute_output = Duration()
+        self.cache_hit = Duration()
+        self.cache_miss = Duration()
         self.inference_count = 0
         self.execution_count = 0
         self.last_inference_ms = 0
@@ -93,6 +95,15 @@ class ModelStats:
         if self.metrics is not None:
             self.metrics.observe_request(None if ok else reason, duration_ns)
 
+    def record_cache(self, hit: bool, ns: int) -> None:
+        """One response cache lookup: a hit (``ns``: the lookup) or a miss (``ns``: the lookup and the insert
+        after the backend answered), Triton's ``cache_hit``/``cache_miss``. A hit runs nothing, so, as in
+        Triton, it counts in neither ``inference_count`` nor ``execution_count``."""
+        with self._lock:
+            (self.cache_hit if hit else self.cache_miss).add(ns)
+        if self.metrics is not None:
+            self.metrics.observe_cache(hit)
+
     def to_json(self, name: str, version: str) -> dict[str, Any]:
         """Triton's ``ModelStatistics`` JSON."""
         with self._lock:
@@ -110,8 +121,8 @@ class ModelStats:
                     "compute_input": self.compute_input.to_json(),
                     "compute_infer": self.compute_infer.to_json(),
                     "compute_output": self.compute_output.to_json(),
-                    "cache_hit": Duration().to_json(),
-                    "cache_miss": Duration().to_json(),
+                    "cache_hit": self.cache_hit.to_json(),
+                    "cache_miss": self.cache_miss.to_json(),
                 },
                 "batch_stats": [
                     {

@@ -3,6 +3,7 @@ optimizer's report."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ import numpy as np
 from server.backends.base import Backend
 from server.errors import InvalidInput
 from server.models.batching import Batcher
+from server.models.response_cache import ResponseCache, next_generation
 from server.models.stats import ModelStats
 from server.protocol import classification, datatypes
 from server.protocol.inference import InferenceRequest, InferenceResponse, OutputTensor
@@ -40,6 +42,10 @@ class ModelVersion:
     original model; None once optimized, or when nothing is left to do."""
     labels: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     """Each output's labels from its ``label_filename`` (server/models/labels.py), for classification."""
+    response_cache: ResponseCache | None = None
+    """The server's response cache when this model's config enables it and the server gave it room."""
+    generation: int = field(default_factory=next_generation)
+    """This object's identity in the response cache: a rebuilt or reloaded version never shares entries."""
 
     @property
     def max_batch_size(self) -> int:
@@ -52,10 +58,24 @@ class ModelVersion:
         names = check_requested_outputs(request, self.outputs)
         top = self._classifications(request)
         priority, timeout_us = scheduling_parameters(request.parameters)
+        cache = self.response_cache
+        if cache is not None:
+            started = time.perf_counter_ns()
+            key = cache.key(self.generation, self.name, self.version, request.inputs, request.outputs, names)
+            cached = cache.get(key)
+            if cached is not None:  # a hit: no queue, no execution
+                self.stats.record_cache(True, time.perf_counter_ns() - started)
+                hit = [OutputTensor(o.name, datatypes.BY_NAME[o.datatype], o.array) for o in cached]
+                return InferenceResponse(self.name, str(self.version), hit, id=request.id)
+            lookup_ns = time.perf_counter_ns() - started
         results = await self.batcher.submit(
             prepared.tensors, prepared.samples, prepared.key, priority=priority, timeout_us=timeout_us
         )
         outputs = [self._output(n, results[n], top.get(n, 0)) for n in names]
+        if cache is not None:
+            started = time.perf_counter_ns()
+            cache.put(self.generation, key, ((o.name, o.datatype.name, o.array) for o in outputs))
+            self.stats.record_cache(False, lookup_ns + time.perf_counter_ns() - started)
         return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
 
     def _classifications(self, request: InferenceRequest) -> dict[str, int]:
@@ -80,6 +100,8 @@ class ModelVersion:
         self.batcher.close(timeout_s, replaced=replaced)
         for backend in self.backends:
             backend.unload()
+        if self.response_cache is not None:
+            self.response_cache.drop(self.generation)
 
 
 def scheduling_parameters(parameters: dict[str, Any]) -> tuple[int, int | None]:
