@@ -80,7 +80,9 @@ class ModelManager:
         self.settings = settings
         self.metrics = metrics
         # One response cache for every version of every model (the composition root passes it in).
-        self.response_cache = response_cache or ResponseCache(settings.response_cache_bytes)
+        self.response_cache = (
+            response_cache if response_cache is not None else ResponseCache(settings.response_cache_bytes)
+        )
         self.loader = VersionLoader(repository, settings, metrics, self.response_cache)
         self._entries: dict[str, ModelEntry] = {}
         self._draining = False

@@ -77,7 +77,9 @@ class ResponseCache:
         with self._lock:
             return self._bytes
 
-    def __len__(self) -> int:
+    @property
+    def entries(self) -> int:
+        """Responses held now."""
         with self._lock:
             return len(self._entries)
 
