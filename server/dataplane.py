@@ -52,6 +52,13 @@ class UploadSink(Protocol):
     def open_model_file(self, filename: str) -> UploadFile:
         """The model file; ``filename`` is the client's name for it, only checked, never used as a path."""
 
+    def open_extra_file(self, path: str) -> UploadFile:
+        """A model-level file at ``path`` in the model folder (``labels.txt``, ``warmup/<name>``), checked
+        like the load API's ``file:`` keys."""
+
+    def open_samples_file(self) -> UploadFile:
+        """The new version's ``samples.npz`` (the optimizer's validation samples)."""
+
     def request_version(self, text: str) -> None:
         """The version asked for, as sent."""
 
@@ -161,8 +168,9 @@ class DataPlane:
         self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
     ) -> None:
         """Load (or reload) a model from the repository, optionally with a config given inline. With
-        ``files`` (Triton's ``file:<version>/<name>`` parameters) they are uploaded first, as a new version,
-        and the config sent along becomes the model's config; returns once loaded (400 if it failed)."""
+        ``files`` (Triton's ``file:<version>/<name>``, ``file:<name>`` and ``file:warmup/<name>`` parameters)
+        they are uploaded first, as a new version, and the config sent along becomes the model's config;
+        returns once loaded (400 if it failed)."""
         check_model_name(name)
         if files:
             result = await self._stage_and_load(name, files_receiver(files, config_json), wait=True)

@@ -1,6 +1,8 @@
-"""The curl upload body: ``multipart/form-data`` with a file field ``model`` and optional ``config`` (JSON)
-and ``version`` fields, parsed as it streams in and handed, part by part, to the upload sink the data plane
-gives (:class:`server.dataplane.UploadSink`), which writes it straight into the upload's staging folder (never
+"""The curl upload body: ``multipart/form-data`` with a file field ``model``, optional ``config`` (JSON)
+and ``version`` fields, an optional file field ``samples`` (the version's samples.npz) and any number of
+file fields ``file`` whose filename is the model-level path (``labels.txt``, ``warmup/<name>``), parsed as
+it streams in and handed, part by part, to the upload sink the data plane gives
+(:class:`server.dataplane.UploadSink`), which writes it straight into the upload's staging folder (never
 held whole in memory, never spooled to /tmp). File bytes are counted against the upload cap as they arrive;
 other fields are capped at the request body limit. This edge knows the form, not the repository."""
 
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 FILE_FIELD = "model"
+SAMPLES_FIELD = "samples"
+EXTRA_FIELD = "file"  # repeated; the part's filename is the path in the model folder
+FILE_FIELDS = (FILE_FIELD, SAMPLES_FIELD, EXTRA_FIELD)
 TEXT_FIELDS = ("config", "version")
 FLUSH_BYTES = 1 << 20  # file data is handed to a worker thread in pieces of about this size
 
@@ -30,7 +35,8 @@ def multipart_boundary(content_type: str) -> bytes:
     if media_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise UnsupportedMediaType(
             f"Content-Type {content_type or '(none)'!r}: send multipart/form-data "
-            "(curl -F model=@model.onnx [-F config=<config.json] [-F version=N])"
+            "(curl -F model=@model.onnx [-F config=<config.json] [-F version=N] [-F samples=@samples.npz] "
+            "[-F 'file=@labels.txt;filename=labels.txt'])"
         )
     return options[b"boundary"]
 
@@ -63,12 +69,12 @@ class _Form:
         self.headers: dict[bytes, bytes] = {}
         self._header = [b"", b""]
         self.part = ""
-        self.file: UploadFile | None = None
-        self.pending: list[bytes] = []
+        self.file: UploadFile | None = None  # the file part being received
+        self.pending: list[tuple[UploadFile, bytes, bool]] = []  # (file, data, close), in order
         self.pending_size = 0
-        self.closing = False
+        self.closing = False  # a file part ended: drain now
         self.fields: dict[str, bytearray] = {}
-        self.model_done = False
+        self.done: set[str] = set()  # file fields given (model, samples) or paths (file)
         self.ended = False
 
     def callbacks(self) -> MultipartCallbacks:
@@ -97,21 +103,35 @@ class _Form:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name in self.fields or (name == FILE_FIELD and (self.file is not None or self.model_done)):
+        filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        once = name in (FILE_FIELD, SAMPLES_FIELD)
+        if name in self.fields or (once and name in self.done):
             raise InvalidInput(f"form field {name!r} is given twice")
         if name == FILE_FIELD:
-            filename = options.get(b"filename", b"").decode("utf-8", "replace")
             self.file = self.sink.open_model_file(filename)
+        elif name == SAMPLES_FIELD:
+            self.file = self.sink.open_samples_file()
+        elif name == EXTRA_FIELD:
+            if not filename:
+                raise InvalidInput(
+                    f"form field {EXTRA_FIELD!r} needs a filename, the path in the model folder "
+                    f"(curl -F 'file=@local.txt;filename=labels.txt')"
+                )
+            self.file = self.sink.open_extra_file(filename)
         elif name in TEXT_FIELDS:
             self.fields[name] = bytearray()
         else:
-            raise InvalidInput(f"form field {name!r} is not known; send {FILE_FIELD!r} and optionally {TEXT_FIELDS}")
+            raise InvalidInput(
+                f"form field {name!r} is not known; send {FILE_FIELD!r} and optionally {TEXT_FIELDS}, "
+                f"{SAMPLES_FIELD!r} and {EXTRA_FIELD!r} files"
+            )
         self.part = name
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.part == FILE_FIELD:
+        if self.part in FILE_FIELDS:
+            assert self.file is not None
             self.sink.count(end - start)
-            self.pending.append(data[start:end])
+            self.pending.append((self.file, data[start:end], False))
             self.pending_size += end - start
             return
         value = self.fields[self.part]
@@ -120,28 +140,27 @@ class _Form:
             raise PayloadTooLarge(f"form field {self.part!r} exceeds {self.max_field_bytes} bytes")
 
     def _part_end(self) -> None:
-        if self.part == FILE_FIELD:
-            self.closing = True
+        if self.part in FILE_FIELDS and self.file is not None:
+            self.pending.append((self.file, b"", True))
+            self.file, self.closing = None, True
+            self.done.add(self.part)
 
     def _end(self) -> None:
         self.ended = True
 
     async def drain(self) -> None:
-        """Write queued file data (in a thread) once enough has piled up or the file part ended."""
-        if self.file is None or not (self.closing or self.pending_size >= FLUSH_BYTES):
+        """Write queued file data (in a thread) once enough has piled up or a file part ended."""
+        if not self.pending or not (self.closing or self.pending_size >= FLUSH_BYTES):
             return
-        data, self.pending, self.pending_size = b"".join(self.pending), [], 0
-        file, close = self.file, self.closing
-        await asyncio.to_thread(_write, file, data, close)
-        if close:
-            self.file, self.closing, self.model_done = None, False, True
+        queued, self.pending, self.pending_size, self.closing = self.pending, [], 0, False
+        await asyncio.to_thread(_write, queued)
 
     async def finish(self) -> None:
         """After the body: everything required arrived, the text fields go to the sink."""
         await self.drain()
         if not self.ended:
             raise InvalidInput("multipart body ended before its closing boundary")
-        if not self.model_done:
+        if FILE_FIELD not in self.done:
             raise InvalidInput(f"form field {FILE_FIELD!r} (the ONNX file) is missing")
         if "version" in self.fields:
             self.sink.request_version(_text(self.fields["version"], "version"))
@@ -149,10 +168,17 @@ class _Form:
             await asyncio.to_thread(self.sink.set_config, _text(self.fields["config"], "config"))
 
 
-def _write(file: UploadFile, data: bytes, close: bool) -> None:
-    file.write(data)
-    if close:
-        file.close()
+def _write(queued: list[tuple[UploadFile, bytes, bool]]) -> None:
+    """Write runs of data to their files in order, joined per file; close the files whose part ended."""
+    run: list[bytes] = []
+    for index, (file, data, close) in enumerate(queued):
+        run.append(data)
+        following = queued[index + 1][0] if index + 1 < len(queued) else None
+        if close or following is not file:
+            file.write(b"".join(run))
+            run = []
+        if close:
+            file.close()
 
 
 def _text(value: bytearray, name: str) -> str:

@@ -10,6 +10,8 @@ Layout of one upload::
 
     .staging/<id>/incoming/<folder>/<file>   as received; folder = the version in the file key, 0 = "next"
     .staging/<id>/incoming/config.json       the config sent with the files, if any
+    .staging/<id>/shared/<file>              model-level files: labels (``label_filename``) and
+    .staging/<id>/shared/warmup/<file>       warmup data (``input_data_file``), published beside the config
     .staging/<id>/model/<version>/<file>     renumbered at publish, under the model's lock
     .staging/<id>/COMMITTED                  {"model": name, "versions": [...], "config": true|false}
 """
@@ -23,10 +25,13 @@ import os
 import re
 import shutil
 import uuid
+import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from server.convert.staging import ACCEPTED, adopt_sources, check_sources
 from server.errors import InternalError, InvalidInput, PayloadTooLarge
@@ -59,20 +64,44 @@ NEXT_VERSION = 0
 UPLOADED_CONFIG = "config.json"
 MAX_VERSION = 2**63 - 1
 FILE_KEY = re.compile(r"^([1-9][0-9]{0,18})/([^/]+|saved_model(?:/[^/]+){1,8})$")
+SHARED = "shared"
+WARMUP_FOLDER = "warmup"
+SAMPLES_FILE = "samples.npz"
+MAX_SAMPLES_BYTES = 1 << 30  # unpacked, as the optimizer's own cap (optimizers/reference.py)
+SHARED_KEY = re.compile(r"^(?:warmup/)?[^/]+$")
 
 Receiver = Callable[["StagedUpload"], Awaitable[None]]
 
 
-def parse_file_key(key: str) -> tuple[int, str]:
-    """``<positive version>/<plain file name>`` (Triton's ``file:`` parameters without the prefix), or
-    ``<version>/saved_model/<plain names>`` for the files of a TensorFlow SavedModel."""
+def parse_file_key(key: str) -> tuple[int | None, str]:
+    """Triton's ``file:`` parameters without the prefix, paths relative to the model folder:
+    ``<positive version>/<plain file name>`` or ``<version>/saved_model/<plain names>`` (folder = the
+    version), or a model-level file (folder ``None``): ``<plain name>`` (a label file) or
+    ``warmup/<plain name>`` (warmup data)."""
     match = FILE_KEY.fullmatch(key)
-    if match is None or int(match.group(1)) > MAX_VERSION:
+    if match is not None:
+        if int(match.group(1)) > MAX_VERSION:
+            raise InvalidInput(f"file key {key!r}: the version number is too large")
+        return int(match.group(1)), check_file_path(match.group(2), f"file key {key!r}: file name")
+    if SHARED_KEY.fullmatch(key) is None:
         raise InvalidInput(
-            f"file key {key!r} must be <version>/<file name> (or <version>/saved_model/<path>) "
-            "with a positive version number"
+            f"file key {key!r} must be <version>/<file name> (or <version>/saved_model/<path>) with a positive "
+            "version number, or a model-level <file name> (a label file) or warmup/<file name>"
         )
-    return int(match.group(1)), check_file_path(match.group(2), f"file key {key!r}: file name")
+    return None, check_shared_path(key, f"file key {key!r}")
+
+
+def check_shared_path(path: str, what: str) -> str:
+    """A model-level file: a plain name that is neither a version number nor a config file, or
+    ``warmup/<plain name>``."""
+    name = path.removeprefix(f"{WARMUP_FOLDER}/")
+    check_file_name(name, f"{what}: file name")
+    if name == path and (name in CONFIG_FILES or name == WARMUP_FOLDER or re.fullmatch(r"[0-9]+", name)):
+        raise InvalidInput(
+            f"{what}: {name!r} cannot be a model-level file (the config goes in the config parameter; "
+            "a number names a version folder)"
+        )
+    return path
 
 
 def check_file_path(name: str, what: str) -> str:
@@ -168,6 +197,7 @@ class StagedUpload:
         self.dir = new_staging_dir(self.root)
         self.incoming = self.dir / "incoming"
         self.incoming.mkdir()
+        self.shared = self.dir / SHARED
 
     # ---- receiving ------------------------------------------------------------------------------
     def count(self, size: int) -> None:
@@ -188,6 +218,25 @@ class StagedUpload:
         self._open.append(staged)
         return staged
 
+    def open_shared(self, path: str) -> StagedFile:
+        """A new model-level file: ``<name>`` (labels) or ``warmup/<name>``; the same path twice is refused."""
+        target = self.shared / check_shared_path(path, "model-level file")
+        if target.exists():
+            raise InvalidInput(f"file {path} is given twice")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = StagedFile(target)
+        self._open.append(staged)
+        return staged
+
+    def open_extra_file(self, path: str) -> StagedFile:
+        """The curl upload's ``file`` field: its filename is the model-level path (``labels.txt``,
+        ``warmup/x.bin``)."""
+        return self.open_shared(path)
+
+    def open_samples_file(self) -> StagedFile:
+        """The curl upload's ``samples`` field: the new version's ``samples.npz``."""
+        return self.open(NEXT_VERSION, SAMPLES_FILE)
+
     def open_model_file(self, filename: str) -> StagedFile:
         """The curl upload's model file, staged as the next version's ``model.onnx`` whatever the client called
         it. Its name is only checked: a pickle-based format by its name is refused (415) before a byte lands."""
@@ -202,7 +251,7 @@ class StagedUpload:
         """Write one whole file given by a Triton file key (blocking: call it in a thread)."""
         folder, name = parse_file_key(key)
         self.count(len(data))
-        staged = self.open(folder, name)
+        staged = self.open_shared(name) if folder is None else self.open(folder, name)
         staged.write(data)
         staged.close()
 
@@ -230,6 +279,35 @@ class StagedUpload:
             if folder == NEXT_VERSION and filename != DEFAULT_MODEL_FILENAME and placeholder.is_file():
                 placeholder.rename(folder_dir / filename)
             self._validate_version(folder_dir, filename, loaded, default_max_batch_size)
+        self._validate_shared(loaded.config)
+
+    def _validate_shared(self, config: ModelConfig) -> None:
+        """Every uploaded model-level file is one the config refers to, and every file the config refers
+        to is uploaded or already in the model folder (400 naming the field otherwise)."""
+        wanted: dict[str, str] = {}
+        for index, output in enumerate(config.output):
+            if output.label_filename:
+                wanted.setdefault(output.label_filename, f"output[{index}].label_filename")
+        for index, warmup in enumerate(config.model_warmup):
+            for key, value in warmup.inputs.items():
+                if value.input_data_file:
+                    where = f"model_warmup[{index}].inputs[{key!r}].input_data_file"
+                    wanted.setdefault(f"{WARMUP_FOLDER}/{value.input_data_file}", where)
+        uploaded = (
+            {p.relative_to(self.shared).as_posix() for p in self.shared.rglob("*") if p.is_file()}
+            if self.shared.is_dir()
+            else set()
+        )
+        unused = sorted(uploaded - set(wanted))
+        if unused:
+            raise InvalidInput(
+                f"model-level files {unused} are not referred to by the config (output label_filename, "
+                f"model_warmup input_data_file); validation samples go in a version folder as {SAMPLES_FILE}"
+            )
+        model_dir = self.root / self.model_name
+        for path, where in wanted.items():
+            if path not in uploaded and not (model_dir / path).is_file():
+                raise InvalidInput(f"{where}: {path} is neither uploaded nor in the model folder")
 
     def _config(self) -> LoadedConfig:
         """The config sent with the upload, else the model's current one, else an empty one."""
@@ -256,7 +334,9 @@ class StagedUpload:
         sniff_format(model_path, label)
         graph = load_graph(model_path, label)
         used = check_external_data(graph, folder_dir, label)
-        unused = sorted({p.name for p in folder_dir.iterdir()} - used - {filename})
+        if (folder_dir / SAMPLES_FILE).is_file():
+            check_samples(folder_dir / SAMPLES_FILE, f"{label}: {SAMPLES_FILE}")
+        unused = sorted({p.name for p in folder_dir.iterdir()} - used - {filename, SAMPLES_FILE})
         if unused:
             raise InvalidInput(f"{label}: files {unused} are neither the model nor external data it uses")
         check_graph(model_path, label)
@@ -294,6 +374,11 @@ class StagedUpload:
         has_config = (self.incoming / UPLOADED_CONFIG).is_file()
         if has_config:
             os.rename(self.incoming / UPLOADED_CONFIG, staged_model / UPLOADED_CONFIG)
+        if self.shared.is_dir():
+            for child in sorted(self.shared.iterdir()):
+                os.rename(child, staged_model / child.name)
+                if child.name == WARMUP_FOLDER:
+                    fsync_dir(staged_model / child.name)
         fsync_dir(staged_model)
         marker = {"model": self.model_name, "versions": sorted(mapping.values()), "config": has_config}
         write_durably(self.dir / MARKER, json.dumps(marker).encode())
@@ -379,14 +464,40 @@ def apply_committed(txn: Path, root: Path) -> None:
 
 
 def _move_children(staged: Path, target: Path) -> None:
+    """Versions are added (never overwritten); config.json and model-level files replace the ones there,
+    and the ``warmup/`` folder is merged file by file."""
     for child in sorted(staged.iterdir()):
         destination = target / child.name
-        if child.name == UPLOADED_CONFIG:
-            os.replace(child, destination)
+        if child.name == WARMUP_FOLDER and child.is_dir() and destination.is_dir() and not destination.is_symlink():
+            _move_children_replacing(child, destination)
+            fsync_dir(destination)
+        elif child.is_file() and not destination.is_dir():
+            os.replace(child, destination)  # config.json or a label file
         elif destination.exists():
             log.warning("not publishing %s: %s already exists", child.name, destination)
         else:
             os.rename(child, destination)
+
+
+def _move_children_replacing(staged: Path, target: Path) -> None:
+    for child in sorted(staged.iterdir()):
+        if not (target / child.name).is_dir():
+            os.replace(child, target / child.name)
+
+
+def check_samples(path: Path, label: str) -> None:
+    """``samples.npz``: a zip of plain NumPy arrays (no pickled objects: loaded with allow_pickle=False),
+    under the optimizer's size cap unpacked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(item.file_size for item in archive.infolist())
+        if unpacked > MAX_SAMPLES_BYTES:
+            raise InvalidInput(f"{label}: {unpacked} bytes unpacked, limit {MAX_SAMPLES_BYTES}")
+        with np.load(path, allow_pickle=False) as data:
+            for name in data.files:
+                np.asarray(data[name])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidInput(f"{label}: not a .npz of plain arrays ({exc})") from None
 
 
 def recover_staging(root: Path) -> None:

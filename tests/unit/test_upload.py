@@ -56,7 +56,6 @@ def test_good_file_keys(key: str, expected: tuple[int, str]) -> None:
         "/etc/passwd",
         "1/../../x.onnx",
         "1/../model.onnx",
-        "model.onnx",
         "0/model.onnx",
         "01/model.onnx",
         "-1/model.onnx",
