@@ -32,7 +32,7 @@ def _metric(server: ServerProcess, name: str, model: str) -> float:
 
 
 @pytest.fixture
-def cache_server(start_server, tmp_path: Path) -> ServerProcess:
+def cache_server(start_server: Any, tmp_path: Path) -> ServerProcess:
     fixtures.write_model(tmp_path, "mlp", fixtures.float_mlp(), config=CACHED)
     fixtures.write_model(tmp_path, "strings", fixtures.strings(), config=CACHED)
     fixtures.write_model(tmp_path, "plain", fixtures.float_mlp(), config="max_batch_size: 4\n")
@@ -95,7 +95,7 @@ def test_bytes_tensors_and_a_model_without_the_cache(cache_server: ServerProcess
     assert plain["inference_stats"]["cache_hit"]["count"] == plain["inference_stats"]["cache_miss"]["count"] == 0
 
 
-def test_enabled_in_the_config_but_off_server_wide(start_server, tmp_path: Path) -> None:
+def test_enabled_in_the_config_but_off_server_wide(start_server: Any, tmp_path: Path) -> None:
     fixtures.write_model(tmp_path, "a", fixtures.float_mlp(), config=CACHED)
     fixtures.write_model(tmp_path, "b", fixtures.float_mlp(), config=CACHED)
     server: ServerProcess = start_server(tmp_path)  # --response-cache-bytes defaults to 0
