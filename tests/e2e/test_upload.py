@@ -262,7 +262,17 @@ def test_traversal_model_names(server: ServerProcess, repo: Path, name: str) -> 
     assert_untouched(server, repo, before)
 
 
-BAD_KEYS = ["../etc", "a/../b", "/etc/passwd", "1/../../x.onnx", "1/../model.onnx", "model.onnx", "0/model.onnx"]
+BAD_KEYS = [
+    "../etc",
+    "a/../b",
+    "/etc/passwd",
+    "1/../../x.onnx",
+    "1/../model.onnx",
+    "0/model.onnx",
+    "warmup/../x",
+    ".hidden",
+    "7",
+]
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
