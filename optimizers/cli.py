@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="0 if the model has no batch dimension")
     parser.add_argument("--preferred-batch-size", type=int, action="append", default=[], help="repeatable")
     parser.add_argument("--time-budget", type=float, default=1.5, help="seconds to time each candidate")
+    parser.add_argument(
+        "--tune-instances",
+        action="store_true",
+        help="also time N instances x T threads under concurrent load (CPU); session_options.json gets instances",
+    )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="artifact cache folder")
     parser.add_argument("--cache-max-bytes", type=int, default=None, help="cache size cap (default: none)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -59,6 +64,7 @@ def options_from_args(args: argparse.Namespace) -> OptimizeOptions:
         "preferred_batch_sizes": args.preferred_batch_size,
         "time_budget_s": args.time_budget,
         "accuracy": dict(_budget(text) for text in args.accuracy),
+        "tune_instances": args.tune_instances,
     }
     if args.prune_sparsity is not None or args.prune_pattern is not None:
         prune: dict[str, Any] = {"pattern": args.prune_pattern or "unstructured"}

@@ -70,6 +70,10 @@ class OptimizeOptions(BaseModel):
     must not swap a model for nothing."""
     reference_samples: int = Field(default=32, ge=1, le=4096)
     """How many random samples to generate when there is no samples file."""
+    tune_instances: bool = False
+    """The host leaves the instance count and the thread counts open (no explicit ``instance_group`` count nor
+    thread parameters): on CPU the compile step also times N instances x T threads under concurrent load and
+    may set :attr:`optimizers.runtime.SessionSpec.instances`. Set by the server (or the CLI), never by a config."""
     mode: Mode | None = None
     """When a server runs the pipeline: ``background`` (serve the original at once, swap the variant in when
     it is proven) or ``before_ready`` (the version is READY only once optimized). None: the server's default.
@@ -121,7 +125,10 @@ class OptimizeOptions(BaseModel):
 
     def cache_dict(self) -> dict[str, Any]:
         """What the pipeline result depends on, for its cache key (the samples file is keyed by content)."""
-        return self.model_dump(mode="json", exclude={"samples_path", "mode"})
+        data = self.model_dump(mode="json", exclude={"samples_path", "mode"})
+        if not self.tune_instances:  # keys computed before the field existed stay valid
+            del data["tune_instances"]
+        return data
 
 
 def describe(exc: ValidationError, prefix: str = "") -> str:

@@ -26,7 +26,7 @@ from optimizers.reference import NoRunnableInputs, SessionProbe, build_reference
 from optimizers.report import Report, Step, summarize
 from optimizers.runtime import NO_GUARD, DeviceGuard, SessionSpec
 from optimizers.stages import OptimizationRun, Outcome
-from optimizers.timing import Benchmark, OrtBenchmark
+from optimizers.timing import Benchmark, OrtBenchmark, OrtThroughput, Throughput
 
 log = logging.getLogger("optiserve.optimizers")
 
@@ -94,11 +94,13 @@ class Pipeline:
         passes: list[ModelPass[Any]] | None = None,
         benchmark: Benchmark | None = None,
         device_guard: DeviceGuard = NO_GUARD,
+        throughput: Throughput | None = None,
     ) -> None:
         self.cache = Cache(Path(cache_dir), cache_max_bytes)
         self.device = device if device is not None else probe_device()
         self.passes = passes if passes is not None else default_passes()
         self.benchmark = benchmark
+        self.throughput = throughput
         self.device_guard = device_guard
 
     def run(
@@ -225,6 +227,7 @@ class Pipeline:
             progress=notify,
             libraries=libraries,
             guard=self.device_guard,
+            throughput=self.throughput or OrtThroughput(options.time_budget_s),
         )
         try:
             return run.execute()

@@ -32,11 +32,15 @@ def device_work(spec: SessionSpec, guard: DeviceGuard = NO_GUARD) -> AbstractCon
 
 @dataclass(frozen=True)
 class SessionSpec:
-    """How to open a session. ``intra_op_threads=None`` keeps onnxruntime's default (one per core)."""
+    """How to open a session. ``intra_op_threads=None`` keeps onnxruntime's default (one per core).
+    ``instances``: how many such sessions the server should run side by side (each on its own worker), where
+    the compile step timed that N instances x T threads beat one instance on every core; None leaves the
+    count to the model's config and the server."""
 
     providers: tuple[str, ...] = (CPU,)
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
     intra_op_threads: int | None = None
+    instances: int | None = None
 
     @property
     def chooses_providers(self) -> bool:
@@ -48,6 +52,8 @@ class SessionSpec:
         options: dict[str, Any] = {}
         if self.intra_op_threads is not None:
             options["intra_op_threads"] = self.intra_op_threads
+        if self.instances is not None:
+            options["instances"] = self.instances
         if self.chooses_providers:
             options["providers"] = list(self.providers)
         if self.provider_options:

@@ -9,7 +9,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from optimizers.reference import ReferenceSet, resize_batch
 from optimizers.report import BeforeAfter, Report, Step
 from optimizers.runtime import DeviceGuard, Feed, SessionSpec, run_checked
 from optimizers.selection import select_fastest
-from optimizers.timing import Benchmark, Latencies
+from optimizers.timing import Benchmark, Latencies, Throughput
 
 log = logging.getLogger("optiserve.optimizers")
 Progress = Callable[[str], None]
@@ -86,8 +86,10 @@ class OptimizationRun:
         progress: Progress,
         libraries: dict[str, str],
         guard: DeviceGuard,
+        throughput: Throughput,
     ) -> None:
         self.cache, self.device, self.passes, self.benchmark, self.guard = cache, device, passes, benchmark, guard
+        self.throughput = throughput
         self.model_path, self.model_sha, self.info, self.options = model_path, model_sha, info, options
         self.reference, self.report, self.progress, self.libraries = reference, report, progress, libraries
         self.batch_dim = options.max_batch_size > 0 and info.batch_dynamic
@@ -275,6 +277,51 @@ class OptimizationRun:
             log.info("step compile %s in %.2fs: %s", step.status, step.duration_s, step.reason)
 
     def _tune(self, step: Step, winner: Candidate) -> SessionSpec:
+        """The session config (threads, providers), then, where the host leaves them open, instances x threads."""
+        spec = self._threads(step, winner)
+        if self.compile_config.splits and spec.engine == "onnxruntime":
+            spec = self._instances(step, winner, spec)
+        return spec
+
+    def _instances(self, step: Step, winner: Candidate, spec: SessionSpec) -> SessionSpec:
+        """Time every N instances x T threads split under concurrent load (N sessions, each driven by its own
+        thread with batches of the size the batcher forms under load); the best one replaces one instance on
+        every core only when it is ``min_gain`` faster twice, the second time timed back to back with it."""
+        self.progress("optimize: compile (instances x threads)")
+        feed = self.feeds[self.batch]
+
+        def rate(split: tuple[int, int]) -> float:
+            count, threads = split
+            trial = replace(spec, intra_op_threads=threads, instances=None)
+            return self.throughput(f"compile:{count}x{threads}", winner.path, trial, feed, self.batch, count)
+
+        splits = self.compile_config.splits
+        rates = {split: rate(split) for split in splits}
+        step.details["splits"] = [
+            {"instances": n, "threads": t, "samples_per_s": round(value, 1)} for (n, t), value in rates.items()
+        ]
+        base, best = splits[0], max(splits[1:], key=lambda split: rates[split])
+        needed = 1 + self.options.min_gain
+        chosen = None
+        if rates[base] > 0 and rates[best] >= rates[base] * needed:
+            again = {base: rate(base), best: rate(best)}
+            step.details["splits_confirmation"] = {f"{n}x{t}": round(v, 1) for (n, t), v in again.items()}
+            chosen = best if again[best] >= again[base] * needed else None
+        step.details["chosen"] = {"instances": chosen[0], "threads": chosen[1]} if chosen else None
+        label = f"{best[0]} instances x {best[1]} threads"
+        versus = f"{rates[best]:.1f} vs {rates[base]:.1f} samples/s for 1 instance x {base[1]} threads"
+        if chosen is None:
+            note = f"instances x threads: kept 1 instance ({label}: {versus}, needs {self.options.min_gain:.0%} more"
+            note += ", not confirmed by a second timing)" if "splits_confirmation" in step.details else ")"
+            step.reason = f"{step.reason}; {note}" if step.reason else note
+            return spec
+        ratio = rates[best] / rates[base]
+        note = f"{label}: {versus} ({ratio:.2f}x)"
+        step.reason = note if step.status != "applied" else f"{step.reason}; {note}"
+        step.status = "applied"
+        return replace(spec, intra_op_threads=best[1], instances=best[0])
+
+    def _threads(self, step: Step, winner: Candidate) -> SessionSpec:
         """Race the session-config candidates against the winner's default spec."""
         size = winner.path.stat().st_size
         step.size_bytes = BeforeAfter(before=size, after=size)

@@ -4,6 +4,7 @@ benchmark is a plain callable so tests (and the GPU-less CI) can inject measured
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,60 @@ class OrtBenchmark:
             if started > deadline or (len(samples) >= self.min_runs and time.perf_counter() > deadline):
                 break
         return statistics.median(samples)
+
+
+class Throughput(Protocol):
+    """Aggregate samples/s of ``instances`` sessions of ``model_path`` opened with ``spec``, each driven by its
+    own thread running ``feed`` (``batch`` samples) back to back, as the server's workers run under load."""
+
+    def __call__(
+        self, label: str, model_path: Path, spec: SessionSpec, feed: Feed, batch: int, instances: int
+    ) -> float: ...
+
+
+class OrtThroughput:
+    """onnxruntime under concurrent load, CPU only: open every session and run each once (warm-up, not
+    counted), start the drivers together, count the batches finished in a fixed ``window_s`` (the runs still in
+    flight at the end are waited for, and counted with the time they took)."""
+
+    def __init__(self, window_s: float = 1.5) -> None:
+        self.window_s = window_s
+
+    def __call__(
+        self, label: str, model_path: Path, spec: SessionSpec, feed: Feed, batch: int, instances: int
+    ) -> float:
+        sessions = [open_session(model_path, spec) for _ in range(instances)]
+        for session in sessions:
+            session.run(None, feed)
+        counts = [0] * instances
+        errors: list[BaseException] = []
+        stop = threading.Event()
+        start = threading.Barrier(instances + 1)
+
+        def drive(index: int) -> None:
+            run = sessions[index].run
+            start.wait()
+            try:
+                while not stop.is_set():
+                    run(None, feed)
+                    counts[index] += 1
+            except BaseException as exc:  # re-raised on the caller's thread: a failed run is no timing
+                errors.append(exc)
+                stop.set()
+
+        drivers = [threading.Thread(target=drive, args=(i,), name=f"timing:{label}:{i}") for i in range(instances)]
+        for driver in drivers:
+            driver.start()
+        start.wait()
+        began = time.perf_counter()
+        stop.wait(self.window_s)
+        stop.set()
+        for driver in drivers:
+            driver.join()
+        elapsed = time.perf_counter() - began
+        if errors:
+            raise errors[0]
+        return sum(counts) * batch / elapsed if elapsed > 0 else 0.0
 
 
 def throughput(latencies: Mapping[int, float], batch: int) -> float:

@@ -22,6 +22,9 @@ class CompileConfig(PassConfig):
 
     target: str = "cpu"
     thread_candidates: tuple[int, ...] = ()
+    splits: tuple[tuple[int, int], ...] = ()
+    """(instances, intra-op threads) to time under concurrent load, the first being one instance on every core;
+    empty unless the host leaves instances and threads open (``tune_instances``) on CPU."""
     allow_fp16: bool = False
     """TensorRT may pick FP16 kernels (lossy: only under precision auto/fp16)."""
     cache_root: str = ""
@@ -44,6 +47,7 @@ def configure(options: OptimizeOptions, info: ModelInfo, cores: int, cache_root:
     return CompileConfig(
         target=options.target,
         thread_candidates=thread_candidates(cores),
+        splits=instance_splits(cores) if options.tune_instances and options.target == "cpu" else (),
         allow_fp16=options.precision in ("auto", "fp16"),
         cache_root=str(cache_root),
         profile=profile_shapes(info, options, sample),
@@ -58,6 +62,21 @@ def thread_candidates(cores: int) -> tuple[int, ...]:
         counts.add(power)
         power *= 2
     return tuple(sorted(counts))
+
+
+MAX_SPLIT_INSTANCES = 4
+"""The most instances the compile step times: more sessions cost memory for a gain the timings rarely show."""
+
+
+def instance_splits(cores: int, cap: int = MAX_SPLIT_INSTANCES) -> tuple[tuple[int, int], ...]:
+    """N instances x T threads with N in 1, 2, 4, ... up to ``cap`` and ``cores``, T = cores // N (so N x T <=
+    cores, every core busy where N divides them): ``((1, 2), (2, 1))`` on 2 cores. One split (or none) on 1 core."""
+    found = []
+    count = 1
+    while count <= min(cap, cores):
+        found.append((count, cores // count))
+        count *= 2
+    return tuple(found) if len(found) > 1 else ()
 
 
 def profile_shapes(info: ModelInfo, options: OptimizeOptions, sample: Feed) -> TensorrtProfile | None:

@@ -53,6 +53,28 @@ class FakeBenchmark:
         return [call[0] for call in self.calls]
 
 
+class FakeThroughput:
+    """Samples/s by split (``(instances, threads)``), in order for repeated timings of one split (the last one
+    repeats); unknown splits get ``default``. Records every call as (instances, threads, batch)."""
+
+    def __init__(self, rates: Mapping[tuple[int, int], float | list[float]] | None = None, default: float = 100.0):
+        given = (rates or {}).items()
+        self.rates = {split: list(value) if isinstance(value, list) else [value] for split, value in given}
+        self.default = default
+        self.calls: list[tuple[int, int, int]] = []
+
+    def __call__(
+        self, label: str, model_path: Path, spec: SessionSpec, feed: Feed, batch: int, instances: int
+    ) -> float:
+        threads = spec.intra_op_threads or 0
+        assert spec.instances is None  # each timed session is one instance; the count is the driver's
+        assert len(next(iter(feed.values()))) == batch
+        self.calls.append((instances, threads, batch))
+        seen = sum(1 for call in self.calls if call[:2] == (instances, threads)) - 1
+        rates = self.rates.get((instances, threads), [self.default])
+        return rates[min(seen, len(rates) - 1)]
+
+
 def context(model_path: Path, options: OptimizeOptions | None = None, device: DeviceInfo | None = None) -> PassContext:
     """What the pipeline would hand a pass for this model."""
     options = options or OptimizeOptions()

@@ -67,3 +67,12 @@ def test_cuda_target_and_static_shapes(tmp_path: Path) -> None:
     static = _config(tmp_path, OptimizeOptions(target="tensorrt", max_batch_size=0), model=fixtures.no_batch())
     assert static.profile is None
     assert "trt_profile_min_shapes" not in compiling.target_spec(static).provider_options[TENSORRT]
+
+
+def test_ort_throughput_drives_every_instance(tmp_path: Path) -> None:
+    from optimizers.timing import OrtThroughput
+
+    path = models.save(models.conv_net(), tmp_path / "m")
+    feed = {analyze(path).inputs[0].name: np.zeros((2, 3, 16, 16), np.float32)}
+    rate = OrtThroughput(window_s=0.2)("2x1", path, SessionSpec(intra_op_threads=1), feed, 2, 2)
+    assert rate > 0

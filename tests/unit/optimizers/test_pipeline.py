@@ -11,11 +11,12 @@ import onnx
 import pytest
 
 from optimizers import OptimizeError, OptimizeOptions, Pipeline
+from optimizers.passes import compile as compiling
 from optimizers.providers import CPU, CUDA, TENSORRT
 from optimizers.runtime import SessionSpec
 from tests.models import fixtures
 from tests.unit.optimizers import models
-from tests.unit.optimizers.conftest import GPU_PROVIDERS, FakeBenchmark, fake_device
+from tests.unit.optimizers.conftest import GPU_PROVIDERS, FakeBenchmark, FakeThroughput, fake_device
 
 LOSSY = ("int8_dynamic", "int8_static", "fp16", "prune")
 
@@ -180,3 +181,56 @@ def test_external_data_is_left_alone(tmp_path: Path) -> None:
     result, bench = _run(tmp_path, path, OptimizeOptions(), {})
     assert result.model_path == path and bench.calls == []
     assert "external data" in result.report["steps"][0]["reason"]
+
+
+def _split_run(
+    tmp_path: Path, digits: Path, rates: dict[tuple[int, int], Any], *, cores: int = 2, tune: bool = True, **more: Any
+) -> tuple[Any, FakeThroughput]:
+    timer = FakeThroughput(rates)
+    device = fake_device(cores=cores)
+    pipeline = Pipeline(tmp_path / "cache", device=device, benchmark=FakeBenchmark(), throughput=timer)
+    options = OptimizeOptions(precision="fp32", tune_instances=tune, preferred_batch_sizes=[4], **more)
+    return pipeline.run(digits, options), timer
+
+
+def test_compile_picks_more_instances_when_they_are_faster(tmp_path: Path, digits: Path) -> None:
+    result, timer = _split_run(tmp_path, digits, {(1, 2): 100.0, (2, 1): 180.0})
+    assert timer.calls == [(1, 2, 4), (2, 1, 4), (1, 2, 4), (2, 1, 4)]  # at the batch size the batcher forms
+    compile_step = _steps(result)["compile"]
+    assert compile_step["details"]["splits"] == [
+        {"instances": 1, "threads": 2, "samples_per_s": 100.0},
+        {"instances": 2, "threads": 1, "samples_per_s": 180.0},
+    ]
+    assert compile_step["details"]["chosen"] == {"instances": 2, "threads": 1}
+    assert compile_step["status"] == "applied" and "2 instances x 1 threads" in compile_step["reason"]
+    assert result.session == SessionSpec(intra_op_threads=1, instances=2)
+    assert result.report["session_options"] == {"intra_op_threads": 1, "instances": 2}
+
+
+def test_compile_keeps_one_instance_below_min_gain(tmp_path: Path, digits: Path) -> None:
+    result, timer = _split_run(tmp_path, digits, {(1, 2): 100.0, (2, 1): 104.0})
+    compile_step = _steps(result)["compile"]
+    assert compile_step["details"]["chosen"] is None and len(timer.calls) == 2  # no second look
+    assert "kept 1 instance" in compile_step["reason"] and "needs 5% more" in compile_step["reason"]
+    assert result.session.instances is None
+
+
+def test_compile_split_must_survive_a_second_timing(tmp_path: Path, digits: Path) -> None:
+    result, _ = _split_run(tmp_path, digits, {(1, 2): 100.0, (2, 1): [150.0, 101.0]})
+    compile_step = _steps(result)["compile"]
+    assert compile_step["details"]["splits_confirmation"] == {"1x2": 100.0, "2x1": 101.0}
+    assert compile_step["details"]["chosen"] is None and result.session.instances is None
+
+
+def test_compile_splits_fit_the_cores(tmp_path: Path, digits: Path) -> None:
+    _, timer = _split_run(tmp_path, digits, {}, cores=8)
+    assert [(n, t) for n, t, _ in timer.calls] == [(1, 8), (2, 4), (4, 2)]  # N x T <= cores, N capped at 4
+    assert compiling.instance_splits(2) == ((1, 2), (2, 1))
+    assert compiling.instance_splits(6) == ((1, 6), (2, 3), (4, 1))
+    assert compiling.instance_splits(1) == ()
+
+
+def test_compile_times_no_split_when_the_host_fixes_instances(tmp_path: Path, digits: Path) -> None:
+    result, timer = _split_run(tmp_path, digits, {(2, 1): 1000.0}, tune=False)
+    assert timer.calls == [] and "splits" not in _steps(result)["compile"]["details"]
+    assert result.session.instances is None
