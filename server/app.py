@@ -23,6 +23,7 @@ from server.metrics import ServerMetrics
 from server.models.manager import ModelManager
 from server.models.response_cache import ResponseCache
 from server.protocol import tensors
+from server.protocol.shared_memory import SharedMemoryRegistry
 from server.repository.layout import Repository
 from server.rpc.service import create_grpc_server
 from server.settings import Settings
@@ -53,10 +54,14 @@ class OptiServe:
         limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
         access = AccessPolicy.from_settings(settings)
         registry = self.metrics.registry if settings.metrics else None
-        self.http_app = create_http_app(self.dataplane, settings, access, registry)
+        # One set of client shared-memory regions, registered and used through either edge.
+        self.shared_memory = SharedMemoryRegistry(settings.allow_client_shm, settings.max_shm_regions)
+        self.http_app = create_http_app(self.dataplane, settings, access, registry, self.shared_memory)
         # Inference is served in front of FastAPI, skipping its middleware and routing (server/http/fast.py).
-        self.asgi_app = InferFastPath(self.http_app, self.dataplane, settings.max_request_bytes, limits, access)
-        self.grpc_server = create_grpc_server(self.dataplane, settings, limits, access)
+        self.asgi_app = InferFastPath(
+            self.http_app, self.dataplane, settings.max_request_bytes, limits, access, self.shared_memory
+        )
+        self.grpc_server = create_grpc_server(self.dataplane, settings, limits, access, self.shared_memory)
         self._stop = asyncio.Event()
         self.http_port = 0
         self.grpc_port = 0
@@ -121,6 +126,7 @@ class OptiServe:
             await asyncio.sleep(0.02)
         await self.models.close(timeout_s=max(0.0, deadline - loop.time()))
         await asyncio.gather(grpc_stopped, serving, return_exceptions=True)
+        self.shared_memory.close()  # unmaps the clients' segments; they stay, they are the clients'
         log.info("stopped")
 
     def _install_signal_handlers(self) -> None:

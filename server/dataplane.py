@@ -30,6 +30,7 @@ EXTENSIONS = [
     "model_repository",
     "model_repository(unload_dependents)",
     "statistics",
+    "system_shared_memory",
 ]
 
 

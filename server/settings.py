@@ -146,6 +146,14 @@ class Settings(BaseSettings):
     """Bearer token required for inference, metadata, statistics and the repository index; unset, they
     are open. Health endpoints stay open either way; the admin token is accepted too."""
 
+    allow_client_shm: bool = False
+    """Let clients register system shared memory (Triton's extension): inputs are read from and outputs
+    written to a /dev/shm segment the client names, instead of travelling over the socket. Only for clients
+    on this host that may read and write this server user's shared memory (off by default)."""
+
+    max_shm_regions: int = Field(64, ge=1, le=4096)
+    """Most shared memory regions registered at once (each holds a mapping), so clients cannot exhaust them."""
+
     metrics: bool = True
     """Serve Prometheus metrics at GET /metrics (--no-metrics turns collection off)."""
 

@@ -22,6 +22,7 @@ from server.http.codec import HEADER_LENGTH, parse_json_object
 from server.http.multipart import form_receiver
 from server.http.responses import JSON, error_response, json_response
 from server.protocol.numbers import is_ascii_uint
+from server.protocol.shared_memory import SharedMemoryRegistry
 from server.settings import Settings
 
 UPLOAD_FORM = {
@@ -98,7 +99,11 @@ async def read_request_body(request: Request, limit: int) -> bytes:
 
 
 def create_http_app(
-    dataplane: DataPlane, settings: Settings, access: AccessPolicy, registry: CollectorRegistry | None = None
+    dataplane: DataPlane,
+    settings: Settings,
+    access: AccessPolicy,
+    registry: CollectorRegistry | None = None,
+    regions: SharedMemoryRegistry | None = None,
 ) -> FastAPI:
     """Build the FastAPI application around one DataPlane (and its metrics registry, if metrics are on): every
     route but inference, which server/http/fast.py serves in front of it (here it is only documented)."""
@@ -108,9 +113,43 @@ def create_http_app(
     _add_model_routes(app, dataplane, _guard(access, Scope.INFERENCE))
     _document_infer_routes(app)
     _add_repository_routes(app, dataplane, settings, access)
+    _add_shared_memory_routes(app, regions or SharedMemoryRegistry(enabled=False), settings, access)
     if registry is not None:
         _add_metrics_route(app, registry)
     return app
+
+
+def _add_shared_memory_routes(
+    app: FastAPI, regions: SharedMemoryRegistry, settings: Settings, access: AccessPolicy
+) -> None:
+    """Triton's system shared-memory extension. Status is an inference-scope read; registering maps a segment
+    of this host into the server, so it (and unregistering) takes the admin scope (loopback-only by default)."""
+    guard = _guard(access, Scope.INFERENCE)
+    admin = _guard(access, Scope.ADMIN)
+
+    @app.get("/v2/systemsharedmemory/status", tags=["shared memory"], dependencies=guard)
+    async def shm_status_all() -> Response:
+        return json_response(regions.status())
+
+    @app.get("/v2/systemsharedmemory/region/{name}/status", tags=["shared memory"], dependencies=guard)
+    async def shm_status(name: str) -> Response:
+        return json_response(regions.status(name))
+
+    @app.post("/v2/systemsharedmemory/region/{name}/register", tags=["shared memory"], dependencies=admin)
+    async def shm_register(request: Request, name: str) -> Response:
+        body = parse_json_object(await read_request_body(request, 64 * 1024))
+        regions.register(name, body.get("key"), body.get("offset", 0), body.get("byte_size"))
+        return json_response({})
+
+    @app.post("/v2/systemsharedmemory/unregister", tags=["shared memory"], dependencies=admin)
+    async def shm_unregister_all() -> Response:
+        regions.unregister()
+        return json_response({})
+
+    @app.post("/v2/systemsharedmemory/region/{name}/unregister", tags=["shared memory"], dependencies=admin)
+    async def shm_unregister(name: str) -> Response:
+        regions.unregister(name)
+        return json_response({})
 
 
 def _add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:

@@ -12,6 +12,7 @@ import orjson
 
 from server.errors import InvalidInput, PayloadTooLarge
 from server.protocol import classification, datatypes, tensors
+from server.protocol import shared_memory as shm
 from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
 from server.protocol.numbers import parse_uint
 
@@ -49,9 +50,15 @@ def parse_json_object(data: bytes | memoryview, what: str = "request body") -> d
 
 
 def decode_request(
-    body: bytes, header_length: str | None, model: str, version: str, limits: tensors.Limits
+    body: bytes,
+    header_length: str | None,
+    model: str,
+    version: str,
+    limits: tensors.Limits,
+    regions: shm.SharedMemoryRegistry | None = None,
 ) -> InferenceRequest:
-    """Decode an infer request body (JSON, optionally followed by binary tensor data)."""
+    """Decode an infer request body (JSON, optionally followed by binary tensor data); tensors with
+    shared-memory parameters are read from / checked against ``regions``."""
     binary = memoryview(b"")
     json_part: bytes | memoryview = body
     if header_length is not None:
@@ -67,7 +74,7 @@ def decode_request(
     offset = 0
     inputs: list[InputTensor] = []
     for index, raw in enumerate(raw_inputs):
-        tensor, offset = _decode_input(raw, index, binary, offset, limits)
+        tensor, offset = _decode_input(raw, index, binary, offset, limits, regions)
         inputs.append(tensor)
     if offset != len(binary):
         raise InvalidInput(f"binary data has {len(binary) - offset} bytes that no input's binary_data_size claims")
@@ -79,7 +86,7 @@ def decode_request(
         model_name=model,
         model_version=version,
         inputs=inputs,
-        outputs=_decode_outputs(doc.get("outputs"), limits),
+        outputs=_decode_outputs(doc.get("outputs"), limits, regions),
         id=request_id if isinstance(request_id, str) else "" if request_id is None else str(request_id),
         parameters=parameters,
     )
@@ -93,7 +100,12 @@ def _header_size(header_length: str, body_size: int) -> int:
 
 
 def _decode_input(
-    raw: Any, index: int, binary: memoryview, offset: int, limits: tensors.Limits
+    raw: Any,
+    index: int,
+    binary: memoryview,
+    offset: int,
+    limits: tensors.Limits,
+    regions: shm.SharedMemoryRegistry | None,
 ) -> tuple[InputTensor, int]:
     field = f"inputs[{index}]"
     if not isinstance(raw, dict):
@@ -105,7 +117,16 @@ def _decode_input(
     dtype = datatypes.by_name(str(raw.get("datatype")), field=f"{field} datatype")
     shape: Any = raw.get("shape")
     params = raw.get("parameters") or {}
-    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{field}.parameters: must be a JSON object")
+    size = params.get("binary_data_size")
+    ref = shm.reference(params, field)
+    if ref is not None:
+        if size is not None or "data" in raw:
+            raise InvalidInput(f"{field}: {shm.REGION} excludes 'data' and binary_data_size")
+        return InputTensor(
+            name, dtype, tensors.from_raw(_read(regions, ref, field), dtype, shape, field, limits)
+        ), offset
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise InvalidInput(
@@ -119,7 +140,15 @@ def _decode_input(
     return InputTensor(name, dtype, array), offset
 
 
-def _decode_outputs(raw: Any, limits: tensors.Limits) -> list[RequestedOutput]:
+def _read(regions: shm.SharedMemoryRegistry | None, ref: shm.SharedMemoryRef, field: str) -> bytes:
+    if regions is None:
+        raise InvalidInput(f"{field}: {shm.REGION}: this server does not serve shared memory")
+    return regions.read(ref, field)
+
+
+def _decode_outputs(
+    raw: Any, limits: tensors.Limits, regions: shm.SharedMemoryRegistry | None
+) -> list[RequestedOutput]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -136,14 +165,24 @@ def _decode_outputs(raw: Any, limits: tensors.Limits) -> list[RequestedOutput]:
         binary = params.get("binary_data")
         top = params.get(classification.PARAMETER)
         k = 0 if top is None else classification.class_count(top, f"outputs[{index}].parameters.classification")
-        outputs.append(RequestedOutput(item["name"], binary if isinstance(binary, bool) else None, k))
+        field = f"output {item['name']!r}"
+        ref = shm.reference(params, field)
+        if ref is not None:
+            if regions is None:
+                raise InvalidInput(f"{field}: {shm.REGION}: this server does not serve shared memory")
+            regions.check(ref, field)
+        outputs.append(RequestedOutput(item["name"], binary if isinstance(binary, bool) else None, k, ref))
     return outputs
 
 
-def encode_response(response: InferenceResponse, request: InferenceRequest) -> tuple[bytes, int | None]:
-    """Encode a response; returns the body and, when binary sections follow, the JSON header's length."""
+def encode_response(
+    response: InferenceResponse, request: InferenceRequest, regions: shm.SharedMemoryRegistry | None = None
+) -> tuple[bytes, int | None]:
+    """Encode a response; returns the body and, when binary sections follow, the JSON header's length.
+    An output asked for in shared memory is written there and answered with its parameters, not its data."""
     default_binary = bool(request.parameters.get("binary_data_output", False))
     wants = {o.name: o.binary for o in request.outputs}
+    targets = {o.name: o.shared_memory for o in request.outputs if o.shared_memory is not None}
     blobs: list[bytes] = []
     outputs: list[dict[str, Any]] = []
     for out in response.outputs:
@@ -152,8 +191,12 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> t
             "datatype": out.datatype.name,
             "shape": list(out.array.shape),
         }
+        target = targets.get(out.name)
         binary = wants.get(out.name)
-        if binary if binary is not None else default_binary:
+        if target is not None and regions is not None:
+            regions.write(target, tensors.to_raw(out.array), f"output {out.name!r}")
+            entry["parameters"] = target.parameters()
+        elif binary if binary is not None else default_binary:
             blob = tensors.to_raw(out.array)
             blobs.append(blob)
             entry["parameters"] = {"binary_data_size": len(blob)}

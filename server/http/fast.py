@@ -25,6 +25,7 @@ from server.http.body import read_body
 from server.http.codec import decode_request, encode_response
 from server.http.responses import send_error, send_inference_reply
 from server.protocol import tensors
+from server.protocol.shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("optiserve.http")
 T = TypeVar("T")
@@ -36,8 +37,17 @@ class InferFastPath:
     """ASGI middleware: serves inference requests itself (the only handler for them), passes everything else
     to ``app``."""
 
-    def __init__(self, app: ASGIApp, dataplane: DataPlane, max_body: int, limits: tensors.Limits, access: AccessPolicy):
+    def __init__(
+        self,
+        app: ASGIApp,
+        dataplane: DataPlane,
+        max_body: int,
+        limits: tensors.Limits,
+        access: AccessPolicy,
+        regions: SharedMemoryRegistry | None = None,
+    ):
         self.app = app
+        self.regions = regions
         self.dataplane = dataplane
         self.max_body = max_body
         self.limits = limits
@@ -78,9 +88,9 @@ class InferFastPath:
             with self.dataplane.inference(model, version) as call:
                 body = await read_body(receive, headers, self.max_body)
                 length = headers.get("inference-header-content-length")
-                request = decode_request(body, length, model, version, self.limits)
+                request = decode_request(body, length, model, version, self.limits, self.regions)
                 response = await unless_disconnected(receive, call.infer(request))
-                content, header_length = encode_response(response, request)
+                content, header_length = encode_response(response, request, self.regions)
         except ClientGone:
             return  # nobody is listening; the queued work was dropped
         except ServerError as exc:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from server.protocol.datatypes import DataType
+from server.protocol.shared_memory import SharedMemoryRef
 
 
 @dataclass
@@ -22,11 +23,13 @@ class InputTensor:
 @dataclass
 class RequestedOutput:
     """An output the client asked for; ``binary`` is the HTTP binary-data choice (None = default);
-    ``classification`` is the top k asked for with Triton's classification extension (0 = the tensor)."""
+    ``classification`` is the top k asked for with Triton's classification extension (0 = the tensor);
+    ``shared_memory`` is where to write it instead of the response body (the shared-memory extension)."""
 
     name: str
     binary: bool | None = None
     classification: int = 0
+    shared_memory: SharedMemoryRef | None = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidInput, PayloadTooLarge
 from server.protocol import classification, datatypes, tensors
+from server.protocol import shared_memory as shm
 from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
 
 # Which typed ``InferTensorContents`` field carries each datatype (FP16/BF16 travel only as raw bytes).
@@ -35,31 +36,71 @@ def parameter_value(param: Any) -> Any:
     return getattr(param, kind) if kind else None
 
 
-def decode_request(message: Any, limits: tensors.Limits) -> InferenceRequest:
-    """Decode a ModelInferRequest; raw contents become numpy arrays without copying."""
+def decode_request(
+    message: Any, limits: tensors.Limits, regions: shm.SharedMemoryRegistry | None = None
+) -> InferenceRequest:
+    """Decode a ModelInferRequest; raw contents become numpy arrays without copying. Inputs in shared memory
+    (read from ``regions``) have no raw_input_contents entry: the entries belong to the other inputs, in order,
+    as tritonclient sends them."""
     if not message.inputs:
         raise InvalidInput("inputs: must be a non-empty list of tensors")
     if len(message.inputs) > limits.max_tensors or len(message.outputs) > limits.max_tensors:
         raise PayloadTooLarge(f"a request may carry at most {limits.max_tensors} inputs and outputs")
+    refs = [_reference(tensor.parameters, f"input {tensor.name!r}") for tensor in message.inputs]
     raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs")
-    inputs = [_decode_input(tensor, raw[i] if raw else None, limits) for i, tensor in enumerate(message.inputs)]
-    outputs = [_requested_output(index, output) for index, output in enumerate(message.outputs)]
+    direct = sum(ref is None for ref in refs)
+    if raw and len(raw) != direct:
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {direct} inputs not in shared memory")
+    inputs: list[InputTensor] = []
+    next_raw = 0
+    for tensor, ref in zip(message.inputs, refs, strict=True):
+        if ref is not None:
+            inputs.append(_shared_input(tensor, ref, regions, limits))
+            continue
+        inputs.append(_decode_input(tensor, raw[next_raw] if raw else None, limits))
+        next_raw += 1
+    outputs = [_requested_output(index, output, regions) for index, output in enumerate(message.outputs)]
     parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
     return InferenceRequest(message.model_name, message.model_version, inputs, outputs, message.id, parameters)
 
 
-def _requested_output(index: int, output: Any) -> RequestedOutput:
+def _reference(parameters: Any, field: str) -> shm.SharedMemoryRef | None:
+    if shm.REGION not in parameters and shm.BYTE_SIZE not in parameters and shm.OFFSET not in parameters:
+        return None
+    return shm.reference({key: parameter_value(value) for key, value in parameters.items()}, field)
+
+
+def _shared_input(
+    tensor: Any, ref: shm.SharedMemoryRef, regions: shm.SharedMemoryRegistry | None, limits: tensors.Limits
+) -> InputTensor:
+    field = f"input {tensor.name!r}"
+    if not tensor.name:
+        raise InvalidInput("inputs: every tensor needs a name")
+    if tensor.HasField("contents"):
+        raise InvalidInput(f"{field}: contents must not be set for an input in shared memory")
+    if regions is None:
+        raise InvalidInput(f"{field}: {shm.REGION}: this server does not serve shared memory")
+    dtype = datatypes.by_name(tensor.datatype, field=f"{field} datatype")
+    array = tensors.from_raw(regions.read(ref, field), dtype, list(tensor.shape), field, limits)
+    return InputTensor(tensor.name, dtype, array)
+
+
+def _requested_output(index: int, output: Any, regions: shm.SharedMemoryRegistry | None) -> RequestedOutput:
     """An InferRequestedOutputTensor; ``parameters["classification"]`` (an int64_param, as tritonclient's
-    ``class_count`` sets it) asks for the top k."""
+    ``class_count`` sets it) asks for the top k; shared-memory parameters say where to write it."""
+    ref = _reference(output.parameters, f"output {output.name!r}")
+    if ref is not None:
+        if regions is None:
+            raise InvalidInput(f"output {output.name!r}: {shm.REGION}: this server does not serve shared memory")
+        regions.check(ref, f"output {output.name!r}")
     top = output.parameters.get(classification.PARAMETER)
     if top is None:
-        return RequestedOutput(output.name)
+        return RequestedOutput(output.name, shared_memory=ref)
     field = f"outputs[{index}].parameters.classification"
     if top.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
         raise InvalidInput(f"{field}: must be an int64_param")
-    return RequestedOutput(output.name, classification=classification.class_count(parameter_value(top), field))
+    k = classification.class_count(parameter_value(top), field)
+    return RequestedOutput(output.name, classification=k, shared_memory=ref)
 
 
 def _decode_input(tensor: Any, raw: bytes | None, limits: tensors.Limits) -> InputTensor:
@@ -89,14 +130,34 @@ def _decode_input(tensor: Any, raw: bytes | None, limits: tensors.Limits) -> Inp
     return InputTensor(tensor.name, dtype, array.reshape(shape))
 
 
-def encode_response(response: InferenceResponse) -> Any:
-    """A ModelInferResponse carrying every output in raw_output_contents, as Triton does."""
+def encode_response(
+    response: InferenceResponse,
+    request: InferenceRequest | None = None,
+    regions: shm.SharedMemoryRegistry | None = None,
+) -> Any:
+    """A ModelInferResponse carrying every output in raw_output_contents, as Triton does. Outputs asked for in
+    shared memory are written there and listed last, with their parameters and no raw entry, so the raw
+    entries still line up with the outputs before them (tritonclient pairs them by index)."""
     message = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
+    targets = {o.name: o.shared_memory for o in request.outputs if o.shared_memory} if request and regions else {}
+    shared = []
     for out in response.outputs:
+        target = targets.get(out.name)
+        if target is not None and regions is not None:
+            regions.write(target, tensors.to_raw(out.array), f"output {out.name!r}")
+            shared.append((out, target))
+            continue
         message.outputs.add(name=out.name, datatype=out.datatype.name, shape=out.array.shape)
         message.raw_output_contents.append(tensors.to_raw(out.array))
+    for out, target in shared:
+        tensor = message.outputs.add(name=out.name, datatype=out.datatype.name, shape=out.array.shape)
+        for key, value in target.parameters().items():
+            if isinstance(value, str):
+                tensor.parameters[key].string_param = value
+            else:
+                tensor.parameters[key].int64_param = value
     return message
 
 

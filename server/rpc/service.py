@@ -17,6 +17,7 @@ from server.auth import AccessPolicy, Scope, grpc_peer_host
 from server.dataplane import DataPlane
 from server.errors import InternalError, InvalidInput, ServerError, wire_status
 from server.protocol import tensors
+from server.protocol.shared_memory import SharedMemoryRegistry
 from server.rpc.codec import decode_request, encode_response, from_json, parameter_value
 from server.settings import Settings
 
@@ -50,10 +51,17 @@ async def _abort(context: grpc.aio.ServicerContext, error: ServerError) -> None:
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Triton's GRPCInferenceService over one DataPlane. Unlisted RPCs answer UNIMPLEMENTED."""
 
-    def __init__(self, dataplane: DataPlane, limits: tensors.Limits, access: AccessPolicy) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        limits: tensors.Limits,
+        access: AccessPolicy,
+        regions: SharedMemoryRegistry | None = None,
+    ) -> None:
         self.dataplane = dataplane
         self.limits = limits
         self.access = access
+        self.regions = regions if regions is not None else SharedMemoryRegistry(enabled=False)
 
     def _authorize(self, context: Any, scope: Scope) -> None:
         """The one access policy, fed the ``authorization`` metadata and the peer address."""
@@ -96,7 +104,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)
         with self.dataplane.inference(request.model_name, request.model_version) as call:
-            return encode_response(await call.infer(decode_request(request, self.limits)))
+            decoded = decode_request(request, self.limits, self.regions)
+            return encode_response(await call.infer(decoded), decoded, self.regions)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         """Triton's bidirectional stream: every request is served concurrently (so a stream's requests
@@ -131,13 +140,34 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def _stream_reply(self, request: Any) -> Any:
         try:
             with self.dataplane.inference(request.model_name, request.model_version) as call:
-                response = encode_response(await call.infer(decode_request(request, self.limits)))
+                decoded = decode_request(request, self.limits, self.regions)
+                response = encode_response(await call.infer(decoded), decoded, self.regions)
             return pb.ModelStreamInferResponse(infer_response=response)
         except Exception as exc:  # reported in-stream; one bad request must not end the stream
             error = exc if isinstance(exc, ServerError) else InternalError(f"internal error: {exc}")
             failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version)
             failed.id = request.id
             return pb.ModelStreamInferResponse(error_message=error.message, infer_response=failed)
+
+    @translate_errors
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.INFERENCE)
+        reply = pb.SystemSharedMemoryStatusResponse()
+        for region in self.regions.status(request.name):
+            reply.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return reply
+
+    @translate_errors
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.ADMIN)
+        self.regions.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @translate_errors
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.ADMIN)
+        self.regions.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     @translate_errors
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
@@ -198,10 +228,14 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
 
 def create_grpc_server(
-    dataplane: DataPlane, settings: Settings, limits: tensors.Limits, access: AccessPolicy
+    dataplane: DataPlane,
+    settings: Settings,
+    limits: tensors.Limits,
+    access: AccessPolicy,
+    regions: SharedMemoryRegistry | None = None,
 ) -> grpc.aio.Server:
-    """A grpc.aio server with both services, the configured message size limits, and the tensor limits and
-    access policy shared with the HTTP edge."""
+    """A grpc.aio server with both services, the configured message size limits, and the tensor limits, access
+    policy and shared-memory registry shared with the HTTP edge."""
     limit = settings.max_grpc_message_bytes
     server = grpc.aio.server(
         options=[
@@ -210,6 +244,8 @@ def create_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(dataplane, limits, access), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceService(dataplane, limits, access, regions), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(dataplane), server)
     return server
