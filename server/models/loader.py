@@ -41,6 +41,7 @@ from server.models.placement import (
     gpu_serving_available,
     instance_plan,
     instance_report,
+    instances_open,
     thread_parameter,
 )
 from server.models.response_cache import ResponseCache
@@ -177,7 +178,10 @@ class VersionLoader:
         """Sessions per instance and a started batcher for ``optimized``'s model and session spec."""
         name, version, config = source.name, source.version, source.config
         own_threads = bool(thread_parameter(config, "intra_op_thread_count"))  # the model's own setting wins
-        plan = apply_session_spec(source.plan, optimized.session, keep_threads=own_threads)
+        plan = source.plan
+        if optimized.session.instances and source.options.tune_instances:  # the count was the optimizer's to pick
+            plan = instance_plan(config, self.settings, instances=optimized.session.instances)
+        plan = apply_session_spec(plan, optimized.session, keep_threads=own_threads)
         plan = gpu.with_gpu_options(plan, config, self.settings, fp16=optimized.family == "fp16")
         selected = optimized.summary.selected
         labels = load_labels(config, self.repository.model_dir(name), self.repository)  # before any session
@@ -259,6 +263,7 @@ class VersionLoader:
                 max_batch_size=int(config.max_batch_size),
                 preferred_batch_sizes=[int(s) for s in config.dynamic_batching.preferred_batch_size],
                 input_shapes=_config_shapes(config, explicit_inputs="input" in loaded.explicit),
+                tune_instances=_target(plan) == "cpu" and instances_open(config, loaded.explicit, self.settings),
             )
         except OptionsError as exc:
             raise LoadFailed(f"model {name!r}: {exc}") from None

@@ -27,9 +27,11 @@ from server.repository.config import MAX_INSTANCES, ModelConfig, ModelInstanceGr
 from server.settings import Settings
 
 
-def instance_plan(config: ModelConfig, settings: Settings) -> list[SessionConfig]:
+def instance_plan(config: ModelConfig, settings: Settings, instances: int | None = None) -> list[SessionConfig]:
     """One session config per instance of the model's instance groups, GPU instances placed on their GPU.
-    CPU threads are split so that instances x intra-op threads <= cores unless ``intra_op_threads`` is set."""
+    CPU threads are split so that instances x intra-op threads <= cores unless ``intra_op_threads`` is set.
+    ``instances``: the optimizer's count (:attr:`optimizers.SessionSpec.instances`), for a config that leaves
+    the count open (:func:`instances_open`); it replaces the count of a plan that is one CPU group."""
     devices: list[int | None] = []  # GPU id per instance; None = CPU instance
     visible: int | None = None  # the GPU count, asked for once and only when a group wants GPUs
     for index, group in enumerate(config.instance_group):
@@ -45,6 +47,8 @@ def instance_plan(config: ModelConfig, settings: Settings) -> list[SessionConfig
             devices.extend([None] * count)  # a GPU provider is installed but no GPU is visible
             continue
         devices.extend(spread(count, group_gpus(group, index, visible)))
+    if instances and len(config.instance_group) == 1 and all(device is None for device in devices):
+        devices = [None] * max(1, min(instances, MAX_INSTANCES))
     if len(devices) > MAX_INSTANCES:
         raise LoadFailed(f"instance_group: {len(devices)} instances in all (count x GPUs), at most {MAX_INSTANCES}")
     cpu_instances = max(1, sum(1 for device in devices if device is None))
@@ -109,6 +113,15 @@ def available_cpus() -> int:
     except (OSError, ValueError):
         pass
     return max(1, count)
+
+
+def instances_open(config: ModelConfig, explicit: set[str], settings: Settings) -> bool:
+    """Whether the optimizer may choose the instance count and threads: the config gives no instance_group
+    count (none at all: auto-completed, or groups with count left out) and no thread parameters, and the
+    operator set no ``--intra-op-threads``. An explicit count or thread setting always wins."""
+    counted = "instance_group" in explicit and any(group.count for group in config.instance_group)
+    threads = any(thread_parameter(config, key) for key in ("intra_op_thread_count", "inter_op_thread_count"))
+    return not counted and not threads and not settings.intra_op_threads
 
 
 def thread_parameter(config: ModelConfig, key: str) -> int:

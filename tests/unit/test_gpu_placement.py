@@ -523,3 +523,69 @@ def test_default_instance_group_follows_the_gpus() -> None:
     gpu_config = complete_config(LoadedConfig(ModelConfig(), set()), "m", fixtures.float_mlp(), 8, gpus_visible=True)
     assert [g.kind for g in cpu.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
     assert [g.kind for g in gpu_config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+
+
+def _build_tuned(tmp_path: Path, config: str, settings: Settings, rates: dict[tuple[int, int], float]) -> Any:
+    """``_build`` with the optimizer running (precision fp32) on injected timings: splits at ``rates``."""
+    from optimizers import Pipeline
+    from tests.unit.optimizers.conftest import FakeBenchmark, FakeThroughput, fake_device
+
+    fixtures.write_model(tmp_path / "repo", "m", fixtures.float_mlp(), config=config)
+    loader = VersionLoader(Repository(tmp_path / "repo"), settings, None)
+    timer = FakeThroughput(rates)
+    device = fake_device(cores=2)
+    loader._pipeline = Pipeline(tmp_path / "opt", device=device, benchmark=FakeBenchmark(), throughput=timer)
+    version = loader.build("m", 1, parse_config(config, "pbtxt"), lambda _message: None)
+    return version, timer
+
+
+FASTER_IN_TWO = {(1, 2): 100.0, (2, 1): 190.0}
+
+
+def test_loader_serves_the_optimizers_instance_count_when_the_config_leaves_it_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("server.models.placement.available_cpus", lambda: 2)
+    settings = Settings(cache_dir=tmp_path / "cache", default_precision="fp32", optimize_mode="before_ready")
+    version, timer = _build_tuned(tmp_path, "max_batch_size: 8", settings, FASTER_IN_TWO)
+    try:
+        assert timer.calls  # the compile step timed the splits
+        assert version.report["session_options"] == {"intra_op_threads": 1, "instances": 2}
+        assert len(version.backends) == 2
+        assert [b.config.intra_op_threads for b in version.backends] == [1, 1]
+    finally:
+        version.batcher.close(1)
+
+
+@pytest.mark.parametrize(
+    ("config", "intra_op_threads"),
+    [
+        ("max_batch_size: 8\ninstance_group [ { kind: KIND_CPU count: 1 } ]", 0),
+        ('max_batch_size: 8\nparameters { key: "intra_op_thread_count" value: { string_value: "2" } }', 0),
+        ("max_batch_size: 8", 2),  # --intra-op-threads
+    ],
+)
+def test_an_explicit_count_or_thread_setting_keeps_the_instances(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, intra_op_threads: int
+) -> None:
+    monkeypatch.setattr("server.models.placement.available_cpus", lambda: 2)
+    settings = Settings(
+        cache_dir=tmp_path / "cache",
+        default_precision="fp32",
+        optimize_mode="before_ready",
+        intra_op_threads=intra_op_threads,
+    )
+    version, timer = _build_tuned(tmp_path, config, settings, FASTER_IN_TWO)
+    try:
+        assert timer.calls == []  # nothing to choose: no split is timed
+        assert len(version.backends) == 1 and "instances" not in version.report["session_options"]
+    finally:
+        version.batcher.close(1)
+
+
+def test_instance_plan_takes_the_optimizers_count_for_one_cpu_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.models.placement.available_cpus", lambda: 4)
+    config = parse_config("max_batch_size: 8\ninstance_group [ { kind: KIND_CPU } ]", "pbtxt").config
+    plan = instance_plan(config, Settings(), instances=2)
+    assert [s.intra_op_threads for s in plan] == [2, 2]
+    assert len(instance_plan(config, Settings())) == 1
