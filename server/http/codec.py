@@ -179,7 +179,7 @@ def encode_response(
     response: InferenceResponse, request: InferenceRequest, regions: shm.SharedMemoryRegistry | None = None
 ) -> tuple[bytes, int | None]:
     """Encode a response; returns the body and, when binary sections follow, the JSON header's length.
-    An output asked for in shared memory is written there and answered with its parameters, not its data."""
+    An output asked for in shared memory is written there and listed without its data."""
     default_binary = bool(request.parameters.get("binary_data_output", False))
     wants = {o.name: o.binary for o in request.outputs}
     targets = {o.name: o.shared_memory for o in request.outputs if o.shared_memory is not None}
@@ -194,8 +194,9 @@ def encode_response(
         target = targets.get(out.name)
         binary = wants.get(out.name)
         if target is not None and regions is not None:
+            # As Triton: no data and no parameters (NVIDIA's C++ client reads binary_data_size from any
+            # output that has parameters); the client knows where it asked for the output.
             regions.write(target, tensors.to_raw(out.array), f"output {out.name!r}")
-            entry["parameters"] = target.parameters()
         elif binary if binary is not None else default_binary:
             blob = tensors.to_raw(out.array)
             blobs.append(blob)

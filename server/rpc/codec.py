@@ -135,29 +135,26 @@ def encode_response(
     request: InferenceRequest | None = None,
     regions: shm.SharedMemoryRegistry | None = None,
 ) -> Any:
-    """A ModelInferResponse carrying every output in raw_output_contents, as Triton does. Outputs asked for in
-    shared memory are written there and listed last, with their parameters and no raw entry, so the raw
-    entries still line up with the outputs before them (tritonclient pairs them by index)."""
+    """A ModelInferResponse carrying every output in raw_output_contents, as Triton does. An output asked for in
+    shared memory is written there and carries its shared-memory parameters and an empty raw entry, so the raw
+    entries still pair with the outputs by index (NVIDIA's C++ client, perf_analyzer's, crashes otherwise)."""
     message = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
     targets = {o.name: o.shared_memory for o in request.outputs if o.shared_memory} if request and regions else {}
-    shared = []
     for out in response.outputs:
-        target = targets.get(out.name)
-        if target is not None and regions is not None:
-            regions.write(target, tensors.to_raw(out.array), f"output {out.name!r}")
-            shared.append((out, target))
-            continue
-        message.outputs.add(name=out.name, datatype=out.datatype.name, shape=out.array.shape)
-        message.raw_output_contents.append(tensors.to_raw(out.array))
-    for out, target in shared:
         tensor = message.outputs.add(name=out.name, datatype=out.datatype.name, shape=out.array.shape)
+        target = targets.get(out.name)
+        if target is None or regions is None:
+            message.raw_output_contents.append(tensors.to_raw(out.array))
+            continue
+        regions.write(target, tensors.to_raw(out.array), f"output {out.name!r}")
         for key, value in target.parameters().items():
             if isinstance(value, str):
                 tensor.parameters[key].string_param = value
             else:
                 tensor.parameters[key].int64_param = value
+        message.raw_output_contents.append(b"")
     return message
 
 

@@ -169,6 +169,23 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         self.regions.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
+    # CUDA shared memory is not served; answering status and unregister (there is nothing to unregister) lets
+    # clients that clear both kinds at start and exit, as perf_analyzer does, use system shared memory.
+    @translate_errors
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        if request.name:
+            raise InvalidInput(f"name: CUDA shared memory region {request.name!r} is not registered")
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @translate_errors
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise InvalidInput("CUDA shared memory is not supported by this server; use system shared memory")
+
+    @translate_errors
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self._authorize(context, Scope.ADMIN)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
     @translate_errors
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)

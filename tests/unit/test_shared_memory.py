@@ -145,7 +145,7 @@ def test_http_input_from_and_output_to_shared_memory(regions: SharedMemoryRegist
     encoded, header = http_codec.encode_response(InferenceResponse("m", "1", [y, z]), request, regions)
     assert header is None
     outputs = orjson.loads(encoded)["outputs"]
-    assert outputs[0] == {"name": "y", "datatype": "FP32", "shape": [2, 2], "parameters": shm_out}
+    assert outputs[0] == {"name": "y", "datatype": "FP32", "shape": [2, 2]}  # as Triton: no data, no parameters
     assert outputs[1]["data"] == [1.0]
     assert np.frombuffer((root / "seg").read_bytes()[1032:1048], np.float32).tolist() == [7] * 4
 
@@ -198,9 +198,9 @@ def test_grpc_shared_memory_input_leaves_raw_contents_to_the_others(regions: Sha
     y = OutputTensor("y", fp32, np.full(3, 5, np.float32))
     z = OutputTensor("z", fp32, np.ones(2, np.float32))
     reply = grpc_codec.encode_response(InferenceResponse("m", "1", [y, z]), request, regions)
-    assert [o.name for o in reply.outputs] == ["z", "y"] and len(reply.raw_output_contents) == 1
-    assert np.frombuffer(reply.raw_output_contents[0], np.float32).tolist() == [1, 1]
-    assert reply.outputs[1].parameters["shared_memory_region"].string_param == "out"
+    assert [o.name for o in reply.outputs] == ["y", "z"] and reply.raw_output_contents[0] == b""  # pairs by index
+    assert np.frombuffer(reply.raw_output_contents[1], np.float32).tolist() == [1, 1]
+    assert reply.outputs[0].parameters["shared_memory_region"].string_param == "out"
     assert np.frombuffer((root / "seg").read_bytes()[1024:1036], np.float32).tolist() == [5] * 3
 
 
