@@ -19,6 +19,7 @@ Layout of one upload::
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -60,6 +61,8 @@ log = logging.getLogger("optiserve.upload")
 
 STAGING = ".staging"
 MARKER = "COMMITTED"
+LOCK_FILE = "LOCK"
+"""In each staging folder: flock-ed by the server using the folder, for as long as it does."""
 NEXT_VERSION = 0
 UPLOADED_CONFIG = "config.json"
 MAX_VERSION = 2**63 - 1
@@ -191,10 +194,11 @@ class StagedUpload:
     versions: list[int] = field(default_factory=list)
     published: asyncio.Event = field(default_factory=asyncio.Event)
     _created_model: bool = False
+    _lock: int = -1
     _open: list[StagedFile] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.dir = new_staging_dir(self.root)
+        self.dir, self._lock = new_staging_dir(self.root)
         self.incoming = self.dir / "incoming"
         self.incoming.mkdir()
         self.shared = self.dir / SHARED
@@ -404,7 +408,7 @@ class StagedUpload:
     def withdraw_now(self) -> None:
         """Rename the published versions (or the model folder this upload created) into staging, then
         delete them there: each rename is atomic, and leftovers are cleaned at the next start."""
-        trash = new_staging_dir(self.root)
+        trash, lock = new_staging_dir(self.root)
         model_dir = self.root / self.model_name
         if self._created_model:
             os.rename(model_dir, trash / "model")
@@ -415,6 +419,7 @@ class StagedUpload:
             fsync_dir(model_dir)
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
+        os.close(lock)
         log.warning("model %s: withdrew version(s) %s after a failed load", self.model_name, self.versions)
 
     def discard(self) -> None:
@@ -422,10 +427,20 @@ class StagedUpload:
         failed halfway is kept: the next start rolls it forward."""
         for staged in self._open:
             staged.abort()
-        if (self.dir / MARKER).is_file():
-            log.error("model %s: publishing failed after its commit; the next start finishes it", self.model_name)
-            return
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if (self.dir / MARKER).is_file():
+                log.error("model %s: publishing failed after its commit; the next start finishes it", self.model_name)
+                return
+            shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the staging folder's lock (as the end of this process would): from here on another
+        server's start-up recovery may finish or delete whatever is left of it."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 def files_receiver(files: dict[str, bytes], config_text: str | None) -> Receiver:
@@ -501,20 +516,34 @@ def check_samples(path: Path, label: str) -> None:
 
 
 def recover_staging(root: Path) -> None:
-    """At start: finish committed uploads, delete unfinished ones (and withdrawn leftovers)."""
+    """At start: finish committed uploads, delete unfinished ones (and withdrawn leftovers). Several servers
+    may share the repository: a staging folder whose lock a live server holds (an upload in flight) is left
+    alone; the lock of a server that died went with its process."""
     staging = root / STAGING
     if not staging.is_dir():
         return
     for txn in sorted(staging.iterdir()):
-        if (txn / MARKER).is_file():
-            try:
-                apply_committed(txn, root)
-                log.info("finished publishing an interrupted upload (%s)", txn.name)
-            except (OSError, ValueError, KeyError, InvalidInput) as exc:
-                log.error("could not finish the interrupted upload %s: %s", txn, exc)
-        else:
-            _remove(txn)
-            log.info("removed an unfinished upload from staging (%s)", txn.name)
+        lock = _try_lock(txn)
+        if lock is None:
+            log.info("left the staging folder %s alone: a live server is using it", txn.name)
+            continue
+        try:
+            _recover(txn, root)
+        finally:
+            if lock >= 0:
+                os.close(lock)
+
+
+def _recover(txn: Path, root: Path) -> None:
+    if (txn / MARKER).is_file():
+        try:
+            apply_committed(txn, root)
+            log.info("finished publishing an interrupted upload (%s)", txn.name)
+        except (OSError, ValueError, KeyError, InvalidInput) as exc:
+            log.error("could not finish the interrupted upload %s: %s", txn, exc)
+    else:
+        _remove(txn)
+        log.info("removed an unfinished upload from staging (%s)", txn.name)
 
 
 def _remove(path: Path) -> None:
@@ -524,13 +553,43 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def new_staging_dir(root: Path) -> Path:
-    """A fresh private folder under ``<root>/.staging``."""
+def new_staging_dir(root: Path) -> tuple[Path, int]:
+    """A fresh private folder under ``<root>/.staging``, and the descriptor of its lock file, held (flock)
+    while this server uses it so that another server's start-up recovery leaves it alone. Another server's
+    recovery may lock and delete the folder between its creation and our lock: then we start over."""
     staging = root / STAGING
     staging.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = staging / uuid.uuid4().hex
-    path.mkdir(mode=0o700)
-    return path
+    while True:
+        path = staging / uuid.uuid4().hex
+        path.mkdir(mode=0o700)
+        try:
+            fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path / LOCK_FILE).st_ino == os.fstat(fd).st_ino:
+                return path, fd
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _try_lock(txn: Path) -> int | None:
+    """Lock a staging folder for recovery: its lock's descriptor, -1 for an entry without one to lock (a
+    stray file, or a folder whose lock file is gone), None when a live server holds it."""
+    if not txn.is_dir() or txn.is_symlink():
+        return -1
+    try:
+        fd = os.open(txn / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _numeric_folders(model_dir: Path) -> set[int]:

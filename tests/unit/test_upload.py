@@ -11,6 +11,7 @@ import pickle
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -353,9 +354,53 @@ def test_recovery_removes_unfinished_and_finishes_committed(tmp_path: Path, monk
     crashed.discard()  # a committed upload is never thrown away: the next start finishes it
     assert (crashed.dir / MARKER).is_file()
     monkeypatch.undo()
+    unfinished.release()  # the server that staged it died (its process held the lock)
     recover_staging(tmp_path)
     assert _tree(tmp_path) == ["m", "m/1", "m/1/model.onnx", "m/config.json"]
     assert _staging(tmp_path) == []
+
+
+def test_recovery_leaves_a_live_servers_upload_alone(tmp_path: Path) -> None:
+    """Several servers share one repository: one starting up must not delete or publish another's upload in
+    flight (its staging lock is held), but does clean up the folders of a server that died."""
+    in_flight = _stage(tmp_path, "live", {"1/model.onnx": _model_bytes()})
+    committed = _stage(tmp_path, "busy", {"1/model.onnx": _model_bytes()})
+    committed.validate(32)
+    dead = _stage(tmp_path, "dead", {"1/model.onnx": _model_bytes()})
+    dead.release()
+    stray = tmp_path / STAGING / "stray-file"
+    stray.write_text("x")
+    # A live server's recovery runs in another process: the lock is per open file, so this one conflicts too.
+    recover_staging(tmp_path)
+    assert sorted(_staging(tmp_path)) == sorted([in_flight.dir, committed.dir])
+    assert (in_flight.dir / "incoming" / "1" / "model.onnx").is_file()
+    assert _tree(tmp_path) == []
+    committed.publish_now()  # the live server goes on as if nothing happened
+    committed.discard()
+    assert _tree(tmp_path) == ["busy", "busy/1", "busy/1/model.onnx"]
+    in_flight.discard()
+    assert _staging(tmp_path) == []
+
+
+def test_staging_folder_deleted_before_its_lock_is_taken_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another server's recovery may lock and delete a staging folder between its mkdir and our lock."""
+    real_open = os.open
+    raced = []
+
+    def racing_open(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if str(path).endswith(upload_module.LOCK_FILE) and not raced:
+            raced.append(path)
+            recover_staging(tmp_path)  # sees an unlocked, empty folder: deletes it
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(upload_module.os, "open", racing_open)
+    staged = _stage(tmp_path, "m", {"1/model.onnx": _model_bytes()})
+    monkeypatch.undo()
+    assert raced and staged.dir.is_dir() and str(raced[0]).startswith(str(tmp_path / STAGING))
+    assert not str(raced[0]).startswith(str(staged.dir))
+    staged.discard()
 
 
 def test_apply_is_idempotent_after_a_partial_roll_forward(tmp_path: Path) -> None:
