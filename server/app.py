@@ -99,10 +99,26 @@ class OptiServe:
             self.grpc_port,
             self.repository.root,
         )
-        loading = asyncio.create_task(self.models.load_all())
+        # In poll mode the same task goes on rescanning the repository; the drain cancels it.
+        loading = asyncio.create_task(self._load_and_poll())
         serving = asyncio.create_task(http_server.serve(sockets=[http_socket]))
         await self._stop.wait()
         await self._shutdown(http_server, serving, loading)
+
+    async def _load_and_poll(self) -> None:
+        """Load every model, then (--model-control-mode poll) rescan the repository every
+        --repository-poll-secs until the drain begins."""
+        await self.models.load_all()
+        if self.settings.model_control_mode != "poll":
+            return
+        while not self._stop.is_set():
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            if self._stop.is_set():
+                return
+            try:
+                await self.models.poll()
+            except Exception:  # a poll that fails (a vanished folder, a full disk) is retried next time
+                log.exception("polling the model repository failed")
 
     def request_stop(self) -> None:
         """Begin a graceful drain (signal handler)."""

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from server import __version__
-from server.errors import InternalError, LoadFailed, ModelNotFound, ServerError, wire_status
+from server.errors import InternalError, InvalidInput, LoadFailed, ModelNotFound, ServerError, wire_status
 from server.models.batching import BatcherClosed
 from server.models.manager import ModelManager, ModelState
 from server.models.version import ModelVersion
@@ -173,6 +173,7 @@ class DataPlane:
         they are uploaded first, as a new version, and the config sent along becomes the model's config;
         returns once loaded (400 if it failed)."""
         check_model_name(name)
+        self._check_control(uploading=bool(files))
         if files:
             result = await self._stage_and_load(name, files_receiver(files, config_json), wait=True)
             if result.failed:
@@ -185,6 +186,7 @@ class DataPlane:
     async def unload_model(self, name: str) -> None:
         """Stop serving a model (its files stay on disk)."""
         check_model_name(name)
+        self._check_control(uploading=False)
         await self.models.unload(name)
 
     # ---- uploads ---------------------------------------------------------------------------------
@@ -197,8 +199,17 @@ class DataPlane:
         Without ``wait`` this returns once the files are published (state LOADING)."""
         return await self._stage_and_load(name, receive, wait=wait)
 
+    def _check_control(self, *, uploading: bool) -> None:
+        """Triton's model control modes: none refuses every change, poll refuses load and unload (what is
+        served follows the repository) but takes uploads, which change the repository for every replica."""
+        mode = self.models.settings.model_control_mode
+        if mode == "none" or (mode == "poll" and not uploading):
+            what = "uploads, loads and unloads are" if mode == "none" else "explicit model load / unload is"
+            raise InvalidInput(f"{what} not allowed with --model-control-mode {mode}")
+
     async def _stage_and_load(self, name: str, receive: Receiver, *, wait: bool) -> UploadResult:
         check_model_name(name)
+        self._check_control(uploading=True)
         settings = self.models.settings
         staged = StagedUpload(self.models.repository.root, name, settings.max_upload_bytes)
         try:

@@ -24,6 +24,17 @@ class Settings(BaseSettings):
     model_repository: Path = Path("model_repo")
     """Folder holding models in Triton's layout: <model>/<version>/model.onnx plus an optional config."""
 
+    model_control_mode: Literal["none", "explicit", "poll"] = "explicit"
+    """Triton's model control modes; every mode loads all models of the repository at start. explicit: the
+    load, unload and upload APIs change what is served (Triton's explicit with --load-model=*). none: the
+    repository is read once, and those APIs answer 400. poll: the repository is rescanned every
+    --repository-poll-secs and new models and versions are loaded, changed ones reloaded and removed ones
+    unloaded, so replicas sharing one repository serve the same models; uploads work (they change the
+    repository), load and unload without files answer 400 as in Triton."""
+
+    repository_poll_secs: float = Field(15.0, gt=0, le=3600)
+    """poll mode: seconds between two rescans of the repository (Triton's --repository-poll-secs)."""
+
     host: str = "127.0.0.1"
     """Address both listeners bind to; use 0.0.0.0 inside a container."""
 

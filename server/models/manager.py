@@ -64,6 +64,8 @@ class ModelEntry:
     model_status: VersionStatus = field(default_factory=lambda: VersionStatus(ModelState.UNAVAILABLE))
     wanted: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    fingerprint: tuple[Any, ...] | None = None
+    """The model folder as the last load attempt found it (poll mode compares against it)."""
 
 
 class ModelManager:
@@ -197,6 +199,8 @@ class ModelManager:
             wanted_before = entry.wanted
             if change is not None:
                 await change.publish()
+            # Taken before reading: whatever changes from here on is seen by the next poll.
+            entry.fingerprint = await asyncio.to_thread(self.repository.fingerprint, name)
             entry.wanted = True
             entry.model_status = VersionStatus(ModelState.LOADING, "loading")
             try:
@@ -225,6 +229,39 @@ class ModelManager:
             self._after_ready(entry, built, started)
         await self._retire(old)
         return sorted(built)
+
+    async def poll(self) -> None:
+        """One rescan of the repository (--model-control-mode poll): load models that appeared, reload those
+        whose folder changed (a new or removed version, a new config), unload those whose folder is gone. Only
+        published folders are seen (uploads are renamed into place whole). A failed reload leaves the serving
+        versions serving, as any reload does; it is retried when the folder changes again."""
+        names = await asyncio.to_thread(self.repository.model_names)
+        on_disk = set(names)
+        gone = [
+            name
+            for name, entry in list(self._entries.items())
+            if name not in on_disk and (entry.served or entry.wanted) and not entry.lock.locked()
+        ]
+        changed: list[str] = []
+        for name in names:
+            entry = self._entries.get(name)
+            if entry is not None and entry.lock.locked():
+                continue  # a load or upload is under way; the next poll compares against what it read
+            current = await asyncio.to_thread(self.repository.fingerprint, name)
+            if current is not None and (entry is None or entry.fingerprint != current):
+                changed.append(name)
+        for name in gone:
+            log.info("poll: model %s was removed from the repository; unloading it", name)
+        for name in changed:
+            log.info("poll: model %s is new or changed in the repository; loading it", name)
+        results = await asyncio.gather(
+            *(self.unload(name) for name in gone), *(self.load(name) for name in changed), return_exceptions=True
+        )
+        for name, result in zip([*gone, *changed], results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                log.warning("poll: model %s: %s", name, result)
 
     async def unload(self, name: str) -> None:
         """Stop serving a model; its files stay in the repository."""

@@ -57,6 +57,29 @@ class Repository:
         """Numeric version folders of a model, ascending."""
         return sorted(version_folders(self.model_dir(name)))
 
+    def fingerprint(self, name: str) -> tuple[Any, ...] | None:
+        """A cheap summary of what a load of this model reads, for polling: the name, inode, size and mtime of
+        the model folder's entries (config, labels, version folders), of each version folder's entries and of
+        ``warmup/``'s. Publishing (a rename) or removing anything a load reads changes it; file contents are
+        never read. None when the model folder is gone."""
+        try:
+            model_dir = self.model_dir(name)
+        except (ModelNotFound, InvalidInput):
+            return None
+        parts: list[tuple[Any, ...]] = []
+        try:
+            for entry in sorted(os.scandir(model_dir), key=lambda e: e.name):
+                parts.append(_stat_key(entry, ""))
+                if entry.is_dir() and (entry.name.isdigit() or entry.name == "warmup"):
+                    try:
+                        for inner in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                            parts.append(_stat_key(inner, entry.name))
+                    except OSError as exc:  # removed while we looked: the next poll sees the result
+                        parts.append((entry.name, "error", exc.errno))
+        except OSError:  # the model folder went away while we looked
+            return None
+        return tuple(parts)
+
     def version_dir(self, name: str, version: int) -> Path:
         """The folder of one version."""
         return self._inside(self.model_dir(name) / str(version))
@@ -101,6 +124,14 @@ class Repository:
         if not parts or not NAME_PATTERN.fullmatch(parts[0]):
             raise InvalidInput(f"{what} resolves outside the model folders of the repository")
         return resolved
+
+
+def _stat_key(entry: os.DirEntry[str], folder: str) -> tuple[Any, ...]:
+    try:
+        info = entry.stat()  # follows links: a relinked file counts as a change
+    except OSError:  # a dangling link
+        info = entry.stat(follow_symlinks=False)
+    return (folder, entry.name, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def version_folders(model_dir: Path) -> set[int]:
