@@ -74,6 +74,11 @@ def _reference(report: dict[str, Any]) -> str:
     text = f"{ref.get('source', '?')}, {ref.get('count', 0)} inputs"
     if attempts:
         text += f" ({len(attempts)} attempts, {failed} failed)"
+    ran = next((a for a in attempts if a.get("shapes") and not a.get("error")), None)
+    if ran:
+        shapes = ", ".join(f"{name} {'x'.join(map(str, dims)) or 'scalar'}" for name, dims in ran["shapes"].items())
+        values = ", ".join(f"{name}={value}" for name, value in (ran.get("values") or {}).items())
+        text += f"; shapes {shapes}" + (f" ({values})" if values else "")
     return text
 
 
@@ -85,15 +90,23 @@ def _selected_step(report: dict[str, Any]) -> dict[str, Any] | None:
     return next((s for s in report.get("steps", []) if s["name"] == report.get("selected")), None)
 
 
+def _selected(report: dict[str, Any]) -> str:
+    options = report.get("session_options") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in options.items())
+    return report.get("selected", "?") + (f" + {extra}" if extra else "")
+
+
 def _speedup(report: dict[str, Any]) -> str:
+    """Original (the first measured ``before``) vs what serves: the compile step's ``after`` when it applied
+    (it times session settings on the selected variant), else the selected step's ``after``."""
+    steps = report.get("steps", [])
+    original = next((s["latency_ms"]["before"] for s in steps if (s.get("latency_ms") or {}).get("before")), None)
+    compile_step = next((s for s in steps if s["name"] == "compile" and s["status"] == "applied"), None)
     step = _selected_step(report)
-    if step is None:
-        return "1.00x (original)"
-    lat = step.get("latency_ms") or {}
-    before, after = lat.get("before"), lat.get("after")
-    if not before or not after:
-        return "?"
-    return f"{before / after:.2f}x ({before:.3f} → {after:.3f} ms)"
+    final = (compile_step or step or {}).get("latency_ms", {}).get("after") or original
+    if not original or not final:
+        return "—"
+    return f"{original / final:.2f}x ({original:.3f} → {final:.3f} ms)"
 
 
 def _accuracy(report: dict[str, Any]) -> str:
@@ -116,7 +129,8 @@ def _cell(text: str, limit: int = 400) -> str:
 
 def render(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | package | size MB | reference | candidates | selected | speedup (median at preferred batch) | "
+        "| model | package | size MB | reference (source, inputs, attempts; shapes that ran) | candidates | selected | "
+        "speedup: original → served, median ms at the preferred batch | "
         "accuracy vs original | summary | optimizer s |",
         "|---|---|---:|---|---|---|---|---|---|---:|",
     ]
@@ -130,7 +144,7 @@ def render(results: list[dict[str, Any]]) -> str:
             continue
         report = entry["report"]
         lines.append(
-            f"{head} {_cell(_reference(report))} | {_candidates(report)} | {report['selected']} | "
+            f"{head} {_cell(_reference(report))} | {_candidates(report)} | {_selected(report)} | "
             f"{_speedup(report)} | {_cell(_accuracy(report))} | {_cell(report.get('summary', ''))} | "
             f"{entry['wall_s']:.1f} |"
         )
@@ -144,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-mb", type=float, default=50.0, help="skip files larger than this")
     parser.add_argument("--time-budget", type=float, default=1.5, help="seconds to time each candidate")
     args = parser.parse_args(argv)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # the reference search's failed runs each log an error
     models = find_models(args.models_dir, args.max_mb)
     if not models:
         print(f"no .onnx files under {args.models_dir}", file=sys.stderr)
