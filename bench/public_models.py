@@ -93,7 +93,7 @@ def _selected_step(report: dict[str, Any]) -> dict[str, Any] | None:
 def _selected(report: dict[str, Any]) -> str:
     options = report.get("session_options") or {}
     extra = ", ".join(f"{k}={v}" for k, v in options.items())
-    return report.get("selected", "?") + (f" + {extra}" if extra else "")
+    return str(report.get("selected", "?")) + (f" + {extra}" if extra else "")
 
 
 def _speedup(report: dict[str, Any]) -> str:
@@ -165,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         print(f"no .onnx files under {args.models_dir}", file=sys.stderr)
         return 1
-    results = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="optiserve-public-") as tmp:
         for package, path, too_big in models:
             if too_big:
-                entry = {"package": package, "file": path.name, "size_bytes": path.stat().st_size}
-                results.append({**entry, "skipped": f"larger than --max-mb {args.max_mb:g}"})
+                size = path.stat().st_size
+                skipped = f"larger than --max-mb {args.max_mb:g}"
+                results.append({"package": package, "file": path.name, "size_bytes": size, "skipped": skipped})
                 continue
             entry = run_model(package, path, Path(tmp), args.time_budget)
             report = entry.get("report") or {}
