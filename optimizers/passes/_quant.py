@@ -138,6 +138,19 @@ def quantize_with_fallbacks(
     raise QuantizeFailed(f"onnxruntime's quantizer failed with every setting ({tried})")
 
 
+def check_loads(path: Path) -> None:
+    """Open the quantized model in onnxruntime (CPU, no graph optimizations: only the graph's validity is in
+    question). The quantizer can return without error and still write a graph that does not load, e.g.
+    per-channel ``DequantizeLinear`` with an ``axis`` on an opset below 13; raising here sends the fallback
+    loop on to the next setting instead of leaving the guard to reject the whole pass."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class QuantizeFailed(RuntimeError):
     """Every quantizer setting raised."""
 

@@ -10,6 +10,7 @@ from typing import Any
 from optimizers.passes._quant import (
     IntType,
     QuantSetting,
+    check_loads,
     fallback_settings,
     preprocess,
     quant_type,
@@ -68,6 +69,7 @@ class Int8DynamicPass(ModelPass[DynamicQuantConfig]):
                 nodes_to_exclude=excluded,
                 extra_options=setting.extra_options,
             )
+            check_loads(target)
 
         fallbacks = quantize_with_fallbacks(fallback_settings(config.per_channel, {}, qdq=False), prepared, quantize)
         prepared.unlink(missing_ok=True)

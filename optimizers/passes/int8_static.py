@@ -11,6 +11,7 @@ from typing import Any, Literal
 from optimizers.passes._quant import (
     IntType,
     QuantSetting,
+    check_loads,
     fallback_settings,
     preprocess,
     quant_type,
@@ -82,6 +83,7 @@ class Int8StaticPass(ModelPass[StaticQuantConfig]):
                 nodes_to_exclude=excluded,
                 extra_options=setting.extra_options,
             )
+            check_loads(target)
 
         fallbacks = quantize_with_fallbacks(fallback_settings(config.per_channel, extra, qdq=True), prepared, quantize)
         prepared.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -201,3 +202,18 @@ def test_the_summary_says_why_nothing_was_applied(tmp_path: Path) -> None:
     assert "int8_dynamic rejected" in equal["summary"] and "prune" not in equal["summary"]
     served = _report(tmp_path / "detector", models.stride_detector())
     assert served["summary"].startswith("serving int8_static: fastest")
+
+
+def test_a_quantized_graph_that_does_not_load_falls_back_to_the_next_setting(tmp_path: Path) -> None:
+    """Paddle exports are opset 11/12: per-channel QDQ writes DequantizeLinear with an ``axis`` that only opset
+    13 has. The quantizer returns without error; the pass must load-check and try per-tensor."""
+    model = models.conv_net()
+    model.opset_import[0].version = 11
+    onnx.checker.check_model(model)
+    source = models.save(model, tmp_path)
+    ctx = context(source)
+    quant = Int8StaticPass()
+    details = quant.apply(source, tmp_path / "qdq.onnx", quant.configure(ctx), ctx)
+    assert details["quantizer_setting"] == "per_tensor"
+    assert "INVALID_GRAPH" in details["quantizer_attempts"][0]["error"]
+    ort.InferenceSession(str(tmp_path / "qdq.onnx"), providers=["CPUExecutionProvider"])
