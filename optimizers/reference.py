@@ -291,7 +291,11 @@ def _guesses(info: ModelInfo, batch_dim: bool, config_shapes: Mapping[str, Seque
     yield Guess("random", {t.name: concrete_shape(t, 1 if batch_dim else None) for t in info.inputs})
     for index in range(rounds):
         for size in (DYNAMIC_DIM, *SEARCH_SIZES):
-            yield Guess("search", _fill(info, batch_dim, size, {}), values(index))
+            shapes = _fill(info, batch_dim, size, {})
+            yield Guess("search", shapes, values(index))
+            lone = _fill(info, batch_dim, size, {}, secondary_anonymous=1)
+            if lone != shapes:
+                yield Guess("search", lone, values(index))
 
 
 def _config_dims(tensor: TensorInfo, dims: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -305,11 +309,18 @@ def _config_dims(tensor: TensorInfo, dims: Sequence[int] | None) -> tuple[int, .
 
 
 def _fill(
-    info: ModelInfo, batch_dim: bool, size: int, configured: Mapping[str, tuple[int, ...] | None]
+    info: ModelInfo,
+    batch_dim: bool,
+    size: int,
+    configured: Mapping[str, tuple[int, ...] | None],
+    secondary_anonymous: int | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Every input's shape with its dynamic dims set: the batch (dim 0 of a batched model) to 1, the dims that
     look like a batch (a name with "batch", or the first dim of an input) to 1, the others to ``size``. Dims
-    with the same name get the same value."""
+    with the same name get the same value. With ``secondary_anonymous``, the unnamed dims of every input after
+    the first one that has any take that value instead: exporters that drop dim names leave a recurrent
+    state ``[2, ?, 128]`` whose ``?`` is the batch, not the sequence length of the data input."""
+    primary = next((t.name for t in info.inputs if any(d is None for d in t.shape[1:])), None)
     batch_like = {
         str(t.shape[0]) for t in info.inputs if t.shape and isinstance(t.shape[0], str) and len(t.shape) > 1
     } | {str(d) for t in info.inputs for d in t.shape if isinstance(d, str) and "batch" in d.lower()}
@@ -327,6 +338,8 @@ def _fill(
                 dims.append(fixed)
             elif dim in batch_like or (dim is None and index == 0 and len(tensor.shape) > 1):
                 dims.append(1)
+            elif dim is None and secondary_anonymous is not None and tensor.name != primary:
+                dims.append(secondary_anonymous)
             else:
                 dims.append(size)
         shapes[tensor.name] = tuple(dims)

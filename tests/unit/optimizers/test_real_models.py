@@ -217,3 +217,29 @@ def test_a_quantized_graph_that_does_not_load_falls_back_to_the_next_setting(tmp
     assert details["quantizer_setting"] == "per_tensor"
     assert "INVALID_GRAPH" in details["quantizer_attempts"][0]["error"]
     ort.InferenceSession(str(tmp_path / "qdq.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _anonymous_state_model() -> onnx.ModelProto:
+    """input [?, ?] and state [2, ?, 4] with no dim names (as some exporters write them); the graph reshapes
+    the state to [2, 4], so only a state whose unnamed dim is 1 (the batch) runs."""
+    nodes = [
+        helper.make_node("ReduceSum", ["input"], ["total"], keepdims=0),
+        helper.make_node("Reshape", ["state", "flat"], ["state2"]),
+        helper.make_node("Add", ["state2", "total"], ["out"]),
+    ]
+    shape = numpy_helper.from_array(np.array([2, 4], np.int64), "flat")
+    inputs = [
+        helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, None]),
+        helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 4]),
+    ]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])]
+    return _model(nodes, inputs, outputs, [shape])
+
+
+def test_unnamed_state_dims_are_tried_as_the_batch(tmp_path: Path) -> None:
+    report = _report(tmp_path, _anonymous_state_model(), OptimizeOptions(max_batch_size=0))
+    reference = report["reference"]
+    assert reference["source"] == "search"
+    assert reference["attempts"][-1]["error"] is None
+    assert reference["attempts"][-1]["shapes"]["state"] == [2, 1, 4]
+    assert reference["attempts"][-1]["shapes"]["input"][1] > 1  # the data input keeps the searched length
