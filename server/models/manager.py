@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import threading
@@ -16,17 +17,20 @@ from typing import Any, Protocol, TypeVar
 from optimizers.runtime import SessionSpec
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.metrics import Metric, ServerMetrics, state_families
+from server.models.ensemble import EnsembleVersion, MemberTensors, build_ensemble, is_ensemble, parse_steps
 from server.models.loader import PendingOptimization, VersionLoader, phase_fields, phase_of
 from server.models.response_cache import ResponseCache
+from server.models.stats import ModelStats
 from server.models.threads import in_daemon_thread, lower_thread_priority
 from server.models.version import ModelVersion
 from server.protocol.numbers import parse_uint
-from server.repository.config import read_config
+from server.repository.config import LoadedConfig, read_config
 from server.repository.layout import Repository, select_versions
 from server.settings import Settings
 
 log = logging.getLogger("optiserve.models")
 T = TypeVar("T")
+_LOADING_ENSEMBLES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("ensembles", default=())
 _ORIGINAL_SESSION = SessionSpec()
 
 
@@ -124,12 +128,12 @@ class ModelManager:
         """Whether a request for this model (version) would be served now; a malformed version is the
         client's error (InvalidInput), not a model that is not ready."""
         try:
-            self.get(name, version)
+            served = self.get(name, version)
         except InvalidInput:
             raise
         except ServerError:
             return False
-        return True
+        return not isinstance(served, EnsembleVersion) or served.members_ready()
 
     def server_ready(self) -> bool:
         """Ready once start-up loading is done and every model meant to be loaded serves a version
@@ -195,6 +199,7 @@ class ModelManager:
         ``change`` (an upload) is published under the model's lock first, and withdrawn if the load fails."""
         entry = self._entry(name)
         started = time.monotonic()
+        members = await self._ensemble_members(name, config_text)
         async with entry.lock:
             wanted_before = entry.wanted
             if change is not None:
@@ -205,7 +210,7 @@ class ModelManager:
             entry.model_status = VersionStatus(ModelState.LOADING, "loading")
             try:
                 built = await in_daemon_thread(
-                    lambda: self._build_all(name, config_text, entry), name=f"load-{name}", orphan=_close_all
+                    lambda: self._build_all(name, config_text, entry, members), name=f"load-{name}", orphan=_close_all
                 )
             except asyncio.CancelledError:
                 # The caller went away (a client timeout, shutdown): the build finishes on its own and its
@@ -474,12 +479,68 @@ class ModelManager:
             getattr(self.metrics, which).labels(served.name, str(served.version)).set(round(seconds, 3))
 
     # ---- building (runs in a worker thread) ------------------------------------------------------
-    def _build_all(self, name: str, config_text: str | None, entry: ModelEntry) -> dict[int, ModelVersion]:
-        model_dir = self.repository.model_dir(name)
+    async def _ensemble_members(self, name: str, config_text: str | None) -> dict[str, MemberTensors] | None:
+        """For an ensemble (None otherwise): load the members that are not served yet (a member's failure
+        fails the ensemble's load, naming the step), and return each member's tensor names."""
+        try:
+            loaded = await asyncio.to_thread(self._read_config, name, config_text)
+        except ServerError:
+            return None  # the build reports it, under the model's lock
+        if not is_ensemble(loaded.config):
+            return None
+        steps = parse_steps(name, loaded.config)
+        chain = _LOADING_ENSEMBLES.get()
+        token = _LOADING_ENSEMBLES.set((*chain, name))
+        members: dict[str, MemberTensors] = {}
+        try:
+            for step in steps:
+                if step.model_name in members:
+                    continue
+                if step.model_name in chain:
+                    raise LoadFailed(f"ensemble {name!r}: {step.label}: ensembles include each other (a cycle)")
+                if step.model_name not in self.repository.model_names():
+                    raise LoadFailed(f"ensemble {name!r}: {step.label}: the model is not in the repository")
+                entry = self._entry(step.model_name)
+                async with entry.lock:  # a load under way (start-up loads every model at once) finishes first
+                    served = bool(entry.served)
+                if not served:
+                    try:
+                        await self.load(step.model_name)
+                    except ServerError as exc:
+                        raise LoadFailed(f"ensemble {name!r}: {step.label}: {exc.message}") from exc
+                try:
+                    member = self.get(step.model_name, step.model_version)
+                except ServerError as exc:
+                    raise LoadFailed(f"ensemble {name!r}: {step.label}: {exc.message}") from exc
+                members[step.model_name] = MemberTensors(
+                    frozenset(t.name for t in member.inputs), frozenset(t.name for t in member.outputs)
+                )
+        finally:
+            _LOADING_ENSEMBLES.reset(token)
+        return members
+
+    def _ensemble_stats(self, name: str, version: int) -> ModelStats:
+        return ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
+
+    def _read_config(self, name: str, config_text: str | None) -> LoadedConfig:
         from server.repository.config import parse_config
 
-        loaded = parse_config(config_text, "json") if config_text else read_config(model_dir)
+        return parse_config(config_text, "json") if config_text else read_config(self.repository.model_dir(name))
+
+    def _build_all(
+        self, name: str, config_text: str | None, entry: ModelEntry, members: dict[str, MemberTensors] | None = None
+    ) -> dict[int, ModelVersion]:
+        loaded = self._read_config(name, config_text)
         versions = select_versions(loaded.config.version_policy, self.repository.versions(name))
+        if is_ensemble(loaded.config):
+            if members is None:
+                raise LoadFailed(f"ensemble {name!r}: its config changed while its members loaded; load it again")
+            if not versions:
+                raise LoadFailed(f"ensemble {name!r} has no numeric version folder (Triton's layout: an empty 1/)")
+            return {
+                version: build_ensemble(name, version, loaded, members, self.get, self._ensemble_stats(name, version))
+                for version in versions
+            }
         if not versions:
             raise LoadFailed(f"model {name!r} has no numeric version folder with a model file")
         built: dict[int, ModelVersion] = {}

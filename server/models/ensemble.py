@@ -1,0 +1,276 @@
+"""Ensembles: Triton's ``platform: "ensemble"`` config, served like a model.
+
+An ensemble has no model file (its version folder is empty); its ``ensemble_scheduling.step`` list wires the
+inputs and outputs of member models together through named ensemble tensors. Each step runs as soon as the
+tensors it maps in are ready (a DAG run with asyncio) and goes through its member's own
+:meth:`ModelVersion.infer`, so member requests batch with the member's direct traffic. Members are looked up
+per request, so a reloaded member is used at once; a member that is not ready makes the ensemble unready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import InternalError, LoadFailed, ServerError
+from server.models.batching import Batcher
+from server.models.stats import ModelStats
+from server.models.version import ModelVersion
+from server.protocol import datatypes
+from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
+from server.protocol.validation import check_requested_outputs, prepare_inputs
+from server.repository.config import LoadedConfig, ModelConfig, check_batch_sizes, tensor_specs
+
+ENSEMBLE = "ensemble"
+Tensors = dict[str, np.ndarray]
+Lookup = Callable[[str, str], ModelVersion]
+"""The manager's ``get(name, version)``: the member version that serves a step now."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``ensemble_scheduling.step``: ``inputs`` maps member input -> ensemble tensor, ``outputs`` member
+    output -> ensemble tensor."""
+
+    index: int
+    model_name: str
+    model_version: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        return f"step {self.index} (model {self.model_name!r})"
+
+
+@dataclass(frozen=True)
+class MemberTensors:
+    """The input and output names of a member model."""
+
+    inputs: frozenset[str]
+    outputs: frozenset[str]
+
+
+def is_ensemble(config: ModelConfig) -> bool:
+    return bool(config.platform == ENSEMBLE)
+
+
+def parse_steps(name: str, config: ModelConfig) -> list[Step]:
+    """The steps of an ensemble config, structurally checked (no member yet)."""
+    raw = list(config.ensemble_scheduling.step)
+    if not raw:
+        raise LoadFailed(f"ensemble {name!r}: ensemble_scheduling has no step")
+    steps: list[Step] = []
+    for index, step in enumerate(raw):
+        label = f"step {index} (model {step.model_name!r})"
+        if not step.model_name:
+            raise LoadFailed(f"ensemble {name!r}: step {index} has no model_name")
+        if step.model_name == name:
+            raise LoadFailed(f"ensemble {name!r}: {label} names the ensemble itself")
+        if step.model_version < -1:
+            raise LoadFailed(f"ensemble {name!r}: {label}: model_version must be -1 (latest) or a version")
+        version = "" if step.model_version <= 0 else str(step.model_version)
+        steps.append(Step(index, step.model_name, version, dict(step.input_map), dict(step.output_map)))
+    return steps
+
+
+def check_plan(name: str, config: ModelConfig, steps: list[Step], members: dict[str, MemberTensors]) -> None:
+    """Check the wiring: members exist, map keys are the members' tensor names, every step input is an
+    ensemble input or another step's output, each tensor is produced once, every ensemble output is produced,
+    and the steps form no cycle. Errors name the step."""
+    prefix = f"ensemble {name!r}"
+    inputs = {t.name for t in config.input}
+    outputs = {t.name for t in config.output}
+    if not outputs:
+        raise LoadFailed(f"{prefix}: the config lists no output")
+    producer: dict[str, Step] = {}
+    for step in steps:
+        member = members.get(step.model_name)
+        if member is None:
+            raise LoadFailed(f"{prefix}: {step.label}: the model is not in the repository")
+        _check_step(prefix, step, member, inputs, producer)
+    for step in steps:
+        for tensor in step.inputs.values():
+            if tensor not in inputs and tensor not in producer:
+                raise LoadFailed(
+                    f"{prefix}: {step.label}: input {tensor!r} is neither an ensemble input nor any step's output"
+                )
+    for tensor in sorted(outputs - set(producer)):
+        raise LoadFailed(f"{prefix}: ensemble output {tensor!r} is not produced by any step")
+    _check_acyclic(prefix, steps, producer)
+
+
+def _check_step(prefix: str, step: Step, member: MemberTensors, inputs: set[str], producer: dict[str, Step]) -> None:
+    """One step's maps against its member's tensor names; records the tensors it produces."""
+    for key in step.inputs:
+        if key not in member.inputs:
+            raise LoadFailed(f"{prefix}: {step.label}: input_map key {key!r} is not an input of the model")
+    for key in sorted(member.inputs - set(step.inputs)):
+        raise LoadFailed(f"{prefix}: {step.label}: the model's input {key!r} is not in input_map")
+    for key, tensor in step.outputs.items():
+        if key not in member.outputs:
+            raise LoadFailed(f"{prefix}: {step.label}: output_map key {key!r} is not an output of the model")
+        if tensor in inputs:
+            raise LoadFailed(f"{prefix}: {step.label}: output_map writes the ensemble input {tensor!r}")
+        if tensor in producer:
+            raise LoadFailed(f"{prefix}: {step.label}: tensor {tensor!r} is also produced by {producer[tensor].label}")
+        producer[tensor] = step
+
+
+def _check_acyclic(prefix: str, steps: list[Step], producer: dict[str, Step]) -> None:
+    state: dict[int, int] = {}  # 1: on the path, 2: done
+
+    def visit(step: Step) -> None:
+        state[step.index] = 1
+        for tensor in step.inputs.values():
+            before = producer.get(tensor)
+            if before is None:
+                continue
+            if state.get(before.index) == 1:
+                raise LoadFailed(f"{prefix}: {step.label}: its input {tensor!r} depends on its own output (a cycle)")
+            if before.index not in state:
+                visit(before)
+        state[step.index] = 2
+
+    for step in steps:
+        if step.index not in state:
+            visit(step)
+
+
+StepRunner = Callable[[Step, Tensors], Awaitable[Tensors]]
+
+
+async def execute(steps: list[Step], inputs: Tensors, run: StepRunner) -> Tensors:
+    """Run every step as soon as its input tensors exist; returns every tensor (inputs and step outputs).
+    The first failing step cancels the others and its error is raised."""
+    loop = asyncio.get_running_loop()
+    ready: dict[str, asyncio.Future[np.ndarray]] = {}
+    for step in steps:
+        for tensor in step.outputs.values():
+            ready[tensor] = loop.create_future()
+    for tensor, array in inputs.items():
+        future = ready.setdefault(tensor, loop.create_future())
+        future.set_result(array)
+
+    async def one(step: Step) -> None:
+        needed = {key: await ready[tensor] for key, tensor in step.inputs.items()}
+        produced = await run(step, needed)
+        for key, tensor in step.outputs.items():
+            ready[tensor].set_result(produced[key])
+
+    tasks = [asyncio.ensure_future(one(step)) for step in steps]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for future in ready.values():
+            future.cancel()  # no "exception never retrieved" for tensors nobody read
+    return {tensor: future.result() for tensor, future in ready.items()}
+
+
+@dataclass
+class EnsembleVersion(ModelVersion):
+    """A served ensemble version: DataPlane uses it like a :class:`ModelVersion` (infer, config, inputs,
+    outputs, stats); its batcher has no worker (the members batch)."""
+
+    steps: list[Step] = field(default_factory=list)
+    lookup: Lookup | None = None
+
+    def members(self) -> dict[int, ModelVersion]:
+        """The member version of each step now; the error of a member that does not serve names the step."""
+        assert self.lookup is not None
+        found: dict[int, ModelVersion] = {}
+        for step in self.steps:
+            try:
+                found[step.index] = self.lookup(step.model_name, step.model_version)
+            except ServerError as exc:
+                raise type(exc)(
+                    f"ensemble {self.name!r} {step.label}: {exc.message}", retry_after_s=exc.retry_after_s
+                ) from exc
+        return found
+
+    def members_ready(self) -> bool:
+        try:
+            self.members()
+        except ServerError:
+            return False
+        return True
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
+        names = check_requested_outputs(request, self.outputs)
+        top = self._classifications(request)
+        members = self.members()
+
+        async def run(step: Step, tensors: Tensors) -> Tensors:
+            return await self._run_step(step, members[step.index], tensors, request)
+
+        tensors = await execute(self.steps, prepared.tensors, run)
+        outputs = [self._output(n, tensors[n], top.get(n, 0)) for n in names]
+        return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
+
+    async def _run_step(self, step: Step, member: ModelVersion, tensors: Tensors, request: InferenceRequest) -> Tensors:
+        from server.dataplane import failure_reason  # the data plane imports the manager, which imports this
+
+        sub = InferenceRequest(
+            member.name,
+            str(member.version),
+            [InputTensor(key, datatypes.of_array(array), array) for key, array in tensors.items()],
+            [RequestedOutput(key) for key in step.outputs],
+            id=request.id,
+        )
+        started = time.monotonic_ns()
+        try:
+            response = await member.infer(sub)
+        except BaseException as exc:
+            member.stats.record_request(False, time.monotonic_ns() - started, failure_reason(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            message = exc.message if isinstance(exc, ServerError) else str(exc)
+            where = f"ensemble {self.name!r} {step.label}: {message}"
+            if isinstance(exc, ServerError):
+                raise type(exc)(where, retry_after_s=exc.retry_after_s) from exc
+            raise InternalError(where) from exc
+        member.stats.record_request(True, time.monotonic_ns() - started)
+        return {output.name: output.array for output in response.outputs}
+
+
+def build_ensemble(
+    name: str,
+    version: int,
+    loaded: LoadedConfig,
+    members: dict[str, MemberTensors],
+    lookup: Lookup,
+    stats: ModelStats | None = None,
+) -> EnsembleVersion:
+    """A served ensemble version from its checked config; LoadFailed names what is wrong."""
+    config = ModelConfig()
+    config.CopyFrom(loaded.config)
+    if config.name and config.name != name:
+        raise LoadFailed(f"config name {config.name!r} does not match the model folder {name!r}")
+    config.name = name
+    if not config.input:
+        raise LoadFailed(f"ensemble {name!r}: the config lists no input")
+    check_batch_sizes(config)
+    steps = parse_steps(name, config)
+    check_plan(name, config, steps, members)
+    stats = stats or ModelStats()
+    batcher = Batcher(name, [], max_batch_size=int(config.max_batch_size), max_queue_size=0, stats=stats)
+    return EnsembleVersion(
+        name=name,
+        version=version,
+        config=config,
+        inputs=tensor_specs(config, inputs=True),
+        outputs=tensor_specs(config, inputs=False),
+        backends=[],
+        batcher=batcher,
+        stats=stats,
+        report={"platform": ENSEMBLE, "steps": [], "selected": "original", "phase": "original", "step": ""},
+        steps=steps,
+        lookup=lookup,
+    )
