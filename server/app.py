@@ -27,6 +27,7 @@ from server.protocol.shared_memory import SharedMemoryRegistry
 from server.repository.layout import Repository
 from server.rpc.service import create_grpc_server
 from server.settings import Settings
+from server.tracing import Tracer
 
 log = logging.getLogger("optiserve")
 
@@ -50,6 +51,8 @@ class OptiServe:
         self.models = ModelManager(self.repository, settings, self.metrics, self.response_cache)
         self.metrics.add_state_collector(self.models.metric_families)
         self.dataplane = DataPlane(self.models)
+        # OpenTelemetry request tracing (server/tracing.py): off unless --tracing or OTEL_TRACES_EXPORTER.
+        self.tracer = Tracer.from_environment(settings.tracing)
         # Both edges decode under the same limits and ask the same access policy.
         limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
         access = AccessPolicy.from_settings(settings)
@@ -59,9 +62,9 @@ class OptiServe:
         self.http_app = create_http_app(self.dataplane, settings, access, registry, self.shared_memory)
         # Inference is served in front of FastAPI, skipping its middleware and routing (server/http/fast.py).
         self.asgi_app = InferFastPath(
-            self.http_app, self.dataplane, settings.max_request_bytes, limits, access, self.shared_memory
+            self.http_app, self.dataplane, settings.max_request_bytes, limits, access, self.shared_memory, self.tracer
         )
-        self.grpc_server = create_grpc_server(self.dataplane, settings, limits, access, self.shared_memory)
+        self.grpc_server = create_grpc_server(self.dataplane, settings, limits, access, self.shared_memory, self.tracer)
         self._stop = asyncio.Event()
         self.http_port = 0
         self.grpc_port = 0
@@ -143,6 +146,7 @@ class OptiServe:
         await self.models.close(timeout_s=max(0.0, deadline - loop.time()))
         await asyncio.gather(grpc_stopped, serving, return_exceptions=True)
         self.shared_memory.close()  # unmaps the clients' segments; they stay, they are the clients'
+        self.tracer.shutdown()  # flushes the spans still buffered
         log.info("stopped")
 
     def _install_signal_handlers(self) -> None:

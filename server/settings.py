@@ -171,6 +171,11 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Also serve /metrics on this separate port (for scrapers kept off the inference port)."""
 
+    tracing: bool = False
+    """Trace inference requests with OpenTelemetry (needs the ``tracing`` extra); on as well when
+    OTEL_TRACES_EXPORTER is set. Exporter, endpoint, sampler and service name come from the standard OTEL_*
+    environment variables (README, "Tracing")."""
+
     log_format: Literal["text", "json"] = "text"
     """Log lines as plain text or as one JSON object per line (for log collectors)."""
 

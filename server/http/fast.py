@@ -26,6 +26,7 @@ from server.http.codec import decode_request, encode_response
 from server.http.responses import send_error, send_inference_reply
 from server.protocol import tensors
 from server.protocol.shared_memory import SharedMemoryRegistry
+from server.tracing import CURRENT, Tracer
 
 log = logging.getLogger("optiserve.http")
 T = TypeVar("T")
@@ -45,8 +46,10 @@ class InferFastPath:
         limits: tensors.Limits,
         access: AccessPolicy,
         regions: SharedMemoryRegistry | None = None,
+        tracer: Tracer | None = None,
     ):
         self.app = app
+        self.tracer = tracer or Tracer()
         self.regions = regions
         self.dataplane = dataplane
         self.max_body = max_body
@@ -81,6 +84,22 @@ class InferFastPath:
 
     async def _infer(self, model: str, version: str, scope: ASGIScope, receive: Receive, send: Send) -> None:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        if not self.tracer.enabled:
+            await self._serve(model, version, headers, scope, receive, send)
+            return
+        trace = self.tracer.start("http", model, version, headers)
+        token = CURRENT.set(trace)
+        error: BaseException | None = None
+        try:
+            error = await self._serve(model, version, headers, scope, receive, send)
+        finally:
+            CURRENT.reset(token)
+            trace.finish(error)
+
+    async def _serve(
+        self, model: str, version: str, headers: dict[str, str], scope: ASGIScope, receive: Receive, send: Send
+    ) -> BaseException | None:
+        """Answer one inference request; the error it was answered with, if any (for its span)."""
         try:
             if self.guarded:
                 client = scope.get("client")
@@ -91,15 +110,16 @@ class InferFastPath:
                 request = decode_request(body, length, model, version, self.limits, self.regions)
                 response = await unless_disconnected(receive, call.infer(request))
                 content, header_length = encode_response(response, request, self.regions)
-        except ClientGone:
-            return  # nobody is listening; the queued work was dropped
+        except ClientGone as exc:
+            return exc  # nobody is listening; the queued work was dropped
         except ServerError as exc:
             await send_error(send, exc)
-            return
+            return exc
         except Exception as exc:  # never leak a traceback, never kill the connection without an answer
             await send_error(send, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
-            return
+            return exc
         await send_inference_reply(send, content, header_length)
+        return None
 
 
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:

@@ -29,6 +29,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, InternalError, InvalidInput, ServerUnavailable
 from server.models.stats import ModelStats
 from server.repository.config import ModelConfig
+from server.tracing import CURRENT, RequestTrace
 
 log = logging.getLogger("optiserve.batching")
 Tensors = dict[str, np.ndarray]
@@ -112,6 +113,8 @@ class WorkItem:
     reject_on_timeout: bool = True
     dispatched: bool = False
     timer: asyncio.TimerHandle | None = None
+    trace: RequestTrace | None = None
+    """The request's span when tracing is on (server/tracing.py); the worker leaves its phase times there."""
 
     def expired(self, now_ns: int) -> bool:
         """Past its queue timeout."""
@@ -180,7 +183,7 @@ class Batcher:
         level = self._level(priority)
         queue_policy = self.policy.queue_for(level)
         loop = asyncio.get_running_loop()
-        item = WorkItem(inputs, samples, key, loop, loop.create_future())
+        item = WorkItem(inputs, samples, key, loop, loop.create_future(), trace=CURRENT.get())
         timeout_ns = queue_policy.deadline_ns(timeout_us)
         if timeout_ns:
             item.deadline_ns = item.enqueued_ns + timeout_ns
@@ -371,17 +374,23 @@ class Batcher:
             _deliver_errors(batch, exc)
             return
         finished = time.monotonic_ns()
+        samples = sum(item.samples for item in batch)
+        traced = [item.trace for item in batch if item.trace is not None]
         try:
             self.stats.record_execution(
-                sum(item.samples for item in batch),
-                [start - item.enqueued_ns for item in batch],
-                ran - start,
-                done - ran,
-                finished - done,
+                samples, [start - item.enqueued_ns for item in batch], ran - start, done - ran, finished - done
             )
+            for item in batch:  # the same times, for the request spans (before delivery: the loop reads them)
+                if item.trace is not None:
+                    item.trace.ran(item.enqueued_ns, (start, ran, done, finished), samples)
         except Exception:  # the answers are computed: bookkeeping must not cost the clients them
             log.exception("model %r: recording the statistics of a batch failed", self.name)
         _deliver(zip(batch, results, strict=True))
+        if traced:
+            try:
+                traced[0].tracer.record_batch(traced, (start, ran, done, finished), samples)
+            except Exception:
+                log.exception("model %r: tracing a batch failed", self.name)
 
 
 def _nothing() -> None:

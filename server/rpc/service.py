@@ -20,6 +20,7 @@ from server.protocol import tensors
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.rpc.codec import decode_request, encode_response, from_json, parameter_value
 from server.settings import Settings
+from server.tracing import CURRENT, Tracer
 
 T = TypeVar("T")
 _END_OF_STREAM = object()
@@ -57,8 +58,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         limits: tensors.Limits,
         access: AccessPolicy,
         regions: SharedMemoryRegistry | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.dataplane = dataplane
+        self.tracer = tracer or Tracer()
         self.limits = limits
         self.access = access
         self.regions = regions if regions is not None else SharedMemoryRegistry(enabled=False)
@@ -102,6 +105,22 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     @translate_errors
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        if not self.tracer.enabled:
+            return await self._infer(request, context)
+        metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
+        trace = self.tracer.start("grpc", request.model_name, request.model_version, metadata)
+        token = CURRENT.set(trace)
+        error: BaseException | None = None
+        try:
+            return await self._infer(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            CURRENT.reset(token)
+            trace.finish(error)
+
+    async def _infer(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)
         with self.dataplane.inference(request.model_name, request.model_version) as call:
             decoded = decode_request(request, self.limits, self.regions)
@@ -250,6 +269,7 @@ def create_grpc_server(
     limits: tensors.Limits,
     access: AccessPolicy,
     regions: SharedMemoryRegistry | None = None,
+    tracer: Tracer | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with both services, the configured message size limits, and the tensor limits, access
     policy and shared-memory registry shared with the HTTP edge."""
@@ -262,7 +282,7 @@ def create_grpc_server(
         ]
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(dataplane, limits, access, regions), server
+        InferenceService(dataplane, limits, access, regions, tracer), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(dataplane), server)
     return server

@@ -18,6 +18,7 @@ RANK = {
     "settings": 0,
     "logs": 0,
     "metrics": 0,
+    "tracing": 0,
     "__init__": 0,  # ``from server import __version__``
     "protocol": 10,
     "auth": 10,

@@ -1,0 +1,172 @@
+"""OpenTelemetry request tracing (README, "Metrics and logs"), off by default.
+
+On when ``--tracing`` is given or ``OTEL_TRACES_EXPORTER`` names an exporter (``otlp``, the default with
+``--tracing``, or ``console``); everything else is configured the OpenTelemetry way: OTEL_EXPORTER_OTLP_ENDPOINT
+(OTLP over HTTP/protobuf), OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME (default
+``optiserve``), OTEL_BSP_*. The ``opentelemetry`` packages (the ``tracing`` extra) are imported only then: with
+tracing off, the edges test one boolean and nothing else runs.
+
+Each inference request gets one SERVER span (``infer <model>``), a child of the caller's W3C ``traceparent``
+when it sent one, with Triton's trace timestamps as events (REQUEST_START, QUEUE_START, COMPUTE_START,
+COMPUTE_INPUT_END, COMPUTE_OUTPUT_START, COMPUTE_END, REQUEST_END) and one child span per phase (``queue``,
+``compute input``, ``compute infer``, ``compute output``). The phase times are the ones the batcher already
+takes for the statistics. A ``batch`` span (a child of the first traced request it served) links every traced
+request of the batch and carries the batch size and the instance that ran it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("optiserve.tracing")
+
+CURRENT: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar("optiserve_trace", default=None)
+"""The trace of the request the current task serves; set by the edge, read by the batcher when it queues."""
+
+EXPORTERS = ("otlp", "console")
+
+
+def wanted(flag: bool, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether tracing is on: ``--tracing``, or OTEL_TRACES_EXPORTER set to anything but ``none``."""
+    return flag or environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() not in ("", "none")
+
+
+class Tracer:
+    """The server's tracer: built once by the composition root, handed to both edges."""
+
+    def __init__(self, provider: Any = None) -> None:
+        """``provider``: an OpenTelemetry SDK TracerProvider, or None for tracing off."""
+        self.enabled = provider is not None
+        self._provider = provider
+        self._tracer: Any = None
+        self._propagator: Any = None
+        # Phase times come from time.monotonic_ns() (the statistics' clock); spans need wall-clock times.
+        self._offset_ns = time.time_ns() - time.monotonic_ns()
+        if provider is not None:
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+            self._tracer = provider.get_tracer("optiserve")
+            self._propagator = TraceContextTextMapPropagator()
+
+    @classmethod
+    def from_environment(cls, flag: bool) -> Tracer:
+        """Tracing as the flag and the standard OTEL_* environment variables say."""
+        if not wanted(flag):
+            return cls()
+        exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
+        if exporter_name not in EXPORTERS:
+            raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: optiserve supports {', '.join(EXPORTERS)}")
+        try:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+        except ImportError as exc:
+            raise RuntimeError("tracing needs the OpenTelemetry packages: pip install 'optiserve[tracing]'") from exc
+        exporter: SpanExporter
+        if exporter_name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()  # OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _HEADERS, _TIMEOUT
+        else:
+            exporter = ConsoleSpanExporter()
+        service = os.environ.get("OTEL_SERVICE_NAME") or "optiserve"
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))  # OTEL_TRACES_SAMPLER
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        log.info("tracing on: exporter=%s service=%s", exporter_name, service)
+        return cls(provider)
+
+    def start(self, protocol: str, model: str, version: str, headers: Mapping[str, str]) -> RequestTrace:
+        """Open a request's span at its arrival, under the caller's ``traceparent`` when there is one."""
+        from opentelemetry.trace import SpanKind
+
+        now = time.time_ns()
+        parent = self._propagator.extract(headers) if "traceparent" in headers else None
+        span = self._tracer.start_span(
+            f"infer {model}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=now,
+            attributes={"rpc.system": protocol, "model.name": model, "model.version": version},
+        )
+        if span.is_recording():
+            span.add_event("REQUEST_START", timestamp=now)
+        return RequestTrace(self, span)
+
+    def wall_ns(self, monotonic_ns: int) -> int:
+        """A time.monotonic_ns() reading as wall-clock nanoseconds."""
+        return monotonic_ns + self._offset_ns
+
+    def record_batch(self, traces: Sequence[RequestTrace], times: tuple[int, int, int, int], samples: int) -> None:
+        """Worker thread, after a batch ran: a ``batch`` span linking the traced requests it served."""
+        from opentelemetry import trace as otel
+
+        sampled = [t.span for t in traces if t.span.is_recording()]
+        if not sampled:
+            return
+        start, _, _, finished = times
+        attributes = {"batch.size": samples, "batch.requests": len(traces), "instance": threading.current_thread().name}
+        span = self._tracer.start_span(
+            "batch",
+            context=otel.set_span_in_context(sampled[0]),
+            links=[otel.Link(s.get_span_context()) for s in sampled],
+            start_time=self.wall_ns(start),
+            attributes=attributes,
+        )
+        span.end(end_time=self.wall_ns(finished))
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporter (at exit)."""
+        if self._provider is not None:
+            self._provider.shutdown()
+
+
+PHASES = ("queue", "compute input", "compute infer", "compute output")
+EVENTS = ("QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END")
+
+
+@dataclass(eq=False)
+class RequestTrace:
+    """One request's span, and the phase times the batcher leaves for it."""
+
+    tracer: Tracer
+    span: Any
+    times: tuple[int, int, int, int, int] | None = None
+    """monotonic ns: queued, compute start, input end (= infer start), infer end, compute end."""
+    batch_size: int = 0
+    instance: str = ""
+
+    def ran(self, queued_ns: int, times: tuple[int, int, int, int], batch_size: int) -> None:
+        """Worker thread: the request ran in a batch of ``batch_size`` samples at these times."""
+        self.times = (queued_ns, *times)
+        self.batch_size = batch_size
+        self.instance = threading.current_thread().name
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The response is out (or the request failed): write the phases and close the span."""
+        span = self.span
+        end = time.time_ns()
+        if span.is_recording():
+            if self.times is not None:
+                tracer, wall = self.tracer._tracer, [self.tracer.wall_ns(t) for t in self.times]
+                for name, at in zip(EVENTS, wall, strict=True):
+                    span.add_event(name, timestamp=at)
+                from opentelemetry import trace as otel
+
+                context = otel.set_span_in_context(span)
+                for name, begin, until in zip(PHASES, wall, wall[1:], strict=False):
+                    tracer.start_span(name, context=context, start_time=begin).end(end_time=until)
+                span.set_attribute("batch.size", self.batch_size)
+                span.set_attribute("instance", self.instance)
+            if error is not None:
+                from opentelemetry.trace import Status, StatusCode
+
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            span.add_event("REQUEST_END", timestamp=end)
+        span.end(end_time=end)

@@ -1,0 +1,138 @@
+"""OpenTelemetry request tracing (server/tracing.py) through the real batcher, into the SDK's in-memory
+exporter: the phases in order, their attributes, the caller's traceparent as parent, and batch links."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("opentelemetry.sdk")
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+from server.models.batching import Batcher, Tensors  # noqa: E402
+from server.models.stats import ModelStats  # noqa: E402
+from server.tracing import CURRENT, PHASES, Tracer, wanted  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def make_tracer() -> tuple[Tracer, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return Tracer(provider), exporter
+
+
+async def traced_call(tracer: Tracer, batcher: Batcher, value: float, headers: dict[str, str]) -> Tensors:
+    """What an edge does: open the span, queue under it, close it after the reply."""
+    trace = tracer.start("http", "m", "", headers)
+    token = CURRENT.set(trace)
+    try:
+        return await batcher.submit({"x": np.full((1, 2), value, np.float32)}, 1, ("x",))
+    finally:
+        CURRENT.reset(token)
+        trace.finish()
+
+
+def run_batch(tracer: Tracer, count: int, headers: dict[str, str]) -> None:
+    gate = threading.Event()
+
+    def runner(inputs: Tensors) -> Tensors:
+        gate.wait(5)
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher("m", [runner], max_batch_size=8, max_queue_size=0, stats=ModelStats())
+    batcher.start()
+
+    async def main() -> None:
+        calls = [asyncio.ensure_future(traced_call(tracer, batcher, float(i), headers)) for i in range(count)]
+        await asyncio.sleep(0.05)  # all queued (the first may be running alone, blocked on the gate)
+        gate.set()
+        results = await asyncio.gather(*calls)
+        assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(count)]
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close(1)
+
+
+def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+def test_request_span_has_the_phases_in_order_and_the_callers_parent() -> None:
+    tracer, exporter = make_tracer()
+    run_batch(tracer, 1, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+    spans = exporter.get_finished_spans()
+    (request,) = by_name(spans, "infer m")
+    assert request.context is not None and request.parent is not None
+    assert format(request.context.trace_id, "032x") == TRACE_ID
+    assert format(request.parent.span_id, "016x") == PARENT_ID
+    attributes = dict(request.attributes or {})
+    assert attributes["model.name"] == "m" and attributes["rpc.system"] == "http"
+    assert attributes["batch.size"] == 1 and str(attributes["instance"]).startswith("m-worker-")
+    events = [e.name for e in request.events]
+    assert events == [
+        "REQUEST_START",
+        "QUEUE_START",
+        "COMPUTE_START",
+        "COMPUTE_INPUT_END",
+        "COMPUTE_OUTPUT_START",
+        "COMPUTE_END",
+        "REQUEST_END",
+    ]
+    times = [e.timestamp for e in request.events]
+    assert times == sorted(times)
+    phases = [by_name(spans, name)[0] for name in PHASES]
+    for phase in phases:
+        assert phase.parent is not None and phase.parent.span_id == request.context.span_id
+        assert phase.start_time is not None and phase.end_time is not None and phase.start_time <= phase.end_time
+    bounds = [(p.start_time, p.end_time) for p in phases]
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # back to back
+    assert request.start_time is not None and request.end_time is not None
+    assert request.start_time <= bounds[0][0] and bounds[-1][1] <= request.end_time
+
+
+def test_a_batch_links_every_request_it_served() -> None:
+    tracer, exporter = make_tracer()
+    run_batch(tracer, 4, {})
+    spans = exporter.get_finished_spans()
+    requests = by_name(spans, "infer m")
+    assert len(requests) == 4
+    batches = by_name(spans, "batch")
+    linked = {link.context.span_id for b in batches for link in b.links}
+    assert linked == {r.context.span_id for r in requests if r.context is not None}
+    assert sum(int((b.attributes or {})["batch.requests"]) for b in batches) == 4
+    assert any(int((b.attributes or {})["batch.size"]) > 1 for b in batches)  # the queued ones ran together
+    for request in requests:  # each request says how large its batch was
+        assert int((request.attributes or {})["batch.size"]) >= 1
+
+
+def test_unsampled_requests_record_nothing() -> None:
+    tracer, exporter = make_tracer()
+    run_batch(tracer, 2, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"})  # the caller did not sample
+    assert exporter.get_finished_spans() == ()
+
+
+def test_off_by_default_and_without_importing_opentelemetry() -> None:
+    assert not wanted(False, {}) and not wanted(False, {"OTEL_TRACES_EXPORTER": "none"})
+    assert wanted(True, {}) and wanted(False, {"OTEL_TRACES_EXPORTER": "otlp"})
+    code = (
+        "import sys, os; os.environ.pop('OTEL_TRACES_EXPORTER', None)\n"
+        "from server.tracing import Tracer; import server.app\n"
+        "t = Tracer.from_environment(False); assert not t.enabled\n"
+        "assert not [m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter'))]\n"
+    )  # (FastAPI itself imports opentelemetry's API package when it is installed; the SDK stays out)
+    subprocess.run([sys.executable, "-c", code], check=True)
