@@ -199,7 +199,12 @@ class ModelManager:
         ``change`` (an upload) is published under the model's lock first, and withdrawn if the load fails."""
         entry = self._entry(name)
         started = time.monotonic()
-        members = await self._ensemble_members(name, config_text)
+        try:
+            members = await self._ensemble_members(name, config_text)
+        except ServerError as exc:  # a member that cannot load, a bad wiring: the index shows why
+            entry.wanted = True
+            self._mark_failed(entry, exc.message)
+            raise
         async with entry.lock:
             wanted_before = entry.wanted
             if change is not None:
