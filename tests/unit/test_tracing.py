@@ -13,13 +13,15 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+import itertools
 
-from server.models.batching import Batcher, Tensors  # noqa: E402
-from server.models.stats import ModelStats  # noqa: E402
-from server.tracing import CURRENT, PHASES, Tracer, wanted  # noqa: E402
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from server.models.batching import Batcher, Tensors
+from server.models.stats import ModelStats
+from server.tracing import CURRENT, PHASES, Tracer, wanted
 
 pytestmark = pytest.mark.unit
 
@@ -100,7 +102,7 @@ def test_request_span_has_the_phases_in_order_and_the_callers_parent() -> None:
         assert phase.parent is not None and phase.parent.span_id == request.context.span_id
         assert phase.start_time is not None and phase.end_time is not None and phase.start_time <= phase.end_time
     bounds = [(p.start_time, p.end_time) for p in phases]
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # back to back
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))  # back to back
     assert request.start_time is not None and request.end_time is not None
     assert request.start_time <= bounds[0][0] and bounds[-1][1] <= request.end_time
 
