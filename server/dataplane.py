@@ -12,7 +12,14 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from server import __version__
-from server.errors import InternalError, InvalidInput, LoadFailed, ModelNotFound, ServerError, wire_status
+from server.errors import (
+    InternalError,
+    InvalidInput,
+    LoadFailed,
+    ModelNotFound,
+    ServerError,
+    failure_reason,
+)
 from server.models.batching import BatcherClosed
 from server.models.manager import ModelManager, ModelState
 from server.models.version import ModelVersion
@@ -243,10 +250,6 @@ class DataPlane:
             staged.discard()
 
 
-class ClientGone(Exception):
-    """The client disconnected before its response was ready (counted as ``canceled``)."""
-
-
 class InferenceCall:
     """One inference request, from the lookup of its model version until its reply is encoded. Used as
     ``with dataplane.inference(model, version) as call:`` around decode, ``call.infer`` and encode: on exit it
@@ -284,25 +287,6 @@ class InferenceCall:
 
 
 # The failure reason of each error follows its wire status, so a new error class lands in the right bucket.
-REASON_BY_HTTP_STATUS = {
-    400: "invalid",
-    404: "not_found",
-    413: "invalid",
-    415: "invalid",
-    500: "backend",
-    503: "rejected",
-}
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The metrics ``reason`` of a failed request (one of server.metrics.FAILURE_REASONS)."""
-    if isinstance(exc, (asyncio.CancelledError, ClientGone)):
-        return "canceled"
-    if not isinstance(exc, ServerError):
-        return "backend"  # a bug or a runtime failure: the edges answer 500
-    return REASON_BY_HTTP_STATUS.get(wire_status(exc).http_status, "other")
-
-
 async def _published_or_failed(staged: StagedUpload, loading: asyncio.Future[list[int]]) -> None:
     """Wait until the upload is published, or raise why its load task failed before that."""
     published = asyncio.ensure_future(staged.published.wait())

@@ -6,6 +6,7 @@ translate it with :data:`ERROR_TABLE` and nothing else, so the two protocols can
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
@@ -99,3 +100,26 @@ def wire_status(error: ServerError) -> WireStatus:
 def all_error_classes() -> list[type[ServerError]]:
     """Every concrete error class, so a test can walk them all."""
     return list(ServerError.__subclasses__())
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready (counted as ``canceled``)."""
+
+
+REASON_BY_HTTP_STATUS = {
+    400: "invalid",
+    404: "not_found",
+    413: "invalid",
+    415: "invalid",
+    500: "backend",
+    503: "rejected",
+}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The metrics ``reason`` of a failed request (one of server.metrics.FAILURE_REASONS)."""
+    if isinstance(exc, (asyncio.CancelledError, ClientGone)):
+        return "canceled"
+    if not isinstance(exc, ServerError):
+        return "backend"  # a bug or a runtime failure: the edges answer 500
+    return REASON_BY_HTTP_STATUS.get(wire_status(exc).http_status, "other")

@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server.auth import AccessPolicy, Scope
-from server.dataplane import ClientGone, DataPlane
-from server.errors import InternalError, InvalidInput, PayloadTooLarge, ServerError
+from server.dataplane import DataPlane
+from server.errors import ClientGone, InternalError, InvalidInput, PayloadTooLarge, ServerError
 from server.http.body import read_body
 from server.http.codec import HEADER_LENGTH, parse_json_object
 from server.http.multipart import form_receiver

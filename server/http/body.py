@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from starlette.types import Receive
 
-from server.dataplane import ClientGone
-from server.errors import PayloadTooLarge
+from server.errors import ClientGone, PayloadTooLarge
 from server.http.codec import decompress
 from server.protocol.numbers import is_ascii_uint
 

@@ -19,8 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
 from server.auth import AccessPolicy, Scope
-from server.dataplane import ClientGone, DataPlane
-from server.errors import InternalError, ServerError
+from server.dataplane import DataPlane
+from server.errors import ClientGone, InternalError, ServerError
 from server.http.body import read_body
 from server.http.codec import decode_request, encode_response
 from server.http.responses import send_error, send_inference_reply

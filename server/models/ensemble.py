@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import InternalError, LoadFailed, ServerError
+from server.errors import InternalError, LoadFailed, ServerError, failure_reason
 from server.models.batching import Batcher
 from server.models.stats import ModelStats
 from server.models.version import ModelVersion
@@ -215,8 +215,6 @@ class EnsembleVersion(ModelVersion):
         return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
 
     async def _run_step(self, step: Step, member: ModelVersion, tensors: Tensors, request: InferenceRequest) -> Tensors:
-        from server.dataplane import failure_reason  # the data plane imports the manager, which imports this
-
         sub = InferenceRequest(
             member.name,
             str(member.version),

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from server import errors
-from server.dataplane import ClientGone, failure_reason
+from server.errors import ClientGone, failure_reason
 from server.metrics import FAILURE_REASONS, ServerMetrics
 from server.models.batching import BatcherClosed
 
