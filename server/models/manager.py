@@ -184,7 +184,11 @@ class ModelManager:
         """Load every model of the repository (concurrently); failures are recorded, not raised."""
         names = self.repository.model_names()
         for name in names:
-            self._entry(name).wanted = True
+            entry = self._entry(name)
+            entry.wanted = True
+            # LOADING from now on, before load() first awaits (an ensemble's members, the model's lock): the
+            # index must never show a model that has yet to start loading as UNAVAILABLE without a reason.
+            entry.model_status = VersionStatus(ModelState.LOADING, "waiting to load")
         results = await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):

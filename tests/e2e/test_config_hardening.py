@@ -159,7 +159,7 @@ def test_links_out_and_absurd_configs_on_disk_fail_alone_at_start(start_server, 
 
     server = start_server(repo, wait_ready=False)
     index = _index(server)
-    assert index["good"]["state"] == "READY" and index["alias"]["state"] == "READY"
+    assert index["good"]["state"] == "READY" and index["alias"]["state"] == "READY", (index["good"], index["alias"])
     for name in ("linked", "dangling", "weights"):
         assert index[name]["state"] == "UNAVAILABLE", index[name]
         assert "resolves outside the model repository" in index[name]["reason"], index[name]

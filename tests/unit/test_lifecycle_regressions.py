@@ -216,3 +216,30 @@ def test_leftovers_of_a_replaced_version_are_retried_not_failed() -> None:
 
     assert isinstance(asyncio.run(scenario(True)), BatcherClosed)
     assert not isinstance(asyncio.run(scenario(False)), BatcherClosed)
+
+
+def test_models_waiting_to_load_at_start_show_loading_not_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load() awaits before it takes the model's lock (an ensemble's members): until then the index showed the
+    model UNAVAILABLE with no reason, and a client polling the index for "nothing LOADING" stopped too early."""
+    manager = _manager(tmp_path)
+    gate = asyncio.Event()
+    original = manager._ensemble_members
+
+    async def slow_members(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "_ensemble_members", slow_members)
+
+    async def scenario() -> None:
+        loading = asyncio.ensure_future(manager.load_all())
+        await asyncio.sleep(0.05)
+        assert [row["state"] for row in manager.index()] == ["LOADING"]
+        gate.set()
+        await loading
+        assert [row["state"] for row in manager.index()] == ["READY"]
+        await manager.close(1)
+
+    _run(scenario())
