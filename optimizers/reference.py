@@ -176,7 +176,7 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
             raise OptimizeError(f"samples {path.name}: {unpacked} bytes unpacked, limit {MAX_SAMPLES_BYTES}")
         with np.load(path, allow_pickle=False) as data:
             return {name: np.asarray(data[name]) for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise OptimizeError(f"samples {path.name}: not a readable .npz of arrays ({exc})") from None
 
 
