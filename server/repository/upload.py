@@ -504,7 +504,7 @@ def check_samples(path: Path, label: str) -> None:
     try:
         load_npz(path)
     except OptimizeError as exc:
-        raise InvalidInput(f"{label}: {exc}") from None
+        raise InvalidInput(f"{label}: not a .npz of plain arrays the optimizer can read ({exc})") from None
 
 
 def recover_staging(root: Path) -> None:
