@@ -23,7 +23,7 @@ from server.models.version import ModelVersion
 from server.protocol import datatypes
 from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
 from server.protocol.validation import check_requested_outputs, prepare_inputs
-from server.repository.config import LoadedConfig, ModelConfig, check_batch_sizes, tensor_specs
+from server.repository.config import LoadedConfig, ModelConfig, check_batch_sizes, named_copy, tensor_specs
 
 ENSEMBLE = "ensemble"
 Tensors = dict[str, np.ndarray]
@@ -247,11 +247,7 @@ def build_ensemble(
     stats: ModelStats | None = None,
 ) -> EnsembleVersion:
     """A served ensemble version from its checked config; LoadFailed names what is wrong."""
-    config = ModelConfig()
-    config.CopyFrom(loaded.config)
-    if config.name and config.name != name:
-        raise LoadFailed(f"config name {config.name!r} does not match the model folder {name!r}")
-    config.name = name
+    config = named_copy(loaded, name)
     if not config.input:
         raise LoadFailed(f"ensemble {name!r}: the config lists no input")
     check_batch_sizes(config)

@@ -219,6 +219,16 @@ def _top_level_fields(text: str) -> set[str]:
     return fields
 
 
+def named_copy(loaded: LoadedConfig, model_name: str) -> ModelConfig:
+    """A copy of the config named after its model folder; a config naming another model is refused."""
+    config = ModelConfig()
+    config.CopyFrom(loaded.config)
+    if config.name and config.name != model_name:
+        raise LoadFailed(f"config name {config.name!r} does not match the model folder {model_name!r}")
+    config.name = model_name
+    return config
+
+
 def complete_config(
     loaded: LoadedConfig,
     model_name: str,
@@ -227,11 +237,7 @@ def complete_config(
     gpus_visible: bool = False,
 ) -> ModelConfig:
     """Fill what the config leaves out from the ONNX graph, then check the two agree."""
-    config = ModelConfig()
-    config.CopyFrom(loaded.config)
-    if config.name and config.name != model_name:
-        raise LoadFailed(f"config name {config.name!r} does not match the model folder {model_name!r}")
-    config.name = model_name
+    config = named_copy(loaded, model_name)
     if config.platform and config.platform != PLATFORM:
         raise LoadFailed(f"platform {config.platform!r} is not supported; expected {PLATFORM!r}")
     if config.backend and config.backend != "onnxruntime":
