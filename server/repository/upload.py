@@ -210,21 +210,15 @@ class StagedUpload:
 
     def open(self, folder: int, name: str) -> StagedFile:
         """A new file ``<folder>/<name>``; the same name twice is refused."""
-        folder_dir = self.incoming / str(folder)
-        folder_dir.mkdir(exist_ok=True)
-        path = folder_dir / check_file_path(name, "file name")
-        if path.exists():
-            raise InvalidInput(f"file {folder}/{name} is given twice")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staged = StagedFile(path)
-        self._open.append(staged)
-        return staged
+        return self._new_file(self.incoming / str(folder) / check_file_path(name, "file name"), f"{folder}/{name}")
 
     def open_shared(self, path: str) -> StagedFile:
         """A new model-level file: ``<name>`` (labels) or ``warmup/<name>``; the same path twice is refused."""
-        target = self.shared / check_shared_path(path, "model-level file")
+        return self._new_file(self.shared / check_shared_path(path, "model-level file"), path)
+
+    def _new_file(self, target: Path, shown: str) -> StagedFile:
         if target.exists():
-            raise InvalidInput(f"file {path} is given twice")
+            raise InvalidInput(f"file {shown} is given twice")
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = StagedFile(target)
         self._open.append(staged)
