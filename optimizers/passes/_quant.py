@@ -111,15 +111,20 @@ def fallback_settings(per_channel: bool, extra_options: dict[str, Any], qdq: boo
 
 
 def quantize_with_fallbacks(
-    settings: Sequence[QuantSetting], prepared: Path, quantize: Callable[[QuantSetting, list[str]], None]
+    settings: Sequence[QuantSetting],
+    prepared: Path,
+    target: Path,
+    quantize: Callable[[QuantSetting, list[str]], None],
 ) -> dict[str, Any]:
-    """Call ``quantize(setting, nodes_to_exclude)`` for each setting until one returns; the report's details
-    name the setting that passed and every attempt. Raises :class:`QuantizeFailed` when all of them raise."""
+    """Call ``quantize(setting, nodes_to_exclude)`` (which writes ``target``) for each setting until one returns
+    a model that loads (:func:`check_loads`); the report's details name the setting that passed and every
+    attempt. Raises :class:`QuantizeFailed` when all of them fail."""
     attempts: list[dict[str, Any]] = []
     for setting in settings:
         excluded = name_biased_nodes(prepared) if setting.exclude_biased else []
         try:
             quantize(setting, excluded)
+            check_loads(target)
         except Exception as exc:  # onnxruntime's quantizer raises anything (ValueError, IndexError, bare Exception)
             error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
             attempts.append({"setting": setting.name, "error": error})

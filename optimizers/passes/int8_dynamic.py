@@ -10,7 +10,6 @@ from typing import Any
 from optimizers.passes._quant import (
     IntType,
     QuantSetting,
-    check_loads,
     fallback_settings,
     preprocess,
     quant_type,
@@ -69,8 +68,8 @@ class Int8DynamicPass(ModelPass[DynamicQuantConfig]):
                 nodes_to_exclude=excluded,
                 extra_options=setting.extra_options,
             )
-            check_loads(target)
 
-        fallbacks = quantize_with_fallbacks(fallback_settings(config.per_channel, {}, qdq=False), prepared, quantize)
+        settings = fallback_settings(config.per_channel, {}, qdq=False)
+        fallbacks = quantize_with_fallbacks(settings, prepared, target, quantize)
         prepared.unlink(missing_ok=True)
         return {"reduce_range": config.reduce_range, "symbolic_shape_inference": symbolic, **fallbacks}

@@ -11,7 +11,6 @@ from typing import Any, Literal
 from optimizers.passes._quant import (
     IntType,
     QuantSetting,
-    check_loads,
     fallback_settings,
     preprocess,
     quant_type,
@@ -83,9 +82,9 @@ class Int8StaticPass(ModelPass[StaticQuantConfig]):
                 nodes_to_exclude=excluded,
                 extra_options=setting.extra_options,
             )
-            check_loads(target)
 
-        fallbacks = quantize_with_fallbacks(fallback_settings(config.per_channel, extra, qdq=True), prepared, quantize)
+        settings = fallback_settings(config.per_channel, extra, qdq=True)
+        fallbacks = quantize_with_fallbacks(settings, prepared, target, quantize)
         prepared.unlink(missing_ok=True)
         return {
             "calibration_batches": len(batches),
