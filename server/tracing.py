@@ -16,12 +16,13 @@ request of the batch and carries the batch size and the instance that ran it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,22 @@ class Tracer:
         if span.is_recording():
             span.add_event("REQUEST_START", timestamp=now)
         return RequestTrace(self, span)
+
+    @contextlib.contextmanager
+    def request(self, protocol: str, model: str, version: str, headers: Mapping[str, str]) -> Iterator[RequestTrace]:
+        """An edge's whole request under one span: :meth:`start`, CURRENT set for the batcher while the body runs,
+        then the span closed with the error that escaped, if any. For edges that do not already hold the span."""
+        trace = self.start(protocol, model, version, headers)
+        token = CURRENT.set(trace)
+        error: BaseException | None = None
+        try:
+            yield trace
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            CURRENT.reset(token)
+            trace.finish(error)
 
     def wall_ns(self, monotonic_ns: int) -> int:
         """A time.monotonic_ns() reading as wall-clock nanoseconds."""

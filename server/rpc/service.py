@@ -20,7 +20,7 @@ from server.protocol import tensors
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.rpc.codec import decode_request, encode_response, from_json, parameter_value
 from server.settings import Settings
-from server.tracing import CURRENT, Tracer
+from server.tracing import Tracer
 
 T = TypeVar("T")
 _END_OF_STREAM = object()
@@ -69,8 +69,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     def _authorize(self, context: Any, scope: Scope) -> None:
         """The one access policy, fed the ``authorization`` metadata and the peer address."""
         if self.access.guards(scope):
-            metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
-            self.access.check(scope, metadata.get("authorization"), grpc_peer_host(context.peer()))
+            self.access.check(scope, _metadata(context).get("authorization"), grpc_peer_host(context.peer()))
 
     @translate_errors
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -107,21 +106,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         if not self.tracer.enabled:
             return await self._infer(request, context)
-        metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
-        trace = self.tracer.start("grpc", request.model_name, request.model_version, metadata)
-        token = CURRENT.set(trace)
-        error: BaseException | None = None
-        try:
+        with self.tracer.request("grpc", request.model_name, request.model_version, _metadata(context)):
             return await self._infer(request, context)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            CURRENT.reset(token)
-            trace.finish(error)
 
     async def _infer(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)
+        return await self._run(request)
+
+    async def _run(self, request: Any) -> Any:
+        """Decode, infer through the data plane, encode: one ModelInferRequest, unary or from a stream."""
         with self.dataplane.inference(request.model_name, request.model_version) as call:
             decoded = decode_request(request, self.limits, self.regions)
             return encode_response(await call.infer(decoded), decoded, self.regions)
@@ -136,18 +129,22 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         except ServerError as exc:
             await _abort(context, exc)
         replies: asyncio.Queue[Any] = asyncio.Queue()
-        reader = asyncio.ensure_future(self._read_stream(request_iterator, replies))
+        # Tracing: every request of the stream gets its own span, all under the stream's ``traceparent``.
+        metadata = _metadata(context) if self.tracer.enabled else None
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, replies, metadata))
         try:
             while (reply := await replies.get()) is not _END_OF_STREAM:
                 yield reply
         finally:
             reader.cancel()
 
-    async def _read_stream(self, request_iterator: Any, replies: asyncio.Queue[Any]) -> None:
+    async def _read_stream(
+        self, request_iterator: Any, replies: asyncio.Queue[Any], metadata: dict[str, str] | None
+    ) -> None:
         running: set[asyncio.Task[None]] = set()
 
         async def serve(request: Any) -> None:
-            await replies.put(await self._stream_reply(request))
+            await replies.put(await self._stream_reply(request, metadata))
 
         async for request in request_iterator:
             task = asyncio.ensure_future(serve(request))
@@ -156,11 +153,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         await asyncio.gather(*running)
         await replies.put(_END_OF_STREAM)
 
-    async def _stream_reply(self, request: Any) -> Any:
+    async def _stream_reply(self, request: Any, metadata: dict[str, str] | None) -> Any:
+        """One stream request's reply; traced (its own task, so CURRENT is its own) when ``metadata`` is given."""
         try:
-            with self.dataplane.inference(request.model_name, request.model_version) as call:
-                decoded = decode_request(request, self.limits, self.regions)
-                response = encode_response(await call.infer(decoded), decoded, self.regions)
+            if metadata is None:
+                response = await self._run(request)
+            else:
+                with self.tracer.request("grpc", request.model_name, request.model_version, metadata):
+                    response = await self._run(request)
             return pb.ModelStreamInferResponse(infer_response=response)
         except Exception as exc:  # reported in-stream; one bad request must not end the stream
             error = exc if isinstance(exc, ServerError) else InternalError(f"internal error: {exc}")
@@ -226,6 +226,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         self._authorize(context, Scope.ADMIN)
         await self.dataplane.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    """The call's metadata with lower-case keys (gRPC already lower-cases them; be sure), for ``traceparent``."""
+    return {key.lower(): value for key, value in context.invocation_metadata() or ()}
 
 
 def _file_parameters(parameters: dict[str, Any]) -> dict[str, bytes]:

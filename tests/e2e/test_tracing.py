@@ -1,23 +1,28 @@
 """The real server traces inference over OTLP/HTTP (OTEL_* environment variables) to a tiny receiver run here:
-the request span joins the caller's trace (``traceparent``) and carries the phases, the batch size and the
-instance; the batch span links it."""
+the request span joins the caller's trace (``traceparent`` in HTTP headers or gRPC metadata, unary or streaming)
+and carries the phases, the batch size and the instance; the batch span links it."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 pytest.importorskip("opentelemetry.proto")
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from server.tracing import PHASES
+from tests.conftest import ServerProcess
 from tests.models import fixtures
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -61,37 +66,110 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
-def test_spans_reach_an_otlp_receiver_under_the_callers_trace(
-    tmp_path: Path, start_server: Any, receiver: Receiver
-) -> None:
-    fixtures.write_model(tmp_path, "mlp", fixtures.float_mlp())
-    env = {
+def tracing_env(receiver: Receiver) -> dict[str, str]:
+    """The standard OTEL_* variables pointing the server at ``receiver``, exporting quickly."""
+    return {
         "OTEL_TRACES_EXPORTER": "otlp",  # turns tracing on without --tracing
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.server_address[1]}",
         "OTEL_SERVICE_NAME": "optiserve-e2e",
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }
-    server = start_server(tmp_path, env=env)
-    body = {"inputs": [{"name": "x", "shape": [2, 8], "datatype": "FP32", "data": [0.5] * 16}]}
-    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
-    reply = httpx.post(f"{server.http_url}/v2/models/mlp/infer", json=body, headers=headers, timeout=30)
-    assert reply.status_code == 200, reply.text
+
+
+@pytest.fixture
+def traced_server(tmp_path: Path, start_server: Any, receiver: Receiver) -> ServerProcess:
+    fixtures.write_model(tmp_path, "mlp", fixtures.float_mlp())
+    server: ServerProcess = start_server(tmp_path, env=tracing_env(receiver))
+    return server
+
+
+def wait_for(receiver: Receiver, done: Callable[[list[Any]], bool]) -> list[Any]:
+    """The spans received once ``done`` says they are all there (or after 20 s, for the asserts to explain)."""
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not any(s.name == "batch" for s in receiver.spans):
+    while time.monotonic() < deadline and not done(list(receiver.spans)):
         time.sleep(0.05)
-    names = {s.name for s in receiver.spans}
-    assert {"infer mlp", "queue", "compute input", "compute infer", "compute output", "batch"} <= names, names
-    assert "optiserve-e2e" in receiver.services
-    (request,) = [s for s in receiver.spans if s.name == "infer mlp"]
-    assert request.trace_id.hex() == TRACE_ID and request.parent_span_id.hex() == PARENT_ID
+    return list(receiver.spans)
+
+
+def in_trace(spans: list[Any], trace_id: str) -> list[Any]:
+    return [s for s in spans if s.trace_id.hex() == trace_id]
+
+
+def assert_request_span(spans: list[Any], request: Any, protocol: str, samples: int) -> None:
+    """``request`` carries its attributes and Triton's events, and has the four phase spans as children."""
     attributes = {a.key: a.value for a in request.attributes}
     assert attributes["model.name"].string_value == "mlp"
-    assert attributes["batch.size"].int_value == 2
+    assert attributes["rpc.system"].string_value == protocol
+    assert attributes["batch.size"].int_value >= samples
     assert attributes["instance"].string_value.startswith("mlp:1-worker-")
     events = [e.name for e in request.events]
     assert events[0] == "REQUEST_START" and events[-1] == "REQUEST_END" and "COMPUTE_START" in events
-    for span in receiver.spans:
+    children = sorted((s for s in spans if s.parent_span_id == request.span_id), key=lambda s: s.start_time_unix_nano)
+    assert [c.name for c in children if c.name != "batch"] == list(PHASES)
+
+
+def test_spans_reach_an_otlp_receiver_under_the_callers_trace(traced_server: ServerProcess, receiver: Receiver) -> None:
+    body = {"inputs": [{"name": "x", "shape": [2, 8], "datatype": "FP32", "data": [0.5] * 16}]}
+    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    reply = httpx.post(f"{traced_server.http_url}/v2/models/mlp/infer", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.text
+    spans = wait_for(receiver, lambda spans: any(s.name == "batch" for s in spans))
+    names = {s.name for s in spans}
+    assert {"infer mlp", "queue", "compute input", "compute infer", "compute output", "batch"} <= names, names
+    assert "optiserve-e2e" in receiver.services
+    (request,) = [s for s in spans if s.name == "infer mlp"]
+    assert request.trace_id.hex() == TRACE_ID and request.parent_span_id.hex() == PARENT_ID
+    assert_request_span(spans, request, "http", 2)
+    assert {a.key: a.value for a in request.attributes}["batch.size"].int_value == 2
+    for span in spans:
         assert span.trace_id.hex() == TRACE_ID  # every span joined the caller's trace
-    (batch,) = [s for s in receiver.spans if s.name == "batch"]
+    (batch,) = [s for s in spans if s.name == "batch"]
     assert [link.span_id for link in batch.links] == [request.span_id]
+
+
+GRPC_TRACE = "0af7651916cd43dd8448eb211c80319c"
+GRPC_PARENT = "b7ad6b7169203331"
+STREAM_TRACE = "5b8efff798038103d269b633813fc60c"
+STREAM_PARENT = "eee19b7ec3c1b174"
+
+
+def test_grpc_metadata_traceparent_unary_and_streaming(traced_server: ServerProcess, receiver: Receiver) -> None:
+    """tritonclient.grpc sends ``traceparent`` as call metadata: ModelInfer's span is its child, and so is the
+    span of every request of a ModelStreamInfer stream (each request its own span, phases and batch link)."""
+    client = grpcclient.InferenceServerClient(traced_server.grpc_address)
+    x = np.full((1, 8), 0.25, np.float32)
+    tensor = grpcclient.InferInput("x", [1, 8], "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer("mlp", [tensor], headers={"traceparent": f"00-{GRPC_TRACE}-{GRPC_PARENT}-01"})
+    assert result.as_numpy("y") is not None
+
+    replies: queue.Queue[Any] = queue.Queue()
+    client.start_stream(
+        lambda result, error: replies.put(error or result),
+        headers={"traceparent": f"00-{STREAM_TRACE}-{STREAM_PARENT}-01"},
+    )
+    for i in range(3):
+        client.async_stream_infer("mlp", [tensor], request_id=f"s{i}")
+    answers = [replies.get(timeout=30) for _ in range(3)]
+    client.stop_stream()
+    client.close()
+    assert sorted(a.get_response().id for a in answers) == ["s0", "s1", "s2"]  # no errors among them
+
+    def complete(spans: list[Any]) -> bool:
+        unary = [s for s in in_trace(spans, GRPC_TRACE) if s.name == "infer mlp"]
+        streamed = [s for s in in_trace(spans, STREAM_TRACE) if s.name == "infer mlp"]
+        linked = {link.span_id for s in spans if s.name == "batch" for link in s.links}
+        return len(unary) == 1 and len(streamed) == 3 and {s.span_id for s in unary + streamed} <= linked
+
+    spans = wait_for(receiver, complete)
+    (unary,) = [s for s in in_trace(spans, GRPC_TRACE) if s.name == "infer mlp"]
+    assert unary.parent_span_id.hex() == GRPC_PARENT
+    assert_request_span(spans, unary, "grpc", 1)
+    streamed = [s for s in in_trace(spans, STREAM_TRACE) if s.name == "infer mlp"]
+    assert len(streamed) == 3 and len({s.span_id for s in streamed}) == 3
+    for request in streamed:
+        assert request.parent_span_id.hex() == STREAM_PARENT
+        assert_request_span(spans, request, "grpc", 1)
+    linked = {link.span_id for s in spans if s.name == "batch" for link in s.links}
+    assert {s.span_id for s in [unary, *streamed]} <= linked
