@@ -18,6 +18,7 @@ import itertools
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from server.models.batching import Batcher, Tensors
 from server.models.stats import ModelStats
@@ -38,13 +39,8 @@ def make_tracer() -> tuple[Tracer, InMemorySpanExporter]:
 
 async def traced_call(tracer: Tracer, batcher: Batcher, value: float, headers: dict[str, str]) -> Tensors:
     """What an edge does: open the span, queue under it, close it after the reply."""
-    trace = tracer.start("http", "m", "", headers)
-    token = CURRENT.set(trace)
-    try:
+    with tracer.request("http", "m", "", headers):
         return await batcher.submit({"x": np.full((1, 2), value, np.float32)}, 1, ("x",))
-    finally:
-        CURRENT.reset(token)
-        trace.finish()
 
 
 def run_batch(tracer: Tracer, count: int, headers: dict[str, str]) -> None:
@@ -138,3 +134,15 @@ def test_off_by_default_and_without_importing_opentelemetry() -> None:
         "assert not [m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter'))]\n"
     )  # (FastAPI itself imports opentelemetry's API package when it is installed; the SDK stays out)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_request_context_sets_current_and_records_the_error() -> None:
+    tracer, exporter = make_tracer()
+    with pytest.raises(ValueError), tracer.request("grpc", "m", "1", {}) as trace:
+        assert CURRENT.get() is trace
+        raise ValueError("bad input")
+    assert CURRENT.get() is None
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "infer m" and span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "ValueError: bad input"
+    assert [e.name for e in span.events] == ["REQUEST_START", "REQUEST_END"]
