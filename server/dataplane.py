@@ -21,7 +21,8 @@ from server.errors import (
     failure_reason,
 )
 from server.models.batching import BatcherClosed
-from server.models.manager import ModelManager, ModelState
+from server.models.entry import ModelState
+from server.models.manager import ModelManager
 from server.models.version import ModelVersion
 from server.protocol.inference import InferenceRequest, InferenceResponse
 from server.repository.config import config_to_json

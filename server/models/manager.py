@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
-from optimizers.runtime import SessionSpec
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.metrics import Metric, ServerMetrics, state_families
+from server.models.background import BackgroundOptimizer
 from server.models.ensemble import EnsembleVersion, MemberTensors, build_ensemble, is_ensemble, parse_steps
-from server.models.loader import PendingOptimization, VersionLoader, phase_fields, phase_of
+from server.models.entry import ModelEntry, ModelState, VersionStatus
+from server.models.loader import VersionLoader
 from server.models.response_cache import ResponseCache
 from server.models.stats import ModelStats
-from server.models.threads import in_daemon_thread, lower_thread_priority
+from server.models.threads import in_daemon_thread
 from server.models.version import ModelVersion
 from server.protocol.numbers import parse_uint
 from server.repository.config import LoadedConfig, read_config
@@ -29,9 +26,7 @@ from server.repository.layout import Repository, select_versions
 from server.settings import Settings
 
 log = logging.getLogger("optiserve.models")
-T = TypeVar("T")
 _LOADING_ENSEMBLES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("ensembles", default=())
-_ORIGINAL_SESSION = SessionSpec()
 
 
 class RepositoryChange(Protocol):
@@ -40,36 +35,6 @@ class RepositoryChange(Protocol):
     async def publish(self) -> None: ...
 
     async def withdraw(self) -> None: ...
-
-
-class ModelState(str, Enum):
-    """Triton's model states, as the repository index reports them."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass
-class VersionStatus:
-    """The state the index reports for one version."""
-
-    state: ModelState
-    reason: str = ""
-
-
-@dataclass
-class ModelEntry:
-    """Everything the manager knows about one model name."""
-
-    name: str
-    served: dict[int, ModelVersion] = field(default_factory=dict)
-    status: dict[int, VersionStatus] = field(default_factory=dict)
-    model_status: VersionStatus = field(default_factory=lambda: VersionStatus(ModelState.UNAVAILABLE))
-    wanted: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    fingerprint: tuple[Any, ...] | None = None
-    """The model folder as the last load attempt found it (poll mode compares against it)."""
 
 
 class ModelManager:
@@ -93,8 +58,7 @@ class ModelManager:
         self._entries: dict[str, ModelEntry] = {}
         self._draining = False
         self._startup_done = False
-        self._optimizer_gate = threading.Lock()  # one background optimization at a time per server
-        self._background: dict[tuple[str, int], tuple[asyncio.Task[None], threading.Event]] = {}
+        self.background = BackgroundOptimizer(self.loader, settings, metrics, self._retire)
 
     # ---- queries -------------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
@@ -240,7 +204,7 @@ class ModelManager:
             entry.status = {v: _ready_status(built[v]) for v in built}
             entry.model_status = VersionStatus(ModelState.READY)
             log.info("model %s ready, versions %s", name, sorted(built))
-            self._after_ready(entry, built, started)
+            self.background.start(entry, built, started)
         await self._retire(old)
         return sorted(built)
 
@@ -285,7 +249,7 @@ class ModelManager:
             entry = self._entry(name)
         async with entry.lock:
             old, entry.served = entry.served, {}
-            self._cancel_background(name)
+            self.background.cancel(name)
             entry.wanted = False
             for version in old:
                 entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, "unloaded")
@@ -299,7 +263,7 @@ class ModelManager:
         versions = self.served_versions()
         for entry in self._entries.values():
             entry.served = {}
-            self._cancel_background(entry.name)
+            self.background.cancel(entry.name)
         await asyncio.gather(*(asyncio.to_thread(v.close, timeout_s) for v in versions))
 
     def drain(self) -> None:
@@ -347,145 +311,6 @@ class ModelManager:
         if entry is None:
             entry = self._entries[name] = ModelEntry(name)
         return entry
-
-    # ---- background optimization ----------------------------------------------------------------
-    def _after_ready(self, entry: ModelEntry, built: dict[int, ModelVersion], started: float) -> None:
-        """Record time to ready; versions serving their original model get a background optimization (one
-        server-wide at a time); the rest are already served as the optimizer chose."""
-        self._cancel_background(entry.name)  # a reload replaces what an older load was still optimizing
-        elapsed = time.monotonic() - started
-        for number, served in built.items():
-            self._gauge("time_to_ready", served, elapsed)
-            if served.pending is None:
-                self._gauge("time_to_optimized", served, elapsed)
-                continue
-            cancelled = threading.Event()
-            task = asyncio.get_running_loop().create_task(
-                self._optimize_later(entry, served, served.pending, started, cancelled),
-                name=f"optimize-{entry.name}-{number}",
-            )
-            self._background[(entry.name, number)] = (task, cancelled)
-            task.add_done_callback(functools.partial(self._forget, (entry.name, number)))
-
-    def _forget(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
-        current = self._background.get(key)
-        if current is not None and current[0] is task:
-            del self._background[key]
-
-    def _cancel_background(self, name: str) -> None:
-        """Stop the background optimizations of a model (unload, reload, shutdown): a waiting one never runs,
-        a running one finishes on its thread and its result is discarded."""
-        for key in [k for k in self._background if k[0] == name]:
-            task, cancelled = self._background.pop(key)
-            cancelled.set()
-            task.cancel()
-
-    async def _optimize_later(
-        self,
-        entry: ModelEntry,
-        served: ModelVersion,
-        source: PendingOptimization,
-        started: float,
-        cancelled: threading.Event,
-    ) -> None:
-        """Optimize a READY version serving its original model, then swap the chosen variant in."""
-        if self.settings.optimize_delay_s > 0:
-            await asyncio.sleep(self.settings.optimize_delay_s)
-        progress = self._optimizing(entry, served)
-        try:
-            result = await in_daemon_thread(
-                lambda: self._gated(cancelled, lambda: self.loader.optimize(source, progress), lowered=True),
-                name=f"optimize-{entry.name}",
-            )
-            if result is None or not self._still_served(entry, served):
-                return
-            rebuilt = None
-            if result.model_path != source.model_path or result.session != _ORIGINAL_SESSION:
-                # A fresh thread started from the loop's: the serving sessions (and their onnxruntime pools)
-                # get normal priority, not the optimizer thread's lowered one.
-                rebuilt = await in_daemon_thread(
-                    lambda: self.loader.rebuild(source, result, served.stats),
-                    name=f"rebuild-{entry.name}",
-                    orphan=_close_version,
-                )
-        except asyncio.CancelledError:
-            log.info("model %s version %s: background optimization cancelled", entry.name, served.version)
-            raise
-        except Exception as exc:  # the original keeps serving; the report says why
-            log.warning("model %s version %s: background optimization failed: %s", entry.name, served.version, exc)
-            served.report = {**served.report, **phase_fields("original"), "error": str(exc)}
-            served.pending = None
-            if self._still_served(entry, served):
-                entry.status[served.version] = VersionStatus(ModelState.READY)
-            return
-        await self._swap_in(entry, served, rebuilt, result.report, started)
-
-    def _gated(self, cancelled: threading.Event, fn: Callable[[], T], *, lowered: bool = False) -> T | None:
-        """Run ``fn`` under the server's optimizer gate unless cancelled while waiting for it (on a thread: the
-        gate stays held until a running optimization really ends, even when nobody waits for it any more).
-        ``lowered``: at --optimize-nice lower priority (this thread ends with the run), so serving keeps the CPU."""
-        if lowered:
-            lower_thread_priority(self.settings.optimize_nice)
-        with self._optimizer_gate:
-            return None if cancelled.is_set() else fn()
-
-    async def _swap_in(
-        self,
-        entry: ModelEntry,
-        served: ModelVersion,
-        rebuilt: ModelVersion | None,
-        report: dict[str, Any],
-        started: float,
-    ) -> None:
-        """Serve the optimizer's choice on the same (name, version), atomically; the replaced version drains
-        (queued requests finish or are retried on the new one). A version no longer served is not resurrected."""
-        number = served.version
-        async with entry.lock:
-            if not self._still_served(entry, served):
-                log.info("model %s version %s: no longer served; optimized variant discarded", entry.name, number)
-                if rebuilt is not None:
-                    await asyncio.to_thread(rebuilt.close, 0)
-                return
-            phase = phase_of(str(report.get("selected", "original")))
-            serving = rebuilt if rebuilt is not None else served
-            full = {**report, **_served_facts(serving.report), **phase_fields(phase)}
-            conversion = [s for s in served.report.get("steps", [])[:1] if s.get("name") == "convert"]
-            if conversion:
-                full["steps"] = conversion + list(full.get("steps", []))
-            serving.report, serving.pending = full, None
-            if rebuilt is not None:
-                entry.served = {**entry.served, number: rebuilt}
-            entry.status[number] = VersionStatus(ModelState.READY)
-        elapsed = time.monotonic() - started
-        self._gauge("time_to_optimized", served, elapsed)
-        log.info(
-            "model %s version %s %s %.2fs after its load began: serving %s",
-            entry.name,
-            number,
-            phase,
-            elapsed,
-            report.get("selected", "original"),
-        )
-        if rebuilt is not None:
-            await self._retire({number: served})
-
-    @staticmethod
-    def _still_served(entry: ModelEntry, served: ModelVersion) -> bool:
-        return entry.served.get(served.version) is served
-
-    def _optimizing(self, entry: ModelEntry, served: ModelVersion) -> Callable[[str], None]:
-        """Progress of a background run: the report's ``step`` and the index reason, while the version serves."""
-
-        def report(step: str) -> None:
-            if self._still_served(entry, served):
-                served.report = {**served.report, **phase_fields("optimizing", step)}
-                entry.status[served.version] = VersionStatus(ModelState.READY, f"optimizing: {step}")
-
-        return report
-
-    def _gauge(self, which: str, served: ModelVersion, seconds: float) -> None:
-        if self.metrics is not None and self.metrics.enabled:
-            getattr(self.metrics, which).labels(served.name, str(served.version)).set(round(seconds, 3))
 
     # ---- building (runs in a worker thread) ------------------------------------------------------
     async def _ensemble_members(self, name: str, config_text: str | None) -> dict[str, MemberTensors] | None:
@@ -564,18 +389,9 @@ class ModelManager:
         return built
 
 
-def _served_facts(report: dict[str, Any]) -> dict[str, Any]:
-    """What the loader adds to the optimizer's report about the instances that really serve."""
-    return {key: report[key] for key in ("instances", "warmup") if key in report}
-
-
 def _ready_status(served: ModelVersion) -> VersionStatus:
     """READY; the reason says when the optimizer still has to run for it."""
     return VersionStatus(ModelState.READY, "optimizing: waiting" if served.pending is not None else "")
-
-
-def _close_version(version: ModelVersion) -> None:
-    version.close(0)
 
 
 def _close_all(versions: dict[int, ModelVersion]) -> None:

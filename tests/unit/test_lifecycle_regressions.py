@@ -14,7 +14,8 @@ import pytest
 from server.dataplane import DataPlane
 from server.errors import DeadlineExceeded, LoadFailed, ServerError, wire_status
 from server.models.batching import Batcher, BatchPolicy, QueuePolicy
-from server.models.manager import ModelManager, ModelState
+from server.models.entry import ModelState
+from server.models.manager import ModelManager
 from server.models.stats import ModelStats
 from server.protocol.datatypes import BY_NAME
 from server.protocol.inference import InferenceRequest, InputTensor

@@ -229,7 +229,7 @@ def test_unload_during_background_optimization_discards_the_result(tmp_path: Pat
         assert not manager.is_ready("mlp")
         assert manager.index()[0]["state"] == "UNAVAILABLE"
         assert rebuilt == []  # the result was dropped before any session was made
-        assert not manager._background
+        assert not manager.background.pending
         await manager.close(1)
 
     _run(scenario())
