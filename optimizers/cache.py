@@ -1,10 +1,16 @@
 """On-disk cache of pass artifacts and whole pipeline results, keyed by content (never by name), written
 atomically (temp file in the same folder + fsync + os.replace) and kept under a size cap (least recently
-used first). A crash leaves either a complete entry or none."""
+used first). A crash leaves either a complete entry or none.
+
+Several servers may share one cache folder (replicas on one volume): a whole pipeline run is built under a
+lock per result key (:meth:`Cache.build_lock`, an ``fcntl.flock`` on ``results/<key>.lock``), so one server
+optimizes a model and the others wait and then read its result. The kernel releases a flock when its holder
+dies, so a server killed mid-build never blocks the others."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -13,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +110,23 @@ class Cache:
         with self._lock:
             atomic_write_bytes(self.results / f"{key}.json", json.dumps(data, sort_keys=True).encode())
 
+    @contextlib.contextmanager
+    def build_lock(self, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+        """Hold the build lock of result ``key`` (blocking: call it from a worker thread); yields whether
+        another holder made this one wait, in which case the result is probably stored now. ``on_wait`` is
+        called once when the lock is found taken. Works across threads and processes (each open file is its own
+        flock), and across hosts on a filesystem with working locks (NFSv4, CephFS, EFS)."""
+        path = self.results / f"{key}.lock"
+        fd, waited = _acquire(path, on_wait)
+        try:
+            yield waited
+        finally:
+            # Unlinked while still held, so the folder keeps no lock files; a waiter that opened the old file
+            # notices the unlink (:func:`_acquire` compares inodes) and locks a fresh one.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+
     # ---- housekeeping ---------------------------------------------------------------------------
     def work_dir(self) -> Path:
         """A fresh scratch folder on the cache's filesystem (so finished files move in atomically)."""
@@ -165,6 +188,30 @@ class Cache:
         for path in paths:
             with contextlib.suppress(OSError):
                 os.utime(path)
+
+
+def _acquire(path: Path, on_wait: Callable[[], None] | None) -> tuple[int, bool]:
+    """An open descriptor of ``path`` holding its flock, and whether it had to wait. The lock counts only if
+    ``path`` still names the locked file once it is held: its previous holder unlinks it before releasing."""
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd, waited
+        except FileNotFoundError:  # unlinked by the holder we waited for: lock a fresh file
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 def _mtime(path: Path) -> float:

@@ -1,11 +1,14 @@
 """The public entry point: :class:`Pipeline` runs the optimizer for one model file and returns what to serve.
 A whole run is cached by (model bytes, samples, options, device, library versions), so a restart or a
-re-upload of the same bytes is a file hash and a JSON read away from ready."""
+re-upload of the same bytes is a file hash and a JSON read away from ready. Servers sharing the cache folder run
+each key once: the first takes the key's build lock, the others wait for it and read its result."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,9 @@ log = logging.getLogger("optiserve.optimizers")
 #: Bump when a change in this package changes what a run would select: old cached results then miss.
 PIPELINE_VERSION = "3"
 Progress = Callable[[str], None]
+CACHE_RESULTS = ("hit", "miss", "waited")
+"""How a run's result was found: in the cache, by optimizing (a miss), or in the cache after waiting for another
+server (or thread) that was optimizing the same model."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,14 @@ class Pipeline:
         self.benchmark = benchmark
         self.throughput = throughput
         self.device_guard = device_guard
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+
+    def cache_counts(self) -> dict[str, int]:
+        """Whole-run results by how they were found (hit, miss, waited) since this pipeline was built: a miss
+        is a run of the optimizer, so with a shared cache a fleet should show one miss per model."""
+        with self._counts_lock:
+            return {result: self._counts[result] for result in CACHE_RESULTS}
 
     def run(
         self,
@@ -130,10 +144,18 @@ class Pipeline:
         if cached is not None:
             notify("optimize: cache hit")
             return cached
-        outcome = self._optimize(model_path, model_sha, options, samples, notify, label, version, libraries)
-        outcome.report.summary = outcome.report.summary or summarize(outcome.report)
-        outcome.report.duration_s = round(time.monotonic() - started, 3)
-        self._store(key, outcome)
+        waiting = f"optimize: waiting for another server optimizing the same model (lock {key[:12]})"
+        with self.cache.build_lock(key, on_wait=lambda: notify(waiting)) as waited:
+            # Another server may have stored it since the miss above, or while we waited for its lock.
+            cached = self._from_cache(key, model_path, label, version, started, waited=waited)
+            if cached is not None:
+                notify("optimize: cache hit" + (" after waiting for another server" if waited else ""))
+                return cached
+            outcome = self._optimize(model_path, model_sha, options, samples, notify, label, version, libraries)
+            outcome.report.summary = outcome.report.summary or summarize(outcome.report)
+            outcome.report.duration_s = round(time.monotonic() - started, 3)
+            self._store(key, outcome)
+        self._count("miss")
         notify(f"optimize: done, serving {outcome.report.selected}")
         log.info("optimized %s in %.2fs: %s", label, outcome.report.duration_s, outcome.report.selected)
         return _result(outcome)
@@ -239,8 +261,12 @@ class Pipeline:
             return self._unchanged(model_path, report, f"optimization failed: {type(exc).__name__}: {exc}")
 
     # ---- cache ---------------------------------------------------------------------------------
+    def _count(self, result: str) -> None:
+        with self._counts_lock:
+            self._counts[result] += 1
+
     def _from_cache(
-        self, key: str, model_path: Path, label: str, version: str, started: float
+        self, key: str, model_path: Path, label: str, version: str, started: float, *, waited: bool = False
     ) -> PipelineResult | None:
         data = self.cache.get_result(key)
         if data is None:
@@ -257,10 +283,12 @@ class Pipeline:
                 return None
             path = hit[0]
         duration_s = round(time.monotonic() - started, 3)
+        how = "waited" if waited else "hit"
         report = stored.report.model_copy(
-            update={"model": label, "version": version, "cache_hit": True, "duration_s": duration_s}
+            update={"model": label, "version": version, "cache_hit": True, "cache": how, "duration_s": duration_s}
         )
-        log.info("optimizer cache hit for %s: serving %s", label, report.selected)
+        self._count(how)
+        log.info("optimizer cache %s for %s: serving %s", how, label, report.selected)
         return PipelineResult(path, stored.session, stored.family, report)
 
     def _store(self, key: str, outcome: Outcome) -> None:

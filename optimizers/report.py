@@ -49,6 +49,9 @@ class Report(BaseModel):
     family: fp32, bf16, int8, fp16, sparse), for OpenVINO its ``device`` and the ``precision_hint`` it was given,
     the ``providers`` asked for, and ``nodes`` by provider as onnxruntime placed them when the guard ran it."""
     cache_hit: bool = False
+    cache: Literal["miss", "hit", "waited"] = "miss"
+    """Where the result came from: ``miss``, this run optimized; ``hit``, the cache; ``waited``, the cache, after
+    waiting for another server (or thread) sharing the cache folder that was optimizing the same model."""
     duration_s: float = 0.0
     reference: dict[str, Any] = Field(default_factory=dict)
     timing: dict[str, Any] = Field(default_factory=dict)

@@ -23,7 +23,7 @@ def test_schema(tmp_path: Path) -> None:
     result = pipeline.run(model, OptimizeOptions(prune={"sparsity": 0.5}), name="digits", version="3")
     report = result.report
     assert set(report) >= TOP
-    assert (report["model"], report["version"], report["cache_hit"]) == ("digits", "3", False)
+    assert (report["model"], report["version"], report["cache_hit"], report["cache"]) == ("digits", "3", False, "miss")
     assert report["device"]["fingerprint"] == fake_device().fingerprint
     assert report["reference"]["source"] == "random"
     assert report["reference"]["count"] == 32 and "weak check" in report["reference"]["note"]
@@ -47,8 +47,8 @@ def test_schema(tmp_path: Path) -> None:
     Report.model_validate(report)
     json.loads(json.dumps(report))
     hit = pipeline.run(model, OptimizeOptions(prune={"sparsity": 0.5}), name="digits", version="3")
-    assert {k: v for k, v in hit.report.items() if k not in ("cache_hit", "duration_s")} == {
-        k: v for k, v in report.items() if k not in ("cache_hit", "duration_s")
+    assert {k: v for k, v in hit.report.items() if k not in ("cache_hit", "cache", "duration_s")} == {
+        k: v for k, v in report.items() if k not in ("cache_hit", "cache", "duration_s")
     }
     table = format_table(report)
     assert all(name in table for name in names) and "random inputs: a weak check" in table

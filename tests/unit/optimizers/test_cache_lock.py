@@ -1,0 +1,115 @@
+"""One build per cache key across servers sharing a cache folder: the build lock makes a second run wait and
+read the first one's result (counted as ``waited``), and a holder killed mid-build releases the lock."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from optimizers import OptimizeOptions, Pipeline, PipelineResult
+from optimizers.cache import Cache
+from optimizers.runtime import Feed, SessionSpec
+from optimizers.timing import Latencies
+from tests.unit.optimizers import models
+from tests.unit.optimizers.conftest import FakeBenchmark, fake_device
+
+FAST_INT8 = {"original": 10.0, "int8_dynamic": 5.0}
+HOLD = """
+import sys, time
+from optimizers.cache import Cache
+with Cache(sys.argv[1]).build_lock(sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+class HeldBenchmark(FakeBenchmark):
+    """Blocks its first timing until released, so a second server can try the same key meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(FAST_INT8)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, label: str, model_path: Path, spec: SessionSpec, feeds: Mapping[int, Feed]) -> Latencies:
+        self.started.set()
+        assert self.release.wait(60), "the test never released the first build"
+        return super().__call__(label, model_path, spec, feeds)
+
+
+def test_a_second_server_waits_for_the_first_build_and_reuses_it(tmp_path: Path) -> None:
+    model = models.save(models.trained_digits().model, tmp_path / "m")
+    options = OptimizeOptions(time_budget_s=0.05)
+    held = HeldBenchmark()
+    first_server = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=held)
+    second_bench = FakeBenchmark(FAST_INT8)
+    second_server = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=second_bench)
+    results: dict[str, PipelineResult] = {}
+    waiting = threading.Event()
+
+    def first() -> None:
+        results["first"] = first_server.run(model, options)
+
+    def second() -> None:
+        results["second"] = second_server.run(model, options, lambda step: waiting.set() if "waiting" in step else None)
+
+    builder = threading.Thread(target=first)
+    builder.start()
+    assert held.started.wait(60)
+    follower = threading.Thread(target=second)
+    follower.start()
+    assert waiting.wait(30), "the second server did not wait for the first one's lock"
+    held.release.set()
+    builder.join(60)
+    follower.join(60)
+
+    built, reused = results["first"], results["second"]
+    assert built.report["cache"] == "miss" and not built.report["cache_hit"]
+    assert reused.report["cache"] == "waited" and reused.report["cache_hit"]
+    assert reused.model_path == built.model_path
+    assert reused.report["selected"] == built.report["selected"] == "int8_dynamic"
+    assert second_bench.calls == []  # the optimizer ran once for the two
+    assert first_server.cache_counts() == {"hit": 0, "miss": 1, "waited": 0}
+    assert second_server.cache_counts() == {"hit": 0, "miss": 0, "waited": 1}
+    assert not list((tmp_path / "cache" / "results").glob("*.lock"))  # the holder leaves no lock file behind
+
+    third = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=FakeBenchmark(FAST_INT8))
+    assert third.run(model, options).report["cache"] == "hit"
+    assert third.lookup(model, options) is not None
+    assert third.cache_counts() == {"hit": 2, "miss": 0, "waited": 0}
+
+
+def test_a_holder_killed_mid_build_releases_the_lock(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(cache.root), "k1"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        blocked = threading.Event()
+        acquired: list[bool] = []
+
+        def take() -> None:
+            with cache.build_lock("k1", on_wait=blocked.set) as waited:
+                acquired.append(waited)
+
+        taker = threading.Thread(target=take)
+        taker.start()
+        assert blocked.wait(10), "the lock was free while another process held it"
+        assert acquired == []
+        holder.send_signal(signal.SIGKILL)
+        taker.join(10)
+        assert acquired == [True]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_locks_of_different_keys_do_not_wait(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    with cache.build_lock("a") as first, cache.build_lock("b") as second:
+        assert (first, second) == (False, False)
+    with cache.build_lock("a") as again:  # released and unlinked: taken at once
+        assert again is False
