@@ -7,13 +7,15 @@ passes' candidates (onnxruntime's CPU kernels at FP32/INT8) through the same gua
 - ``openvino_int8``: the ``int8_static`` pass's QDQ model on OpenVINO (family int8), whose INT8 kernels read the
   QDQ graph; everything not quantized computes in f32.
 
-Each spec sets its precision explicitly (:mod:`optimizers.openvino`), and the report names the engine, the
-precision and where onnxruntime really placed the nodes."""
+Each spec sets its precision explicitly (:mod:`optimizers.openvino`) and keeps OpenVINO's compiled models in the
+optimizer's cache folder, and the report names the engine, the precision and where onnxruntime really placed the
+nodes."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from optimizers import openvino
@@ -37,21 +39,31 @@ class EngineCandidate:
     spec: SessionSpec
 
 
-def openvino_spec(hint: openvino.Hint, device: str = "CPU") -> SessionSpec:
-    """OpenVINO on ``device`` computing in ``hint``, with onnxruntime's CPU kernels for any node it does not take."""
-    return SessionSpec(providers=(OPENVINO, CPU), provider_options={OPENVINO: openvino.provider_options(hint, device)})
+def openvino_spec(hint: openvino.Hint, device: str = "CPU", cache_root: Path | None = None) -> SessionSpec:
+    """OpenVINO on ``device`` computing in ``hint``, with onnxruntime's CPU kernels for any node it does not take;
+    OpenVINO's model cache under ``cache_root`` (:func:`optimizers.openvino.cache_dir`) when given."""
+    cache = openvino.cache_dir(cache_root) if cache_root is not None else None
+    options = openvino.provider_options(hint, device, cache)
+    return SessionSpec(providers=(OPENVINO, CPU), provider_options={OPENVINO: options})
 
 
-OPENVINO_CANDIDATES = (
-    EngineCandidate("openvino_fp32", "fp32", ORIGINAL, openvino_spec("f32")),
-    EngineCandidate("openvino_bf16", "bf16", ORIGINAL, openvino_spec("bf16")),
-    EngineCandidate("openvino_int8", "int8", "int8_static", openvino_spec("f32")),
-)
+def openvino_candidates(cache_root: Path | None = None) -> tuple[EngineCandidate, ...]:
+    """The OpenVINO candidates, their compiled models cached under ``cache_root`` when given."""
+    return (
+        EngineCandidate("openvino_fp32", "fp32", ORIGINAL, openvino_spec("f32", cache_root=cache_root)),
+        EngineCandidate("openvino_bf16", "bf16", ORIGINAL, openvino_spec("bf16", cache_root=cache_root)),
+        EngineCandidate("openvino_int8", "int8", "int8_static", openvino_spec("f32", cache_root=cache_root)),
+    )
 
 
-def candidates(target: str) -> tuple[EngineCandidate, ...]:
-    """The engine candidates for a target, in report order (none on GPUs yet: TensorRT is the compile step's)."""
-    return OPENVINO_CANDIDATES if target == "cpu" else ()
+OPENVINO_CANDIDATES = openvino_candidates()
+"""The candidates without a model cache (their names, families and precisions)."""
+
+
+def candidates(target: str, cache_root: Path | None = None) -> tuple[EngineCandidate, ...]:
+    """The engine candidates for a target, in report order (none on GPUs yet: TensorRT is the compile step's);
+    OpenVINO's compiled models are cached under ``cache_root`` when given."""
+    return openvino_candidates(cache_root) if target == "cpu" else ()
 
 
 def skip_reason(candidate: EngineCandidate, device: DeviceInfo, built: Collection[str]) -> str | None:

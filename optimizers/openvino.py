@@ -16,6 +16,12 @@ Traps this module exists for (each has a test):
   session without it is refused (:class:`OpenVinoError`). The values are lowercase: OpenVINO refuses ``F32``.
 - The plugin ignores ``device_type`` and ``num_of_threads`` too (device: the OrtEpDevice handed over; threads:
   ``INFERENCE_NUM_THREADS`` in ``load_config``).
+- OpenVINO compiles every session's model again (seconds for a large one) unless it has a model cache. The
+  plugin's ``cache_dir`` option turns it on; ``CACHE_DIR`` in ``load_config`` does not: the plugin passes on only
+  the properties the device lists as its own, and OpenVINO's CPU lists no ``CACHE_DIR`` (it is a property of
+  OpenVINO's core), so the plugin would skip it with a warning. Specs built here keep the cache under the
+  optimizer's cache folder (:func:`cache_dir`), so the server's session for a variant (and a restart's) reads
+  the model the optimizer's timing session compiled.
 
 A spec names the device with OpenVINO's ``device_type`` option (``CPU``), which picks the plugin's device here and
 is not passed on; everything else in its provider options goes to the plugin as is."""
@@ -43,6 +49,8 @@ PRECISION_HINT = "INFERENCE_PRECISION_HINT"
 NUM_THREADS = "INFERENCE_NUM_THREADS"
 DEVICE_OPTION = "device_type"
 LOAD_CONFIG = "load_config"
+CACHE_OPTION = "cache_dir"
+"""The plugin's model-cache folder option (OpenVINO's core ``CACHE_DIR``)."""
 ASSIGNMENT_ENTRY = "session.record_ep_graph_assignment_info"
 """Session config entry that makes onnxruntime record which provider got each node (read by :func:`placement`)."""
 
@@ -146,6 +154,8 @@ class Plugin:
         if not status.offers(device):
             offered = ", ".join(status.devices)
             raise OpenVinoUnavailable(status.reason or f"the plugin offers no {device} device (only {offered})")
+        if passed.get(CACHE_OPTION):  # OpenVINO writes blobs there; the folder may not exist yet
+            Path(passed[CACHE_OPTION]).mkdir(parents=True, exist_ok=True)
         session_options.add_session_config_entry(ASSIGNMENT_ENTRY, "1")
         # One device: the plugin refuses several for a plain device (a second registration lists it twice).
         session_options.add_provider_for_devices(self._devices(device)[:1], passed)
@@ -174,9 +184,20 @@ def _is_cpu(ort: Any, ep_device: Any) -> bool:
 
 
 # ---- provider options --------------------------------------------------------------------------------------------
-def provider_options(hint: Hint, device: str = "CPU") -> dict[str, str]:
-    """The plugin options for a session on ``device`` computing in ``hint`` (always explicit)."""
-    return {DEVICE_OPTION: device, LOAD_CONFIG: json.dumps({device: {PRECISION_HINT: hint}}, sort_keys=True)}
+def provider_options(hint: Hint, device: str = "CPU", cache: Path | None = None) -> dict[str, str]:
+    """The plugin options for a session on ``device`` computing in ``hint`` (always explicit), with OpenVINO's
+    model cache in ``cache`` when given."""
+    options = {DEVICE_OPTION: device, LOAD_CONFIG: json.dumps({device: {PRECISION_HINT: hint}}, sort_keys=True)}
+    if cache is not None:
+        options[CACHE_OPTION] = str(cache)
+    return options
+
+
+def cache_dir(cache_root: Path) -> Path:
+    """OpenVINO's model cache under an optimizer cache root: ``ROOT/openvino``. The optimizer's guard and timing
+    sessions fill it and the served instances read it (like TensorRT's engine cache, it is not counted in the
+    optimizer cache's size cap)."""
+    return Path(cache_root) / "openvino"
 
 
 def device_of(options: dict[str, str]) -> str:

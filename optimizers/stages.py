@@ -122,7 +122,8 @@ class OptimizationRun:
         original = Candidate("original", self.model_path, "fp32", base_spec, baseline, nodes=run.nodes)
         steps = [(p.name, functools.partial(self._evaluate, p, baseline)) for p in self.passes]
         steps += [
-            (e.name, functools.partial(self._engine, e, baseline)) for e in engines.candidates(self.options.target)
+            (e.name, functools.partial(self._engine, e, baseline))
+            for e in engines.candidates(self.options.target, self.cache.root)
         ]
         survivors = [candidate for name, evaluate in steps if (candidate := self._step(name, evaluate)) is not None]
         winner = self._select(original, survivors)

@@ -40,13 +40,15 @@ def test_serves_the_timed_openvino_session(monkeypatch: pytest.MonkeyPatch, digi
     stand_in = StandInPlugin()
     monkeypatch.setattr(openvino, "PLUGIN", stand_in)
     model, x = digits
-    spec = engines.openvino_spec("bf16")  # what the optimizer hands over, applied to the instance as the loader does
+    cache = model.parent / "cache"
+    spec = engines.openvino_spec("bf16", cache_root=cache)  # what the optimizer hands over, applied as the loader does
     backend = OnnxRuntimeBackend("digits", model, _config(spec.provider_options[OPENVINO], threads=2))
     backend.load()
     (call,) = stand_in.calls
     assert json.loads(call["passed"]["load_config"]) == {
         "CPU": {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "bf16"}
     }
+    assert call["passed"][openvino.CACHE_OPTION] == str(openvino.cache_dir(cache))  # compiled once, read here
     assert backend.providers[0] == OPENVINO and backend.device == "cpu"
     assert backend.engine == {"engine": "openvino", "precision_hint": "bf16", "nodes": {OPENVINO: 5}}
     served = backend.infer({"x": x})["logits"]

@@ -105,6 +105,16 @@ def test_instance_threads_bind_openvino(tmp_path: Path) -> None:
     assert config == {"CPU": {"INFERENCE_NUM_THREADS": 3, "INFERENCE_PRECISION_HINT": "f32"}}
 
 
+def test_the_model_cache_folder_is_passed_on_and_made(tmp_path: Path) -> None:
+    fake, options = FakeOrt(), FakeSessionOptions()
+    cache = tmp_path / "cache" / "openvino"
+    plugin = openvino.Plugin(fake, FakeModule())
+    plugin.create_session(tmp_path / "m.onnx", options, openvino.provider_options("f32", cache=cache))
+    ((_, passed),) = options.added
+    assert passed[openvino.CACHE_OPTION] == str(cache) and cache.is_dir()
+    assert "CACHE_DIR" not in passed["load_config"]  # the plugin would drop it there: the CPU does not list it
+
+
 def test_no_device_is_an_error_naming_why(tmp_path: Path) -> None:
     plugin = openvino.Plugin(FakeOrt(vendor="AMD"), FakeModule())
     with pytest.raises(openvino.OpenVinoUnavailable, match="Intel hardware only"):
@@ -190,7 +200,7 @@ def test_openvino_bf16_wins_when_fastest_and_the_report_says_so(
     latencies = {"original": 10.0, "int8_dynamic": 6.0, "int8_static": 6.0, "openvino_fp32": 9.0}
     result, steps, stand_in = _run(tmp_path, monkeypatch, {**latencies, "openvino_bf16": 2.0, "openvino_int8": 3.0})
     assert result.report["selected"] == "openvino_bf16" and steps["openvino_bf16"]["status"] == "applied"
-    assert result.session == engines.openvino_spec("bf16") and result.family == "bf16"
+    assert result.session == engines.openvino_spec("bf16", cache_root=tmp_path / "cache") and result.family == "bf16"
     assert result.report["engine"] == {
         "engine": "openvino",
         "precision": "bf16",
@@ -209,6 +219,22 @@ def test_openvino_bf16_wins_when_fastest_and_the_report_says_so(
         assert steps[step]["details"]["engine"]["engine"] == "openvino"
     assert all(call["passed"]["load_config"] for call in stand_in.calls)
     assert "engine openvino CPU bf16 (hint bf16)" in format_table(result.report)
+
+
+def test_every_openvino_session_compiles_into_the_optimizer_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    latencies = {"original": 10.0, "openvino_fp32": 2.0}
+    result, _, stand_in = _run(tmp_path, monkeypatch, latencies, OptimizeOptions(precision="fp32"))
+    cache = openvino.cache_dir(tmp_path / "cache")
+    assert result.report["selected"] == "openvino_fp32"
+    assert result.session.provider_options[OPENVINO][openvino.CACHE_OPTION] == str(cache)
+    assert stand_in.calls and all(call["passed"][openvino.CACHE_OPTION] == str(cache) for call in stand_in.calls)
+    # a restart reads the stored result: the served session names the same cache, so OpenVINO loads from it
+    device = fake_device(cpu_flags=INTEL_AMX, openvino_devices=("CPU",), openvino_version="1.8.1")
+    model = models.save(models.trained_digits().model, tmp_path / "digits")
+    restarted = Pipeline(tmp_path / "cache", device=device).lookup(model, OptimizeOptions(precision="fp32"))
+    assert restarted is not None and restarted.summary.cache_hit and restarted.session == result.session
 
 
 def test_precision_fp32_never_runs_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,3 +60,15 @@ def test_a_providers_argument_beside_the_plugin_drops_it(digits: tuple[Path, lis
     assert OPENVINO not in openvino.placement(session) and OPENVINO not in session.get_providers()
     ours = open_session(path, engines.openvino_spec("f32"))  # the one way this code opens it
     assert openvino.placement(ours).get(OPENVINO, 0) > 0
+
+
+def test_a_second_session_compiles_from_the_model_cache(
+    digits: tuple[Path, list[dict[str, np.ndarray]]], tmp_path: Path
+) -> None:
+    spec = engines.openvino_spec("f32", cache_root=tmp_path)
+    first = run_checked(digits[0], spec, digits[1][:1])
+    blobs = sorted(p.name for p in openvino.cache_dir(tmp_path).rglob("*") if p.is_file())
+    assert blobs, "OpenVINO wrote nothing into its model cache"
+    again = run_checked(digits[0], spec, digits[1][:1])  # a restart: same model, same options
+    assert sorted(p.name for p in openvino.cache_dir(tmp_path).rglob("*") if p.is_file()) == blobs
+    np.testing.assert_array_equal(first.outputs[0]["logits"], again.outputs[0]["logits"])
