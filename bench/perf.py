@@ -138,12 +138,14 @@ def run_perf(
     interval_ms: int,
     out_dir: Path,
     extra: list[str] | None = None,
+    name: str | None = None,
 ) -> PerfRun:
     """Run perf_analyzer, relaxing the stability bound once if the windows disagree too much to settle.
 
-    Its full output is kept beside the CSV (<out_dir>/<model>_<protocol>_c<N>.log) for post-mortems.
+    Its full output is kept beside the CSV (<out_dir>/<name>.log, by default <model>_<protocol>_c<N>) for
+    post-mortems.
     """
-    stem = out_dir / f"{model}_{protocol}_c{concurrency}"
+    stem = out_dir / (name or f"{model}_{protocol}_c{concurrency}")
     result = PerfRun(model, protocol, concurrency)
     for stability in STABILITY_STEPS:
         result.stability_percent = stability
