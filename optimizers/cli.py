@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="where it will run")
     parser.add_argument(
         "--precision",
-        choices=["auto", "fp32", "fp16", "int8", "none"],
+        choices=["auto", "fp32", "fp16", "bf16", "int8", "none"],
         default="auto",
-        help="auto: every applicable candidate competes; fp32/fp16/int8: only that family; none: copy as is",
+        help="auto: every applicable candidate competes; fp32/fp16/bf16/int8: only that family; none: copy as is",
     )
     parser.add_argument("--samples", type=Path, help=".npz of validation inputs (keys = input names)")
     parser.add_argument("--prune-sparsity", type=float, help="prune this fraction of MatMul/Gemm/Conv weights")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from optimizers.errors import OptionsError
 from optimizers.providers import Target
 
-Precision = Literal["auto", "fp32", "fp16", "int8", "none"]
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8", "none"]
 Metric = Literal["rel_l2", "max_abs", "cosine", "top1"]
 PrunePattern = Literal["unstructured", "2:4"]
 Mode = Literal["background", "before_ready"]
@@ -41,7 +41,8 @@ class PruneOptions(BaseModel):
 
 class OptimizeOptions(BaseModel):
     """Everything one pipeline run depends on. ``precision`` picks the candidate family: ``auto`` lets
-    every applicable pass compete, ``fp32|fp16|int8`` keep one family, ``none`` turns the pipeline off."""
+    every applicable pass compete, ``fp32|fp16|bf16|int8`` keep one family (``fp32``: nothing lossy at all;
+    ``bf16``: OpenVINO's bf16 on CPUs with avx512_bf16 or AMX), ``none`` turns the pipeline off."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

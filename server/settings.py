@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     """Scratch memory TensorRT may use per engine while building and running (trt_max_workspace_size): more
     lets it consider faster tactics."""
 
-    default_precision: Literal["auto", "fp32", "fp16", "int8", "none"] = "auto"
+    default_precision: Literal["auto", "fp32", "fp16", "bf16", "int8", "none"] = "auto"
     """Optimization for models whose config has no optimize block: auto lets every candidate the accuracy
     guard accepts compete and serves the fastest (never slower than the original); none serves the file
     as uploaded."""

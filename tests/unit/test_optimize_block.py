@@ -54,3 +54,19 @@ def test_no_block_means_none_and_bad_blocks_fail_clearly() -> None:
         parse_config("optimize { precision: int8 ", "pbtxt")
     with pytest.raises(LoadFailed, match="optimize must be a mapping"):
         parse_config('{"optimize": "int8"}', "json")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_precision_block_reaches_the_optimizer(precision: str) -> None:
+    from optimizers import OptimizeOptions
+
+    loaded = parse_config(f"max_batch_size: 4\noptimize {{ precision: {precision} }}\n", "pbtxt")
+    assert loaded.optimize == {"precision": precision}
+    assert OptimizeOptions.from_config_dict(loaded.optimize).precision == precision
+
+
+def test_an_unknown_precision_names_the_field_and_the_choices() -> None:
+    from server.repository.optimize_block import check_block
+
+    with pytest.raises(LoadFailed, match=r"optimize\.precision: .*'bf16'.*\(got 'bf8'\)"):
+        check_block({"precision": "bf8"})

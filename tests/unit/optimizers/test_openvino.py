@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from optimizers import OptimizeOptions, Pipeline, engines, openvino
+from optimizers.options import PruneOptions
 from optimizers.providers import CPU, OPENVINO
 from optimizers.report import format_table
 from optimizers.runtime import SessionSpec, open_session
@@ -245,6 +246,39 @@ def test_precision_fp32_never_runs_bf16(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.report["selected"] == "openvino_fp32"
     assert result.report["engine"]["precision_hint"] == "f32" and result.report["engine"]["precision"] == "fp32"
     assert {call["hint"] for call in stand_in.calls} == {"f32"}
+
+
+LOSSY = ("int8_dynamic", "int8_static", "fp16", "prune", "openvino_bf16", "openvino_int8")
+
+
+def test_precision_fp32_refuses_every_lossy_candidate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fastest = dict.fromkeys(LOSSY, 0.5)  # each would win on speed
+    options = OptimizeOptions(precision="fp32", prune=PruneOptions())  # pruning asked for, and still refused
+    result, steps, stand_in = _run(tmp_path, monkeypatch, {"original": 10.0, **fastest}, options)
+    for name in LOSSY:
+        assert (steps[name]["status"], steps[name]["reason"]) == ("skipped", "precision fp32: no lossy step is applied")
+    ran = [step for step in steps.values() if step["accuracy"]]
+    assert ran and all(step["thresholds"] == {"rel_l2": 1e-4} for step in ran)  # only the lossless budget
+    assert result.family == "fp32" and {call["hint"] for call in stand_in.calls} == {"f32"}
+
+
+def test_precision_bf16_keeps_openvino_bf16_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    latencies = {"original": 10.0, "openvino_bf16": 2.0, "graph_opt": 1.0, "int8_static": 1.0}
+    result, steps, _ = _run(tmp_path, monkeypatch, latencies, OptimizeOptions(precision="bf16"))
+    assert result.report["selected"] == "openvino_bf16" and result.family == "bf16"
+    assert result.report["engine"]["precision_hint"] == "bf16" and result.report["precision"] == "bf16"
+    others = [name for name in steps if name not in ("openvino_bf16", "compile")]
+    for name in others:
+        assert steps[name]["status"] == "skipped" and "keeps only bf16" in steps[name]["reason"], steps[name]
+
+
+def test_precision_bf16_on_a_cpu_without_it_says_why_nothing_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result, steps, stand_in = _run(tmp_path, monkeypatch, {}, OptimizeOptions(precision="bf16"), flags=INTEL_AVX512)
+    assert result.report["selected"] == "original" and not stand_in.calls
+    assert "neither avx512_bf16 nor amx_bf16" in steps["openvino_bf16"]["reason"]
+    assert "openvino_bf16 skipped (this CPU has neither avx512_bf16" in result.report["summary"]
 
 
 def test_a_cpu_without_bf16_never_tries_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
