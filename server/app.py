@@ -19,12 +19,13 @@ from server.http.app import create_http_app
 from server.http.fast import InferFastPath
 from server.http.protocol import bounded_headers_protocol
 from server.logs import configure_logging
-from server.metrics import ServerMetrics
+from server.metrics import ServerMetrics, optimizer_cache_families
 from server.models.manager import ModelManager
 from server.models.response_cache import ResponseCache
 from server.protocol import tensors
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.repository.layout import Repository
+from server.repository.replicas import Fleet, default_replica_id
 from server.rpc.service import create_grpc_server
 from server.settings import Settings
 from server.tracing import Tracer
@@ -50,6 +51,17 @@ class OptiServe:
         self.response_cache = ResponseCache(settings.response_cache_bytes)
         self.models = ModelManager(self.repository, settings, self.metrics, self.response_cache)
         self.metrics.add_state_collector(self.models.metric_families)
+        # Replicas on one repository: this one's heartbeat (poll mode) and the fleet's view (repository/replicas.py).
+        self.fleet = Fleet(
+            self.repository.root,
+            settings.replica_id or default_replica_id(),
+            settings.repository_poll_secs,
+            served=lambda: [(v.name, int(v.version), v.variant) for v in self.models.served_versions()],
+            ready=self.models.server_ready,
+            heartbeats=settings.model_control_mode == "poll",
+        )
+        self.metrics.add_state_collector(self.fleet.metric_families)
+        self.metrics.add_state_collector(lambda: optimizer_cache_families(self.models.loader.pipeline().cache_counts()))
         self.dataplane = DataPlane(self.models)
         # OpenTelemetry request tracing (server/tracing.py): off unless --tracing or OTEL_TRACES_EXPORTER.
         self.tracer = Tracer.from_environment(settings.tracing)
@@ -59,7 +71,7 @@ class OptiServe:
         registry = self.metrics.registry if settings.metrics else None
         # One set of client shared-memory regions, registered and used through either edge.
         self.shared_memory = SharedMemoryRegistry(settings.allow_client_shm, settings.max_shm_regions)
-        self.http_app = create_http_app(self.dataplane, settings, access, registry, self.shared_memory)
+        self.http_app = create_http_app(self.dataplane, settings, access, registry, self.shared_memory, self.fleet)
         # Inference is served in front of FastAPI, skipping its middleware and routing (server/http/fast.py).
         self.asgi_app = InferFastPath(
             self.http_app, self.dataplane, settings.max_request_bytes, limits, access, self.shared_memory, self.tracer
@@ -105,8 +117,12 @@ class OptiServe:
         # In poll mode the same task goes on rescanning the repository; the drain cancels it.
         loading = asyncio.create_task(self._load_and_poll())
         serving = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+        # Ends (removing this replica's heartbeat) as soon as the drain begins.
+        beating = asyncio.create_task(self.fleet.run(self._stop)) if self.fleet.heartbeats else None
         await self._stop.wait()
         await self._shutdown(http_server, serving, loading)
+        if beating is not None:
+            await beating
 
     async def _load_and_poll(self) -> None:
         """Load every model, then (--model-control-mode poll) rescan the repository every

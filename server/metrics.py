@@ -23,10 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["FAILURE_REASONS", "Metric", "RequestCounters", "ServerMetrics", "VersionMetrics", "state_families"]
+__all__ = [
+    "FAILURE_REASONS",
+    "Metric",
+    "RequestCounters",
+    "ServerMetrics",
+    "VersionMetrics",
+    "optimizer_cache_families",
+    "state_families",
+]
 
 log = logging.getLogger("optiserve.metrics")
 
@@ -111,6 +119,19 @@ class ServerMetrics:
             "optiserve_response_cache_misses",
             "Requests of a response-cached model that the cache could not answer.",
             labels,
+            registry=reg,
+        )
+        self.loads = Counter(
+            "optiserve_model_loads",
+            "Model loads that succeeded, by what started them (startup, explicit: load API or upload, poll, "
+            "on_demand: a request); on_demand loads of evicted models show eviction thrash.",
+            ("model", "trigger"),
+            registry=reg,
+        )
+        self.evictions = Counter(
+            "optiserve_model_evictions",
+            "Models unloaded to make room in the memory budget (--model-memory-budget).",
+            ("model",),
             registry=reg,
         )
         ProcessCollector(registry=reg)
@@ -247,6 +268,35 @@ def state_families(
     for model, version, variant in selected:
         info.add_metric([model, version], {"selected": variant})
     return [state_family, pending_family, info, *gpu_families()]
+
+
+def optimizer_cache_families(counts: dict[str, int]) -> list[Metric]:
+    """Whole optimizer runs by how their result was found (``hit``: the cache; ``miss``: this server optimized;
+    ``waited``: the cache, after another server sharing --cache-dir finished optimizing the same model). Replicas
+    sharing a cache folder should show one miss per model between them."""
+    family = CounterMetricFamily(
+        "optiserve_optimizer_cache", "Optimizer runs by where their result came from.", labels=["result"]
+    )
+    for result, count in sorted(counts.items()):
+        family.add_metric([result], float(count))
+    return [family]
+
+
+def memory_families(versions: list[tuple[str, str, str, int]], budget: int, used: int) -> list[Metric]:
+    """Host memory per loaded version (``device`` is where it lives: ``cpu`` for host RSS), the budget (0: none)
+    and the total the budget counts."""
+    per_version = GaugeMetricFamily(
+        "optiserve_model_memory_bytes",
+        "Memory a loaded model version holds (RSS growth of its sessions and warmup, at least its files).",
+        labels=["model", "version", "device"],
+    )
+    for model, version, device, size in versions:
+        per_version.add_metric([model, version, device], float(size))
+    limit = GaugeMetricFamily("optiserve_model_memory_budget_bytes", "The model memory budget; 0: no budget.")
+    limit.add_metric([], float(budget))
+    total = GaugeMetricFamily("optiserve_model_memory_used_bytes", "Memory all loaded model versions hold.")
+    total.add_metric([], float(used))
+    return [per_version, limit, total]
 
 
 def gpu_families() -> list[Metric]:

@@ -179,6 +179,11 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """Log lines as plain text or as one JSON object per line (for log collectors)."""
 
+    replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    """This server's name among the replicas sharing its repository: GET /v2/repository/replicas lists it, and in
+    poll mode it names the heartbeat file .optiserve/replicas/<id>.json. Unset: <hostname>-<pid>; in Kubernetes
+    set it to the pod name. Two running servers must not share one."""
+
     @field_validator("*", mode="after")
     @classmethod
     def _absolute_paths(cls, value: Any) -> Any:

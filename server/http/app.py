@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from server.http.multipart import form_receiver
 from server.http.responses import JSON, error_response, json_response
 from server.protocol.numbers import is_ascii_uint
 from server.protocol.shared_memory import SharedMemoryRegistry
+from server.repository.replicas import Fleet
 from server.settings import Settings
 
 UPLOAD_FORM = {
@@ -104,6 +106,7 @@ def create_http_app(
     access: AccessPolicy,
     registry: CollectorRegistry | None = None,
     regions: SharedMemoryRegistry | None = None,
+    fleet: Fleet | None = None,
 ) -> FastAPI:
     """Build the FastAPI application around one DataPlane (and its metrics registry, if metrics are on): every
     route but inference, which server/http/fast.py serves in front of it (here it is only documented)."""
@@ -114,6 +117,8 @@ def create_http_app(
     _document_infer_routes(app)
     _add_repository_routes(app, dataplane, settings, access)
     _add_shared_memory_routes(app, regions or SharedMemoryRegistry(enabled=False), settings, access)
+    if fleet is not None:
+        _add_fleet_route(app, fleet, _guard(access, Scope.INFERENCE))
     if registry is not None:
         _add_metrics_route(app, registry)
     return app
@@ -150,6 +155,15 @@ def _add_shared_memory_routes(
     async def shm_unregister(name: str) -> Response:
         regions.unregister(name)
         return json_response({})
+
+
+def _add_fleet_route(app: FastAPI, fleet: Fleet, guard: list[Any]) -> None:
+    """optiserve's extension next to Triton's repository index: what every replica sharing this repository
+    serves, and whether they have converged (read like the index: inference scope)."""
+
+    @app.get("/v2/repository/replicas", tags=["repository"], dependencies=guard)
+    async def repository_replicas() -> Response:
+        return json_response(await asyncio.to_thread(fleet.status))
 
 
 def _add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:

@@ -23,6 +23,8 @@ from server.errors import InvalidInput, LoadFailed, ModelNotFound
 from server.protocol.numbers import parse_positive
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FLEET_FOLDER = ".optiserve"
+"""The servers' own folder in the repository (replica heartbeats): hidden, like ``.staging``, so never a model."""
 MAX_VERSION_ENTRIES = 10_000
 """Files and folders a version folder may hold (a SavedModel has a handful); checked at every load."""
 
@@ -41,7 +43,8 @@ class Repository:
         self.root = root.resolve()
 
     def model_names(self) -> list[str]:
-        """Every folder under the root that is a valid model name."""
+        """Every folder under the root that is a valid model name (hidden folders such as ``.staging`` and
+        ``.optiserve`` never are: a name starts with a letter or digit)."""
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name))
