@@ -209,7 +209,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)
         rows = self.dataplane.repository_index(request.ready)
-        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows])
+        fields = ("name", "version", "state", "reason")  # the HTTP rows carry more (memory_bytes)
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**{k: row[k] for k in fields}) for row in rows]
+        )
 
     @translate_errors
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
