@@ -13,7 +13,8 @@ nodes."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import logging
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from optimizers.accuracy import Family
 from optimizers.device import DeviceInfo
 from optimizers.providers import CPU, OPENVINO
 from optimizers.runtime import SessionSpec
+
+log = logging.getLogger("optiserve.optimizers")
 
 ORIGINAL = "original"
 """The ``source`` of a candidate that runs the uploaded model itself."""
@@ -66,15 +69,55 @@ def candidates(target: str, cache_root: Path | None = None) -> tuple[EngineCandi
     return openvino_candidates(cache_root) if target == "cpu" else ()
 
 
-def skip_reason(candidate: EngineCandidate, device: DeviceInfo, built: Collection[str]) -> str | None:
-    """Why ``candidate`` cannot run here (None: it can). ``built`` names the passes whose artifact exists."""
-    if candidate.spec.engine == "openvino" and not device.openvino_cpu:
-        return f"OpenVINO unavailable: {device.openvino_note or 'the plugin offers no CPU device'}"
+def skip_reason(
+    candidate: EngineCandidate, device: DeviceInfo, built: Collection[str], listed: Sequence[str] = ()
+) -> str | None:
+    """Why ``candidate`` cannot run here (None: it can). ``built`` names the passes whose artifact exists;
+    ``listed`` is the server's ``--execution-providers`` (empty: no list, every engine may compete)."""
+    if candidate.spec.engine == "openvino" and (refusal := openvino_refusal(device, listed)):
+        return refusal
     if candidate.family == "bf16" and not device.has_bf16:
         return "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would not pay"
     if candidate.source != ORIGINAL and candidate.source not in built:
         return f"needs the {candidate.source} model, which this run did not build"
     return None
+
+
+def openvino_refusal(device: DeviceInfo, listed: Sequence[str] = ()) -> str | None:
+    """Why no OpenVINO candidate may run (None: they may): the operator's provider list leaves it out, or the plugin
+    offers no CPU here (said plainly when the list asks for it)."""
+    if listed and OPENVINO not in listed:
+        return f"{OPENVINO} is not among the server's execution_providers ({', '.join(listed)})"
+    if device.openvino_cpu:
+        return None
+    note = device.openvino_note or "the plugin offers no CPU device"
+    if OPENVINO in listed:
+        return f"{OPENVINO} is listed in execution_providers but unavailable: {note}"
+    return f"OpenVINO unavailable: {note}"
+
+
+def provider_notes(listed: Sequence[str], device: DeviceInfo) -> list[str]:
+    """The report's ``notes`` for the operator's provider list: each listed provider this machine cannot give
+    (OpenVINO without a device from its plugin, any other one missing from this onnxruntime), logged as a
+    warning, so a listed engine is never dropped without a word."""
+    notes = []
+    for provider in dict.fromkeys(listed):
+        if provider == OPENVINO:
+            if device.openvino_cpu:
+                continue
+            why = device.openvino_note or "the plugin offers no CPU device"
+            notes.append(
+                f"execution_providers lists {OPENVINO}, which is unavailable here ({why}): "
+                "no OpenVINO candidate runs, onnxruntime's own kernels serve"
+            )
+        elif provider not in device.providers:
+            notes.append(
+                f"execution_providers lists {provider}, which this onnxruntime lacks "
+                f"(it has {', '.join(device.providers)}); it is not used"
+            )
+    for note in notes:
+        log.warning("%s", note)
+    return notes
 
 
 def describe(spec: SessionSpec, family: Family, nodes: dict[str, int]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ Mode = Literal["background", "before_ready"]
 
 #: Keys a model config's ``optimize`` block may set; the rest come from the server (or the CLI), never from
 #: an uploaded config, so no API field carries a filesystem path.
-CONFIG_KEYS = ("precision", "prune", "accuracy", "time_budget_s", "min_gain", "mode")
+CONFIG_KEYS = ("precision", "prune", "accuracy", "time_budget_s", "min_gain", "mode", "from_traffic")
 
 
 class PruneOptions(BaseModel):
@@ -75,10 +75,17 @@ class OptimizeOptions(BaseModel):
     """The host leaves the instance count and the thread counts open (no explicit ``instance_group`` count nor
     thread parameters): on CPU the compile step also times N instances x T threads under concurrent load and
     may set :attr:`optimizers.runtime.SessionSpec.instances`. Set by the server (or the CLI), never by a config."""
+    execution_providers: tuple[str, ...] = ()
+    """The server's ``--execution-providers`` as the operator listed them (empty: the server's default order). An
+    engine candidate whose provider is not listed is skipped, and a listed provider this machine cannot give is
+    reported (the report's ``notes``) and logged, never dropped in silence. Set by the server, never by a config."""
     mode: Mode | None = None
     """When a server runs the pipeline: ``background`` (serve the original at once, swap the variant in when
     it is proven) or ``before_ready`` (the version is READY only once optimized). None: the server's default.
     Not part of the cache key: both modes select the same variant."""
+    from_traffic: bool = True
+    """Background mode: the server may calibrate and check on a sample of the version's real requests (false: it
+    keeps none for this model). Not part of the cache key: the samples used are keyed by content."""
 
     @field_validator("accuracy")
     @classmethod
@@ -126,9 +133,10 @@ class OptimizeOptions(BaseModel):
 
     def cache_dict(self) -> dict[str, Any]:
         """What the pipeline result depends on, for its cache key (the samples file is keyed by content)."""
-        data = self.model_dump(mode="json", exclude={"samples_path", "mode"})
-        if not self.tune_instances:  # keys computed before the field existed stay valid
-            del data["tune_instances"]
+        data = self.model_dump(mode="json", exclude={"samples_path", "mode", "from_traffic"})
+        for name in ("tune_instances", "execution_providers"):  # keys computed before these existed stay valid
+            if not data[name]:
+                del data[name]
         return data
 
 

@@ -306,6 +306,7 @@ class Pipeline:
             device=self.device.summary(),
             target=options.target,
             precision=options.precision,
+            notes=engines.provider_notes(options.execution_providers, self.device),
         )
 
     def _unchanged(self, model_path: Path, report: Report, reason: str) -> Outcome:

@@ -48,6 +48,9 @@ class Report(BaseModel):
     """What serves the selected candidate: ``engine`` (onnxruntime, openvino, cuda, tensorrt), ``precision`` (its
     family: fp32, bf16, int8, fp16, sparse), for OpenVINO its ``device`` and the ``precision_hint`` it was given,
     the ``providers`` asked for, and ``nodes`` by provider as onnxruntime placed them when the guard ran it."""
+    notes: list[str] = Field(default_factory=list)
+    """What the operator asked for that this machine cannot give, e.g. an execution provider listed in the server's
+    ``--execution-providers`` that is unavailable here (also logged as a warning)."""
     cache_hit: bool = False
     cache: Literal["miss", "hit", "waited"] = "miss"
     """Where the result came from: ``miss``, this run optimized; ``hit``, the cache; ``waited``, the cache, after

@@ -200,7 +200,7 @@ class OptimizationRun:
     def _engine(self, engine: engines.EngineCandidate, baseline: Latencies, step: Step) -> Candidate | None:
         """An engine candidate: the original (or a pass's artifact) run by another engine at its precision."""
         skip = family_refusal(self.options.precision, engine.family) or engines.skip_reason(
-            engine, self.device, self.built
+            engine, self.device, self.built, self.options.execution_providers
         )
         if skip:
             step.reason = skip

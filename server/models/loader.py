@@ -275,6 +275,7 @@ class VersionLoader:
             result = self.pipeline().run(source.model_path, source.options, progress, name=name, version=str(version))
         except OptimizeError as exc:
             raise LoadFailed(f"model {name!r} version {version}: {exc}") from None
+                execution_providers=tuple(self.settings.execution_providers),
         self._record(name, result.summary)
         return result
 

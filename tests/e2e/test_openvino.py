@@ -91,3 +91,32 @@ def test_openvino_serves_what_the_report_names(ov_server: ServerProcess, digits:
     if "top1" in budget:  # random reference inputs set the budget; real digits must keep it too
         assert (served.argmax(1) == original.argmax(1)).mean() >= budget["top1"] - 1 / 32
     assert (served.argmax(1) == labels).mean() >= (original.argmax(1) == labels).mean() - 2 / 32
+
+
+def test_a_listed_openvino_is_never_dropped_in_silence(start_server, tmp_path: Path) -> None:
+    """--execution-providers names OpenVINO: where the plugin offers no CPU, the report's notes, the OpenVINO steps
+    and the server log say so, and onnxruntime serves the model correctly; where it does, the candidates run."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    listed = json.dumps([OPENVINO, CPU])
+    env = {"OPTISERVE_CACHE_DIR": str(tmp_path / "cache"), "OPTISERVE_EXECUTION_PROVIDERS": listed}
+    server = start_server(repo, env=env)
+    small = trained_digits()
+    report = _upload_and_report(server, small)
+    steps = {step["name"]: step for step in report["steps"]}
+    found = openvino.availability()
+    if found.offers("CPU"):
+        assert report["notes"] == []
+        assert all("execution_providers" not in steps[name]["reason"] for name in OPENVINO_STEPS)
+    else:
+        (note,) = report["notes"]
+        assert f"lists {OPENVINO}, which is unavailable here" in note and found.reason in note
+        assert note in server.log
+        for name in OPENVINO_STEPS:
+            assert (
+                steps[name]["status"] == "skipped"
+                and "listed in execution_providers but unavailable" in (steps[name]["reason"])
+            )
+    x = small.x_test[:8]
+    served, original = _served(server, x), _original(small, x)
+    assert (served.argmax(1) == original.argmax(1)).all()

@@ -314,3 +314,36 @@ def test_without_the_plugin_the_steps_say_why(tmp_path: Path) -> None:
     steps = {step["name"]: step for step in result.report["steps"]}
     for name in OPENVINO_STEPS:
         assert steps[name]["status"] == "skipped" and "Intel hardware only" in steps[name]["reason"]
+
+
+# ---- the server's --execution-providers ------------------------------------------------------------------------------
+def test_a_listed_openvino_that_is_unavailable_is_reported_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = fake_device(openvino_note="the plugin offers no device here: it serves Intel hardware only")
+    model = models.save(models.trained_digits().model, tmp_path / "digits")
+    options = OptimizeOptions(execution_providers=(OPENVINO, CPU))
+    with caplog.at_level("WARNING", logger="optiserve.optimizers"):
+        report = Pipeline(tmp_path / "cache", device=device, benchmark=FakeBenchmark()).run(model, options).report
+    (note,) = report["notes"]
+    assert f"lists {OPENVINO}, which is unavailable here" in note and "Intel hardware only" in note
+    assert note in caplog.text
+    for step in (s for s in report["steps"] if s["name"] in OPENVINO_STEPS):
+        assert step["status"] == "skipped"
+        assert step["reason"].startswith(f"{OPENVINO} is listed in execution_providers but unavailable"), step
+
+
+def test_a_provider_list_without_openvino_keeps_it_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = OptimizeOptions(execution_providers=(CPU,))
+    result, steps, stand_in = _run(tmp_path, monkeypatch, {"openvino_fp32": 0.1, "openvino_bf16": 0.1}, options)
+    assert not stand_in.calls and not result.report["notes"]
+    for name in OPENVINO_STEPS:
+        assert steps[name]["reason"] == f"{OPENVINO} is not among the server's execution_providers ({CPU})"
+    assert not result.report["selected"].startswith("openvino")
+
+
+def test_a_listed_provider_this_onnxruntime_lacks_is_a_note() -> None:
+    device = fake_device(openvino_devices=("CPU",))
+    assert engines.provider_notes((OPENVINO, CPU), device) == []
+    (note,) = engines.provider_notes(("CUDAExecutionProvider", CPU), device)
+    assert "lists CUDAExecutionProvider, which this onnxruntime lacks" in note
