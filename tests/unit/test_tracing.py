@@ -1,4 +1,4 @@
-"""OpenTelemetry request tracing (server/tracing.py) through the real batcher, into the SDK's in-memory
+"""OpenTelemetry request tracing (server/tracing/) through the real batcher, into the SDK's in-memory
 exporter: the phases in order, their attributes, the caller's traceparent as parent, and batch links."""
 
 from __future__ import annotations

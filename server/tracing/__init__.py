@@ -43,18 +43,29 @@ class Tracer:
     """The server's tracer: built once by the composition root, handed to both edges."""
 
     def __init__(self, provider: Any = None) -> None:
-        """``provider``: an OpenTelemetry SDK TracerProvider, or None for tracing off."""
+        """``provider``: an OpenTelemetry SDK TracerProvider, or None for tracing off. When its id generator is a
+        :class:`server.tracing.sampling.RootSampler`, root requests are sampled before any span is made."""
         self.enabled = provider is not None
         self._provider = provider
         self._tracer: Any = None
         self._propagator: Any = None
+        self._root_sampler: Any = None
+        self._unsampled: Any = None
+        self._server_kind: Any = None
         # Phase times come from time.monotonic_ns() (the statistics' clock); spans need wall-clock times.
         self._offset_ns = time.time_ns() - time.monotonic_ns()
         if provider is not None:
+            from opentelemetry import trace as otel
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+            from server.tracing.sampling import RootSampler
 
             self._tracer = provider.get_tracer("optiserve")
             self._propagator = TraceContextTextMapPropagator()
+            self._unsampled = otel.INVALID_SPAN
+            self._server_kind = otel.SpanKind.SERVER
+            ids = getattr(provider, "id_generator", None)
+            self._root_sampler = ids if isinstance(ids, RootSampler) else None
 
     @classmethod
     def from_environment(cls, flag: bool) -> Tracer:
@@ -77,22 +88,32 @@ class Tracer:
             exporter = OTLPSpanExporter()  # OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _HEADERS, _TIMEOUT
         else:
             exporter = ConsoleSpanExporter()
+        from server.tracing.sampling import RootSampler, root_ratio
+
         service = os.environ.get("OTEL_SERVICE_NAME") or "optiserve"
-        provider = TracerProvider(resource=Resource.create({"service.name": service}))  # OTEL_TRACES_SAMPLER
+        ratio = root_ratio()
+        provider = TracerProvider(  # the sampler: OTEL_TRACES_SAMPLER[_ARG], read by the SDK
+            resource=Resource.create({"service.name": service}),
+            id_generator=RootSampler(ratio) if ratio is not None else None,
+        )
         provider.add_span_processor(BatchSpanProcessor(exporter))
         log.info("tracing on: exporter=%s service=%s", exporter_name, service)
         return cls(provider)
 
     def start(self, protocol: str, model: str, version: str, headers: Mapping[str, str]) -> RequestTrace:
-        """Open a request's span at its arrival, under the caller's ``traceparent`` when there is one."""
-        from opentelemetry.trace import SpanKind
-
+        """Open a request's span at its arrival, under the caller's ``traceparent`` when there is one. A root
+        request the ratio sampler passes over gets a non-recording span without asking the SDK."""
+        if "traceparent" in headers:
+            parent = self._propagator.extract(headers)
+        else:
+            parent = None
+            if self._root_sampler is not None and not self._root_sampler.draw():
+                return RequestTrace(self, self._unsampled)
         now = time.time_ns()
-        parent = self._propagator.extract(headers) if "traceparent" in headers else None
         span = self._tracer.start_span(
             f"infer {model}",
             context=parent,
-            kind=SpanKind.SERVER,
+            kind=self._server_kind,
             start_time=now,
             attributes={"rpc.system": protocol, "model.name": model, "model.version": version},
         )
@@ -105,7 +126,7 @@ class Tracer:
         """An edge's whole request under one span: :meth:`start`, CURRENT set for the batcher while the body runs,
         then the span closed with the error that escaped, if any. For edges that do not already hold the span."""
         trace = self.start(protocol, model, version, headers)
-        token = CURRENT.set(trace)
+        token = CURRENT.set(trace) if trace.span.is_recording() else None  # the batcher skips the rest
         error: BaseException | None = None
         try:
             yield trace
@@ -113,7 +134,8 @@ class Tracer:
             error = exc
             raise
         finally:
-            CURRENT.reset(token)
+            if token is not None:
+                CURRENT.reset(token)
             trace.finish(error)
 
     def wall_ns(self, monotonic_ns: int) -> int:
@@ -124,7 +146,8 @@ class Tracer:
         """Worker thread, after a batch ran: a ``batch`` span linking the traced requests it served."""
         from opentelemetry import trace as otel
 
-        sampled = [t.span for t in traces if t.span.is_recording()]
+        # Not is_recording(): the loop may already have ended a request's span (the answers are out by now).
+        sampled = [t.span for t in traces if t.span.get_span_context().trace_flags.sampled]
         if not sampled:
             return
         start, _, _, finished = times
