@@ -19,6 +19,8 @@ from optimizers.modelinfo import ModelInfo, TensorInfo, sha256_file
 from optimizers.runtime import Feed, SessionSpec, open_session
 
 SAMPLES_FILE = "samples.npz"
+TRAFFIC_SUFFIX = ".traffic.npz"
+"""A samples file whose name ends so holds a server's sample of real requests: its reference is ``traffic``."""
 REFERENCE_BATCH = 8
 MAX_SAMPLES = 256
 DYNAMIC_DIM = 8
@@ -33,7 +35,7 @@ MAX_ATTEMPTS = 24
 MAX_PROBE_ELEMENTS = 2**25
 """Elements of one probe sample, all inputs together (128 MiB of float32): bigger guesses are not run."""
 MAX_ERROR_CHARS = 300
-Source = Literal["samples", "random", "config", "search"]
+Source = Literal["samples", "traffic", "random", "config", "search"]
 RANDOM_NOTE = (
     "random inputs from the input metadata: a weak check (real data can hit ranges these never do); "
     f"put a {SAMPLES_FILE} (keys = input names) next to the model for a real one"
@@ -55,6 +57,8 @@ class ReferenceSet:
     @property
     def note(self) -> str:
         """What the reader of a report should know about this set."""
+        if self.source == "traffic":
+            return f"{self.count} samples of the version's real requests"
         return f"{self.count} user samples" if self.source == "samples" else RANDOM_NOTE
 
     def summary(self) -> dict[str, object]:
@@ -164,7 +168,8 @@ def _from_samples(info: ModelInfo, path: Path, batch_dim: bool) -> ReferenceSet:
             {n: a[start : start + REFERENCE_BATCH] for n, a in feeds.items()}
             for start in range(0, count, REFERENCE_BATCH)
         ]
-    return ReferenceSet("samples", batches, count, f"samples:{sha256_file(path)}")
+    source: Source = "traffic" if path.name.endswith(TRAFFIC_SUFFIX) else "samples"
+    return ReferenceSet(source, batches, count, f"samples:{sha256_file(path)}")
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

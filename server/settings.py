@@ -179,6 +179,25 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """Log lines as plain text or as one JSON object per line (for log collectors)."""
 
+    optimize_from_traffic: bool = True
+    """Background mode: while a version serves its original model, keep a bounded uniform sample of the inputs
+    of its real requests (in memory only, never logged) and calibrate and check the optimized variants on it
+    instead of generated inputs. A model opts out with optimize { from_traffic: false }; a samples.npz beside
+    the model wins. --no-optimize-from-traffic turns it off for every model."""
+
+    optimize_traffic_wait_s: float = Field(60.0, ge=0, le=3600)
+    """Background mode: how long after READY the optimizer waits for --optimize-traffic-min-samples request
+    samples; with fewer by then it uses generated inputs."""
+
+    optimize_traffic_min_samples: int = Field(32, ge=1, le=256)
+    """Background mode: request samples (rows of a batch) the optimizer waits for before using traffic."""
+
+    optimize_traffic_max_samples: int = Field(256, ge=1, le=256)
+    """Most request samples kept per version (the optimizer uses at most 256)."""
+
+    optimize_traffic_max_bytes: int = Field(64 * MIB, gt=0)
+    """Most bytes of request samples kept per version; fewer samples are kept when they are large."""
+
     replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     """This server's name among the replicas sharing its repository: GET /v2/repository/replicas lists it, and in
     poll mode it names the heartbeat file .optiserve/replicas/<id>.json. Unset: <hostname>-<pid>; in Kubernetes

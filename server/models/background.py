@@ -12,11 +12,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from optimizers import PipelineResult
 from optimizers.runtime import SessionSpec
+from server.errors import LoadFailed
 from server.metrics import ServerMetrics
 from server.models.entry import ModelEntry, ModelState, VersionStatus
-from server.models.loader import PendingOptimization, VersionLoader, phase_fields, phase_of
+from server.models.loader import PendingOptimization, Progress, VersionLoader, phase_fields, phase_of
 from server.models.threads import in_daemon_thread, lower_thread_priority
+from server.models.traffic import TrafficSamples, TrafficSampling
 from server.models.version import ModelVersion
 from server.settings import Settings
 
@@ -38,6 +41,7 @@ class BackgroundOptimizer:
         self._retire = retire
         self._gate = threading.Lock()  # one background optimization at a time per server
         self._tasks: dict[tuple[str, int], tuple[asyncio.Task[None], threading.Event]] = {}
+        self.traffic = TrafficSampling(settings)
 
     @property
     def pending(self) -> list[tuple[str, int]]:
@@ -55,6 +59,7 @@ class BackgroundOptimizer:
                 self._gauge("time_to_optimized", served, elapsed)
                 continue
             cancelled = threading.Event()
+            self.traffic.attach(served, served.pending)  # its requests from now on may become the reference
             task = asyncio.get_running_loop().create_task(
                 self._optimize_later(entry, served, served.pending, started, cancelled),
                 name=f"optimize-{entry.name}-{number}",
@@ -83,13 +88,17 @@ class BackgroundOptimizer:
         started: float,
         cancelled: threading.Event,
     ) -> None:
-        """Optimize a READY version serving its original model, then swap the chosen variant in."""
+        """Optimize a READY version serving its original model (on a sample of its requests once enough came, or
+        the wait for them ended), then swap the chosen variant in."""
+        ready = time.monotonic()
         if self.settings.optimize_delay_s > 0:
             await asyncio.sleep(self.settings.optimize_delay_s)
         progress = self._optimizing(entry, served)
+        deadline = ready + self.settings.optimize_traffic_wait_s
+        traffic = await self.traffic.collect(served, source, deadline, progress)
         try:
             result = await in_daemon_thread(
-                lambda: self._gated(cancelled, lambda: self.loader.optimize(source, progress), lowered=True),
+                lambda: self._run_then_discard(cancelled, source, traffic, progress),
                 name=f"optimize-{entry.name}",
             )
             if result is None or not self._still_served(entry, served):
@@ -108,12 +117,32 @@ class BackgroundOptimizer:
             raise
         except Exception as exc:  # the original keeps serving; the report says why
             log.warning("model %s version %s: background optimization failed: %s", entry.name, served.version, exc)
-            served.report = {**served.report, **phase_fields("original"), "error": str(exc)}
+            served.report = {**served.report, **phase_fields("original"), "error": str(exc), "traffic": traffic.facts}
             served.pending = None
             if self._still_served(entry, served):
                 entry.status[served.version] = VersionStatus(ModelState.READY)
             return
-        await self._swap_in(entry, served, rebuilt, result.report, started)
+        await self._swap_in(entry, served, rebuilt, {**result.report, "traffic": traffic.facts}, started)
+
+    def _run_then_discard(
+        self, cancelled: threading.Event, source: PendingOptimization, traffic: TrafficSamples, progress: Progress
+    ) -> PipelineResult | None:
+        """The gated run (on its thread); the samples file goes when it ends, even if nobody awaits it any more."""
+        try:
+            return self._gated(cancelled, lambda: self._optimize(source, traffic, progress), lowered=True)
+        finally:
+            traffic.discard()
+
+    def _optimize(self, source: PendingOptimization, traffic: TrafficSamples, progress: Progress) -> PipelineResult:
+        """The pipeline on the traffic samples when there are any; where it refuses them (an input whose dtype the
+        model does not take), on generated inputs."""
+        if traffic.path is not None:
+            try:
+                return self.loader.optimize(traffic.source_for(source), progress)
+            except LoadFailed as exc:
+                log.warning("model %s version %s: request samples refused: %s", source.name, source.version, exc)
+                traffic.refused(str(exc))
+        return self.loader.optimize(source, progress)
 
     def _gated(self, cancelled: threading.Event, fn: Callable[[], T], *, lowered: bool = False) -> T | None:
         """Run ``fn`` under the server's optimizer gate unless cancelled while waiting for it (on a thread: the

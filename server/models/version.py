@@ -21,6 +21,7 @@ from server.repository.config import ModelConfig
 
 if TYPE_CHECKING:
     from server.models.loader import PendingOptimization
+    from server.models.reservoir import Reservoir
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ModelVersion:
     pending: PendingOptimization | None = None
     """What the background optimizer needs (a loader's PendingOptimization) while this version serves its
     original model; None once optimized, or when nothing is left to do."""
+    reservoir: Reservoir | None = None
+    """While ``pending``: the sample of real requests' inputs the background optimizer collects (reservoir.py)."""
     labels: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     """Each output's labels from its ``label_filename`` (server/models/labels.py), for classification."""
     response_cache: ResponseCache | None = None
@@ -58,6 +61,8 @@ class ModelVersion:
         names = check_requested_outputs(request, self.outputs)
         top = self._classifications(request)
         priority, timeout_us = scheduling_parameters(request.parameters)
+        if self.reservoir is not None:  # a valid request to a version the background optimizer still samples
+            self.reservoir.offer(prepared.tensors, prepared.samples)
         cache = self.response_cache
         if cache is not None:
             started = time.perf_counter_ns()

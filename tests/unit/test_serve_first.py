@@ -37,7 +37,8 @@ def _manager(tmp_path: Path, config: str | None = None, **settings: Any) -> Mode
     repo = tmp_path / "repo"
     if not (repo / "mlp").exists():
         fixtures.write_model(repo, "mlp", fixtures.float_mlp(), config=config)
-    values = {"model_repository": repo, "cache_dir": tmp_path / "cache", **settings}
+    # These drive the optimizer with no traffic: it must not wait for request samples first.
+    values = {"model_repository": repo, "cache_dir": tmp_path / "cache", "optimize_from_traffic": False, **settings}
     return ModelManager(Repository(repo), Settings(**values), ServerMetrics())
 
 
