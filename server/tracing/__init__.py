@@ -121,22 +121,16 @@ class Tracer:
             span.add_event("REQUEST_START", timestamp=now)
         return RequestTrace(self, span)
 
-    @contextlib.contextmanager
-    def request(self, protocol: str, model: str, version: str, headers: Mapping[str, str]) -> Iterator[RequestTrace]:
+    def request(
+        self, protocol: str, model: str, version: str, headers: Mapping[str, str]
+    ) -> contextlib.AbstractContextManager[RequestTrace | None]:
         """An edge's whole request under one span: :meth:`start`, CURRENT set for the batcher while the body runs,
-        then the span closed with the error that escaped, if any. For edges that do not already hold the span."""
+        then the span closed with the error that escaped, if any. For edges that do not already hold the span.
+        An unsampled request gets a shared do-nothing context (``None``): it is most requests at a low ratio."""
         trace = self.start(protocol, model, version, headers)
-        token = CURRENT.set(trace) if trace.span.is_recording() else None  # the batcher skips the rest
-        error: BaseException | None = None
-        try:
-            yield trace
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if token is not None:
-                CURRENT.reset(token)
-            trace.finish(error)
+        if not trace.span.is_recording():
+            return _UNTRACED
+        return _traced(trace)
 
     def wall_ns(self, monotonic_ns: int) -> int:
         """A time.monotonic_ns() reading as wall-clock nanoseconds."""
@@ -165,6 +159,23 @@ class Tracer:
         """Flush and stop the exporter (at exit)."""
         if self._provider is not None:
             self._provider.shutdown()
+
+
+_UNTRACED: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _traced(trace: RequestTrace) -> Iterator[RequestTrace]:
+    token = CURRENT.set(trace)
+    error: BaseException | None = None
+    try:
+        yield trace
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        CURRENT.reset(token)
+        trace.finish(error)
 
 
 PHASES = ("queue", "compute input", "compute infer", "compute output")
