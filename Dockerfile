@@ -16,9 +16,10 @@ WORKDIR /src
 COPY pyproject.toml README* ./
 COPY server ./server
 COPY optimizers ./optimizers
-# A regular (non-editable) install without the test extra; the source tree is not copied further.
+# A regular (non-editable) install without the test extra; the source tree is not copied further. The tracing
+# extra (OpenTelemetry) is in: tracing stays off until OTEL_TRACES_EXPORTER or --tracing turns it on.
 # pip byte-compiles while installing: keep the .pyc files, the root filesystem may be read-only at run time.
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir "./[tracing]"
 # The example model is generated (same bytes on every run) rather than trusted from the build context.
 COPY model_repo/make_example.py ./model_repo/make_example.py
 RUN python model_repo/make_example.py
