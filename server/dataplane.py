@@ -17,9 +17,11 @@ from server.errors import (
     InvalidInput,
     LoadFailed,
     ModelNotFound,
+    ModelNotReady,
     ServerError,
     failure_reason,
 )
+from server.metrics import RequestCounters
 from server.models.batching import BatcherClosed
 from server.models.entry import ModelState
 from server.models.manager import ModelManager
@@ -105,6 +107,11 @@ class DataPlane:
         400 in every state."""
         return self.models.is_ready(name, version)
 
+    async def resident(self, name: str, version: str = "") -> None:
+        """With --load-on-demand, load the model if a request needs it and it is not loaded (no-op otherwise)."""
+        if self.models.settings.load_on_demand:
+            await self.models.acquire(name, version)
+
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
         """V2 model metadata: versions, platform, and input/output tensors with -1 for any size."""
         served = self.models.get(name, version)
@@ -142,11 +149,19 @@ class DataPlane:
         here counts under ``model=""`` (see server/metrics.py)."""
         try:
             served = self.models.get(name, version)
-        except ServerError as exc:
-            if self.unrouted is not None:
-                self.unrouted.count(failure_reason(exc))
+        except (ModelNotFound, ModelNotReady) as exc:
+            if self.models.settings.load_on_demand:  # InferenceCall.infer loads it, or raises exc again
+                return InferenceCall(self.models, None, self.unrouted)
+            self._count_unrouted(exc)
             raise
-        return InferenceCall(self.models, served)
+        except ServerError as exc:
+            self._count_unrouted(exc)
+            raise
+        return InferenceCall(self.models, served, self.unrouted)
+
+    def _count_unrouted(self, exc: ServerError) -> None:
+        if self.unrouted is not None:
+            self.unrouted.count(failure_reason(exc))
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Run one already-decoded request through the model's batcher, counted as one request."""
@@ -257,21 +272,35 @@ class InferenceCall:
     records the outcome (success, or the reason of whatever was raised) once, in the version's statistics and
     metrics, with the time since the lookup."""
 
-    def __init__(self, models: ModelManager, served: ModelVersion) -> None:
+    def __init__(self, models: ModelManager, served: ModelVersion | None, unrouted: RequestCounters | None) -> None:
         self.served = served
         self._models = models
+        self._unrouted = unrouted
         self._started = time.monotonic_ns()
         self._request_id = ""
+        if served is not None:
+            served.in_flight += 1  # the memory budget does not unload a version a request holds
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """Validate, queue and run the decoded request on the version looked up."""
+        """Validate, queue and run the decoded request on the version looked up (with --load-on-demand, on
+        the version loaded for it, waiting up to the request's timeout parameter)."""
         self._request_id = request.id
+        if self.served is None:
+            self._hold(await self._models.acquire(request.model_name, request.model_version, _timeout_s(request)))
+        assert self.served is not None
         try:
             return await self.served.infer(request)
         except BatcherClosed:
-            # The version was swapped out between lookup and queueing: serve it on the current one.
-            self.served = self._models.get(request.model_name, request.model_version)
+            # The version was swapped out (or evicted) between lookup and queueing: serve it on the current one.
+            timeout = _timeout_s(request)
+            self._hold(await self._models.acquire(request.model_name, request.model_version, timeout))
             return await self.served.infer(request)
+
+    def _hold(self, served: ModelVersion) -> None:
+        if self.served is not None:
+            self.served.in_flight -= 1
+        served.in_flight += 1
+        self.served = served
 
     def __enter__(self) -> InferenceCall:
         return self
@@ -281,10 +310,24 @@ class InferenceCall:
     ) -> None:
         reason = None if exc is None else failure_reason(exc)
         served = self.served
+        if served is None:  # an on-demand load that did not happen: counted as a request of no model
+            if self._unrouted is not None:
+                self._unrouted.count(reason or "other")
+            return
+        served.in_flight -= 1
         if reason in ("backend", "other"):
             request_id = self._request_id or uuid.uuid4().hex
             log.error("request %s to %s:%s failed: %s", request_id, served.name, served.version, exc)
         served.stats.record_request(reason is None, time.monotonic_ns() - self._started, reason or "")
+
+
+def _timeout_s(request: InferenceRequest) -> float | None:
+    """The request's own ``timeout`` parameter (microseconds, Triton's), bounding how long it waits for an
+    on-demand load; None: the server's --load-wait-s."""
+    timeout = request.parameters.get("timeout")
+    if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout > 0:
+        return timeout / 1e6
+    return None
 
 
 # The failure reason of each error follows its wire status, so a new error class lands in the right bucket.

@@ -121,6 +121,19 @@ class ServerMetrics:
             labels,
             registry=reg,
         )
+        self.loads = Counter(
+            "optiserve_model_loads",
+            "Model loads that succeeded, by what started them (startup, explicit: load API or upload, poll, "
+            "on_demand: a request); on_demand loads of evicted models show eviction thrash.",
+            ("model", "trigger"),
+            registry=reg,
+        )
+        self.evictions = Counter(
+            "optiserve_model_evictions",
+            "Models unloaded to make room in the memory budget (--model-memory-budget).",
+            ("model",),
+            registry=reg,
+        )
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
 
@@ -267,6 +280,23 @@ def optimizer_cache_families(counts: dict[str, int]) -> list[Metric]:
     for result, count in sorted(counts.items()):
         family.add_metric([result], float(count))
     return [family]
+
+
+def memory_families(versions: list[tuple[str, str, str, int]], budget: int, used: int) -> list[Metric]:
+    """Host memory per loaded version (``device`` is where it lives: ``cpu`` for host RSS), the budget (0: none)
+    and the total the budget counts."""
+    per_version = GaugeMetricFamily(
+        "optiserve_model_memory_bytes",
+        "Memory a loaded model version holds (RSS growth of its sessions and warmup, at least its files).",
+        labels=["model", "version", "device"],
+    )
+    for model, version, device, size in versions:
+        per_version.add_metric([model, version, device], float(size))
+    limit = GaugeMetricFamily("optiserve_model_memory_budget_bytes", "The model memory budget; 0: no budget.")
+    limit.add_metric([], float(budget))
+    total = GaugeMetricFamily("optiserve_model_memory_used_bytes", "Memory all loaded model versions hold.")
+    total.add_metric([], float(used))
+    return [per_version, limit, total]
 
 
 def gpu_families() -> list[Metric]:

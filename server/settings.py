@@ -198,10 +198,38 @@ class Settings(BaseSettings):
     optimize_traffic_max_bytes: int = Field(64 * MIB, gt=0)
     """Most bytes of request samples kept per version; fewer samples are kept when they are large."""
 
+    model_memory_budget: str = ""
+    """Host memory all loaded model versions may hold together: bytes (2GiB, 512MiB, 1073741824) or a fraction
+    of the memory the process may use (0.6: of the container's cgroup limit, else of the host's). A load that
+    would exceed it first unloads idle models, least recently used first (never pinned ones, nor ones with
+    requests in flight); one that can never fit fails with the reason. Empty: no budget (memory is still
+    measured and reported)."""
+
+    model_min_residency_s: float = Field(10.0, ge=0, le=86400)
+    """With a memory budget: a model loaded less than this long ago is not unloaded to make room (against
+    eviction thrash); a load that needs its room waits for it, up to --load-wait-s."""
+
+    load_on_demand: bool = False
+    """Load a model that is in the repository but not loaded when a request first needs it (an evicted one
+    too), instead of answering 404; concurrent first requests share one load. Start-up then loads only
+    pinned models (config parameter "pinned": "true")."""
+
+    load_wait_s: float = Field(60.0, gt=0, le=3600)
+    """How long a request waits for an on-demand load, and a load for room in the memory budget, when the
+    request sets no timeout of its own (Triton's timeout parameter); then 503 with Retry-After."""
+
     replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     """This server's name among the replicas sharing its repository: GET /v2/repository/replicas lists it, and in
     poll mode it names the heartbeat file .optiserve/replicas/<id>.json. Unset: <hostname>-<pid>; in Kubernetes
     set it to the pod name. Two running servers must not share one."""
+
+    @field_validator("model_memory_budget")
+    @classmethod
+    def _budget(cls, value: str) -> str:
+        from server.models.budget import parse_budget
+
+        parse_budget(value, limit=1)  # a clear start-up error for a malformed value; resolved by the manager
+        return value
 
     @field_validator("*", mode="after")
     @classmethod

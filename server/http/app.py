@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -237,13 +237,19 @@ def _add_model_routes(app: FastAPI, dataplane: DataPlane, guard: list[Any]) -> N
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
         app.add_api_route(f"{prefix}/ready", _ready_handler(dataplane), methods=["GET"], tags=["health"])
         for suffix, read, tag in per_model:
-            app.add_api_route(prefix + suffix, _json_handler(read), methods=["GET"], tags=[tag], dependencies=guard)
+            # Clients read metadata and config before they infer (perf_analyzer does): with --load-on-demand
+            # those load the model too.
+            load = dataplane.resident if tag == "metadata" else None
+            route = _json_handler(read, load)
+            app.add_api_route(prefix + suffix, route, methods=["GET"], tags=[tag], dependencies=guard)
 
 
-def _json_handler(read: Callable[[str, str], Any]) -> Any:
-    """A GET route answering ``read(model, version)`` as JSON."""
+def _json_handler(read: Callable[[str, str], Any], load: Callable[[str, str], Awaitable[None]] | None = None) -> Any:
+    """A GET route answering ``read(model, version)`` as JSON, after ``load(model, version)`` if given."""
 
     async def handler(model_name: str, model_version: str = "") -> Response:
+        if load is not None:
+            await load(model_name, model_version)
         return json_response(read(model_name, model_version))
 
     handler.__name__ = getattr(read, "__name__", "handler")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from optimizers import PipelineResult
+from optimizers import OptimizeError, PipelineResult
 from optimizers.runtime import SessionSpec
 from server.errors import LoadFailed
 from server.metrics import ServerMetrics
@@ -137,12 +137,23 @@ class BackgroundOptimizer:
         """The pipeline on the traffic samples when there are any; where it refuses them (an input whose dtype the
         model does not take), on generated inputs."""
         if traffic.path is not None:
+            sampled = traffic.source_for(source)
             try:
-                return self.loader.optimize(traffic.source_for(source), progress)
+                result = self.loader.optimize(sampled, progress)
+                self._share(sampled, source)
+                return result
             except LoadFailed as exc:
                 log.warning("model %s version %s: request samples refused: %s", source.name, source.version, exc)
                 traffic.refused(str(exc))
         return self.loader.optimize(source, progress)
+
+    def _share(self, sampled: PendingOptimization, source: PendingOptimization) -> None:
+        """The next load of this model (a restart, a replica on the same cache) finds the result proven on traffic
+        in its cache lookup, before READY, instead of serving the original and waiting for traffic again."""
+        try:
+            self.loader.pipeline().share_result(source.model_path, sampled.options, source.options)
+        except (OSError, OptimizeError) as exc:  # the result still serves now; only the next load is slower
+            log.warning("model %s version %s: result not shared with later loads: %s", source.name, source.version, exc)
 
     def _gated(self, cancelled: threading.Event, fn: Callable[[], T], *, lowered: bool = False) -> T | None:
         """Run ``fn`` under the server's optimizer gate unless cancelled while waiting for it (on a thread: the
@@ -214,7 +225,7 @@ class BackgroundOptimizer:
 
 def _served_facts(report: dict[str, Any]) -> dict[str, Any]:
     """What the loader adds to the optimizer's report about the instances that really serve."""
-    return {key: report[key] for key in ("instances", "warmup") if key in report}
+    return {key: report[key] for key in ("instances", "warmup", "memory") if key in report}
 
 
 def _close_version(version: ModelVersion) -> None:

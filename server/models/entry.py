@@ -39,3 +39,14 @@ class ModelEntry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     fingerprint: tuple[Any, ...] | None = None
     """The model folder as the last load attempt found it (poll mode compares against it)."""
+    failed: tuple[Any, ...] | None = None
+    """The folder's fingerprint when its last load failed: an on-demand request does not retry that load
+    until the folder changes (a broken model must not be reloaded by every request)."""
+    pinned: bool = False
+    """Its config says never to unload it for the memory budget (and, with on-demand loading, to load it at
+    start)."""
+    loaded_at: float = 0.0
+    last_used: float = 0.0
+    """monotonic() times of its last load and of the last request that looked it up (the budget's LRU order)."""
+    on_demand: asyncio.Task[None] | None = None
+    """The on-demand load that concurrent first requests share."""

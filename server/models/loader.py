@@ -36,6 +36,7 @@ from server.errors import LoadFailed
 from server.metrics import ServerMetrics
 from server.models.batching import Batcher, BatchPolicy
 from server.models.labels import load_labels
+from server.models.memory import charge, files_bytes, measure_resident
 from server.models.placement import (
     apply_session_spec,
     gpu_serving_available,
@@ -185,18 +186,26 @@ class VersionLoader:
         plan = gpu.with_gpu_options(plan, config, self.settings, fp16=optimized.family == "fp16")
         selected = optimized.summary.selected
         labels = load_labels(config, self.repository.model_dir(name), self.repository)  # before any session
-        backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
         reused_stats = stats is not None
         if stats is None:
             stats = ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
-        try:  # warmup on every instance (before the workers: CUDA graphs belong to their threads), then the batcher
-            label = f"model {name!r} version {version}"
-            warmup = warm_up(backends, config, self.repository.model_dir(name), self.repository, label=label)
+        label = f"model {name!r} version {version}"
+        with measure_resident() as memory:  # what the sessions and their warmup keep, for the memory budget
+            backends = _make_backends(f"{name}:{version}", optimized.model_path, plan)
+            try:  # warmup on every instance (before the workers: CUDA graphs belong to their threads)
+                warmup = warm_up(backends, config, self.repository.model_dir(name), self.repository, label=label)
+            except BaseException:  # a failed model_warmup entry
+                for backend in backends:
+                    backend.unload()
+                raise
+        try:
             batcher = _make_batcher(f"{name}:{version}", config, backends, stats, self.settings)
-        except BaseException:  # a failed model_warmup entry, or an instance not ready on its worker (graph capture)
+        except BaseException:  # an instance not ready on its worker (graph capture)
             for backend in backends:
                 backend.unload()
             raise
+        file_bytes = files_bytes(self.repository.version_dir(name, version))
+        resident = charge(memory.bytes, file_bytes)
         elapsed = time.monotonic() - started
         instances = instance_report(backends)
         log.info(
@@ -214,6 +223,7 @@ class VersionLoader:
             **optimized.report,
             "instances": instances,
             "warmup": warmup,
+            "memory": {"resident_bytes": resident, "measured_bytes": memory.bytes, "files_bytes": file_bytes},
             **phase_fields(phase or phase_of(selected)),
         }
         return ModelVersion(
@@ -229,6 +239,7 @@ class VersionLoader:
             report=_with_conversion(report, source.conversion),
             labels=labels,
             response_cache=self._response_cache(name, config),
+            memory_bytes=resident,
         )
 
     def _response_cache(self, name: str, config: ModelConfig) -> ResponseCache | None:
@@ -264,6 +275,7 @@ class VersionLoader:
                 preferred_batch_sizes=[int(s) for s in config.dynamic_batching.preferred_batch_size],
                 input_shapes=_config_shapes(config, explicit_inputs="input" in loaded.explicit),
                 tune_instances=_target(plan) == "cpu" and instances_open(config, loaded.explicit, self.settings),
+                execution_providers=tuple(self.settings.execution_providers),
             )
         except OptionsError as exc:
             raise LoadFailed(f"model {name!r}: {exc}") from None
@@ -275,7 +287,6 @@ class VersionLoader:
             result = self.pipeline().run(source.model_path, source.options, progress, name=name, version=str(version))
         except OptimizeError as exc:
             raise LoadFailed(f"model {name!r} version {version}: {exc}") from None
-                execution_providers=tuple(self.settings.execution_providers),
         self._record(name, result.summary)
         return result
 

@@ -49,6 +49,11 @@ class ModelVersion:
     """The server's response cache when this model's config enables it and the server gave it room."""
     generation: int = field(default_factory=next_generation)
     """This object's identity in the response cache: a rebuilt or reloaded version never shares entries."""
+    memory_bytes: int = 0
+    """Host memory this version holds (all its instances), as the memory budget counts it (server/models/memory.py)."""
+    in_flight: int = 0
+    """Requests looked up for this version and not yet answered (the data plane counts them), so the memory
+    budget never unloads a version a request is about to use."""
 
     @property
     def max_batch_size(self) -> int:

@@ -90,11 +90,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     @translate_errors
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)
+        await self.dataplane.resident(request.name, request.version)  # --load-on-demand loads it
         return from_json(self.dataplane.model_metadata(request.name, request.version), pb.ModelMetadataResponse())
 
     @translate_errors
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)
+        await self.dataplane.resident(request.name, request.version)  # --load-on-demand loads it
         return pb.ModelConfigResponse(config=self.dataplane.model_config(request.name, request.version))
 
     @translate_errors

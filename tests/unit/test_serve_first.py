@@ -100,7 +100,15 @@ def test_background_serves_the_original_then_swaps_the_variant_in(tmp_path: Path
         assert {"instances", "warmup"} <= set(second.report)
         after = (await second.infer(_request())).outputs[0].array
         np.testing.assert_allclose(before, after, rtol=1e-6)
-        assert manager.index()[0] == {"name": "mlp", "version": "1", "state": "READY", "reason": ""}
+        row = manager.index()[0]
+        assert row == {
+            "name": "mlp",
+            "version": "1",
+            "state": "READY",
+            "reason": "",
+            "memory_bytes": row["memory_bytes"],
+        }
+        assert int(row["memory_bytes"]) == second.memory_bytes > 0  # the swapped-in variant was measured
         assert manager.metrics is not None
         registry = manager.metrics.registry
         labels = {"model": "mlp", "version": "1"}
