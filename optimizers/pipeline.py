@@ -34,7 +34,7 @@ from optimizers.timing import Benchmark, OrtBenchmark, OrtThroughput, Throughput
 log = logging.getLogger("optiserve.optimizers")
 
 #: Bump when a change in this package changes what a run would select: old cached results then miss.
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"
 Progress = Callable[[str], None]
 CACHE_RESULTS = ("hit", "miss", "waited")
 """How a run's result was found: in the cache, by optimizing (a miss), or in the cache after waiting for another

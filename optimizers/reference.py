@@ -5,6 +5,7 @@ reference."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,6 +18,8 @@ import numpy as np
 from optimizers.errors import OptimizeError
 from optimizers.modelinfo import ModelInfo, TensorInfo, sha256_file
 from optimizers.runtime import Feed, SessionSpec, open_session
+
+log = logging.getLogger("optiserve.optimizers")
 
 SAMPLES_FILE = "samples.npz"
 TRAFFIC_SUFFIX = ".traffic.npz"
@@ -87,7 +90,8 @@ class NoRunnableInputs(Exception):
 
 class SessionProbe:
     """A :data:`Probe` on a CPU session of ``model_path``, opened at the first call (an open error is raised
-    again on every call). :meth:`close` drops it."""
+    again on every call). :meth:`close` drops it. Its runs log nothing through onnxruntime's own logger: a guess
+    that fails is expected, and its error is in the report's attempts (each is logged here at DEBUG)."""
 
     def __init__(self, model_path: Path) -> None:
         self.model_path = model_path
@@ -103,9 +107,16 @@ class SessionProbe:
             except Exception as exc:
                 self._error = exc
                 raise
-        for name, value in zip(
-            (o.name for o in self._session.get_outputs()), self._session.run(None, feed), strict=True
-        ):
+        import onnxruntime as ort
+
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # fatal only: the failing kernel would print an error line per guess
+        try:
+            outputs = self._session.run(None, feed, quiet)
+        except Exception as exc:
+            log.debug("reference guess %s failed: %s", {n: list(a.shape) for n, a in feed.items()}, exc)
+            raise
+        for name, value in zip((o.name for o in self._session.get_outputs()), outputs, strict=True):
             array = np.asarray(value)
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise ValueError(f"output {name!r} has NaN/Inf on these inputs")

@@ -1,5 +1,7 @@
-"""Helpers shared by the two INT8 passes: onnxruntime's pre-processing (shape inference + basic fusions,
-which quantization needs to see every tensor's shape) and the quantization types."""
+"""Helpers shared by the two INT8 passes: onnxruntime's pre-processing (Constant nodes folded into initializers,
+subgraphs' included, then shape inference + basic fusions, which quantization needs to see every tensor's shape),
+the quantization types and the quantizer fallbacks. onnxruntime's log chatter while they run stays at DEBUG
+(:mod:`optimizers.library_logs`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from optimizers import library_logs
+from optimizers.modelinfo import normalize
+
 log = logging.getLogger("optiserve.optimizers")
 
 IntType = Literal["int8", "uint8"]
@@ -18,7 +23,32 @@ IntType = Literal["int8", "uint8"]
 
 def preprocess(source: Path, target: Path) -> bool:
     """``quant_pre_process`` into ``target``; returns whether symbolic shape inference could run (it can fail
-    on exotic graphs, and the ONNX shape inference alone is then the best there is)."""
+    on exotic graphs, and the ONNX shape inference alone is then the best there is). Constant nodes are folded
+    into initializers first: onnxruntime folds the main graph's itself, but leaves those inside ``If``/``Loop``
+    subgraphs as nodes, and its quantizer only quantizes weights it finds as initializers."""
+    with library_logs.quieted():
+        folded = fold_constants(source, target.with_name(target.stem + ".folded.onnx"))
+        try:
+            return _preprocess(folded or source, target)
+        finally:
+            if folded is not None:
+                folded.unlink(missing_ok=True)
+
+
+def fold_constants(source: Path, target: Path) -> Path | None:
+    """``source`` with its Constant nodes folded (:func:`optimizers.modelinfo.normalize`) written to ``target``;
+    None (nothing written) when it has none."""
+    import onnx
+
+    model = onnx.load(str(source))
+    normalized, folded = normalize(model, infer_shapes=False)
+    if not folded:
+        return None
+    onnx.save(normalized, str(target))
+    return target
+
+
+def _preprocess(source: Path, target: Path) -> bool:
     from onnxruntime.quantization import quant_pre_process
 
     if (Path.cwd() / SYMBOLIC_DEBRIS).exists():  # a failure would overwrite it: never touch a file we did not write
@@ -29,7 +59,7 @@ def preprocess(source: Path, target: Path) -> bool:
                 quant_pre_process(str(source), str(target))
             return True
         except Exception as exc:  # onnxruntime raises bare Exceptions from its shape inference
-            log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
+            log.debug("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
     quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
     return False
 
@@ -123,7 +153,8 @@ def quantize_with_fallbacks(
     for setting in settings:
         excluded = name_biased_nodes(prepared) if setting.exclude_biased else []
         try:
-            quantize(setting, excluded)
+            with library_logs.quieted():
+                quantize(setting, excluded)
             check_loads(target)
         except Exception as exc:  # onnxruntime's quantizer raises anything (ValueError, IndexError, bare Exception)
             error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]

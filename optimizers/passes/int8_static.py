@@ -50,6 +50,11 @@ class Int8StaticPass(ModelPass[StaticQuantConfig]):
         if ctx.options.target == "cpu" and not ctx.device.int8_pays:
             return "this CPU has neither AVX2 nor VNNI/dot-product instructions: INT8 would not beat FP32"
         if not ctx.info.has_float_weights:
+            if ctx.info.subgraph_weight_params:
+                return (
+                    f"the model's only weights are {ctx.info.subgraph_note}, and onnxruntime's static (QDQ) quantizer "
+                    "does not enter subgraphs (int8_dynamic quantizes their MatMul/Gemm)"
+                )
             return "no MatMul/Gemm/Conv with constant float weights"
         if not ctx.calibration:
             return "no calibration inputs"
@@ -86,12 +91,20 @@ class Int8StaticPass(ModelPass[StaticQuantConfig]):
         settings = fallback_settings(config.per_channel, extra, qdq=True)
         fallbacks = quantize_with_fallbacks(settings, prepared, target, quantize)
         prepared.unlink(missing_ok=True)
-        return {
+        details: dict[str, Any] = {
             "calibration_batches": len(batches),
             "reduce_range": config.reduce_range,
             "symbolic_shape_inference": symbolic,
             **fallbacks,
         }
+        if ctx.info.subgraph_weight_params:  # the QDQ quantizer does not enter them
+            details["subgraphs"] = {
+                "weights": dict(ctx.info.subgraph_weight_params),
+                "hosts": list(ctx.info.subgraph_hosts),
+                "int8_ops": 0,
+                "note": f"{ctx.info.subgraph_note} stay float: the static (QDQ) quantizer does not enter subgraphs",
+            }
+        return details
 
 
 class _Reader:

@@ -42,7 +42,8 @@ class PrunePass(ModelPass[PruneConfig]):
         if ctx.options.prune is None:
             return "not asked for (optimize.prune)"
         if not ctx.info.has_float_weights:
-            return "no MatMul/Gemm/Conv with constant float weights"
+            inside = f" in the main graph ({ctx.info.subgraph_note}, which pruning does not reach)"
+            return "no MatMul/Gemm/Conv with constant float weights" + inside * bool(ctx.info.subgraph_weight_params)
         return None
 
     def apply(self, source: Path, target: Path, config: PruneConfig, ctx: PassContext) -> dict[str, Any]:

@@ -147,3 +147,37 @@ def stateful_audio(hidden: int = 128, seed: int = 0) -> onnx.ModelProto:
         ],
         weights,
     )
+
+
+def branching(channels: int = 8, classes: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """image FP32 [batch, 3, 8, 8] -> ``If`` (mean of the image > 0) whose two branches each run
+    Conv/Relu/GlobalAveragePool/Flatten/MatMul with their own weights, held in Constant nodes inside the branch
+    (how spox exports write them) -> logits FP32 [batch, classes]. No weight lives in the main graph."""
+    rng = np.random.default_rng(seed)
+
+    def branch(name: str) -> onnx.GraphProto:
+        conv = (rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(np.float32)
+        dense = (rng.standard_normal((channels, classes)) * 0.5).astype(np.float32)
+        nodes = [
+            helper.make_node("Constant", [], [f"{name}_conv"], value=numpy_helper.from_array(conv)),
+            helper.make_node("Constant", [], [f"{name}_dense"], value=numpy_helper.from_array(dense)),
+            helper.make_node("Conv", ["image", f"{name}_conv"], [f"{name}_c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"{name}_c"], [f"{name}_r"]),
+            helper.make_node("GlobalAveragePool", [f"{name}_r"], [f"{name}_p"]),
+            helper.make_node("Flatten", [f"{name}_p"], [f"{name}_f"]),
+            helper.make_node("MatMul", [f"{name}_f", f"{name}_dense"], [f"{name}_y"]),
+        ]
+        output = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["batch", classes])
+        return helper.make_graph(nodes, name, [], [output])
+
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["level"], keepdims=0),
+        helper.make_node("Greater", ["level", "zero"], ["bright"]),
+        helper.make_node("If", ["bright"], ["logits"], then_branch=branch("then"), else_branch=branch("else")),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )

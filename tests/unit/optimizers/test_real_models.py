@@ -243,3 +243,56 @@ def test_unnamed_state_dims_are_tried_as_the_batch(tmp_path: Path) -> None:
     assert reference["attempts"][-1]["error"] is None
     assert reference["attempts"][-1]["shapes"]["state"] == [2, 1, 4]
     assert reference["attempts"][-1]["shapes"]["input"][1] > 1  # the data input keeps the searched length
+
+
+# ---- weights inside If/Loop subgraphs (spox exports: a voice-activity detector's branches per sample rate) -------
+def test_weights_inside_if_branches_are_seen() -> None:
+    model = models.branching()
+    normalized, folded = normalize(model)
+    assert folded == 4  # two Constant weights in each branch, now the branches' initializers
+    branches = [attribute.g for attribute in normalized.graph.node[-1].attribute]
+    assert all(len(branch.initializer) == 2 and len(branch.node) == 5 for branch in branches)
+    info = analyze_model(model)
+    assert info.weight_params == {} and not info.has_float_weights
+    assert info.subgraph_weight_params == {"Conv": 2 * 8 * 3 * 3 * 3, "MatMul": 2 * 8 * 4}
+    assert info.subgraph_hosts == ("If",)
+    assert info.subgraph_note == "432 Conv and 64 MatMul weights inside If subgraphs"
+
+
+def _branch_inputs() -> dict[str, Feed]:
+    rng = np.random.default_rng(3)
+    image = rng.random((16, 3, 8, 8)).astype(np.float32)
+    return {"then": {"image": image}, "else": {"image": -image}}  # mean > 0 takes then_branch
+
+
+def test_int8_dynamic_quantizes_the_matmuls_inside_if_branches(tmp_path: Path) -> None:
+    source = models.save(models.branching(), tmp_path)
+    ctx = context(source)
+    quant = Int8DynamicPass()
+    config = quant.configure(ctx)
+    assert config.subgraphs and quant.skip_reason(ctx, config) is None  # conv-heavy, but static cannot reach
+    details = quant.apply(source, tmp_path / "q.onnx", config, ctx)
+    inside = details["subgraphs"]
+    assert inside["int8_ops"] == 2 and inside["hosts"] == ["If"]
+    assert "now run in INT8" in inside["note"] and "Conv weights stay float" in inside["note"]
+    branches = {a.name: a.g for a in onnx.load(str(tmp_path / "q.onnx")).graph.node[-1].attribute}
+    for branch in branches.values():
+        assert "MatMulInteger" in {node.op_type for node in branch.node}
+    original = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    quantized = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    for feed in _branch_inputs().values():
+        want, got = original.run(None, feed)[0], quantized.run(None, feed)[0]
+        assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
+
+
+def test_the_report_says_why_int8_did_or_did_not_reach_the_branches(tmp_path: Path) -> None:
+    report = _report(tmp_path, models.branching())
+    steps = {step["name"]: step for step in report["steps"]}
+    static = steps["int8_static"]
+    assert static["status"] == "skipped"
+    assert "432 Conv and 64 MatMul weights inside If subgraphs" in static["reason"]
+    assert "does not enter subgraphs" in static["reason"]
+    dynamic = _tried(report, "int8_dynamic")
+    assert dynamic["details"]["subgraphs"]["int8_ops"] == 2 and dynamic["accuracy"]
+    if report["selected"] == "original":
+        assert "int8_static skipped (the model's only weights are" in report["summary"]
