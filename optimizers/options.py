@@ -85,7 +85,8 @@ class OptimizeOptions(BaseModel):
     Not part of the cache key: both modes select the same variant."""
     from_traffic: bool = True
     """Background mode: the server may calibrate and check on a sample of the version's real requests (false: it
-    keeps none for this model). Not part of the cache key: the samples used are keyed by content."""
+    keeps none for this model). Part of the cache key only when false: the default's key may also hold the result
+    of a run on traffic (see :meth:`optimizers.pipeline.Pipeline.share_result`), which an opt-out never gets."""
 
     @field_validator("accuracy")
     @classmethod
@@ -133,10 +134,12 @@ class OptimizeOptions(BaseModel):
 
     def cache_dict(self) -> dict[str, Any]:
         """What the pipeline result depends on, for its cache key (the samples file is keyed by content)."""
-        data = self.model_dump(mode="json", exclude={"samples_path", "mode", "from_traffic"})
+        data = self.model_dump(mode="json", exclude={"samples_path", "mode"})
         for name in ("tune_instances", "execution_providers"):  # keys computed before these existed stay valid
             if not data[name]:
                 del data[name]
+        if data["from_traffic"]:  # the default's key may hold a result proven on traffic; an opt-out never gets it
+            del data["from_traffic"]
         return data
 
 

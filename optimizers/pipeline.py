@@ -177,6 +177,21 @@ class Pipeline:
         key = self._result_key(sha256_file(model_path), samples, options, library_versions())
         return self._from_cache(key, model_path, label, version, started)
 
+    def share_result(self, model_path: Path, ran: OptimizeOptions, options: OptimizeOptions) -> bool:
+        """Let :meth:`lookup` with ``options`` answer with the cached result of a run with ``ran`` (the same model,
+        options that differ only in ``samples_path``: a server's sample of real requests, deleted after the run),
+        unless ``options`` has a result of its own. A restart then serves the variant proven on real traffic at
+        once, and no request data is kept for it. Call it while ``ran``'s samples file still exists."""
+        model_path = Path(model_path)
+        model_sha, libraries = sha256_file(model_path), library_versions()
+        ran_samples = find_samples(model_path, ran.samples_path)
+        stored = self.cache.get_result(self._result_key(model_sha, ran_samples, ran, libraries))
+        key = self._result_key(model_sha, find_samples(model_path, options.samples_path), options, libraries)
+        if stored is None or self.cache.get_result(key) is not None:
+            return False
+        self.cache.put_result(key, stored)
+        return True
+
     def pending(
         self, model_path: Path, options: OptimizeOptions | None = None, *, name: str = "", version: str = ""
     ) -> PipelineResult:

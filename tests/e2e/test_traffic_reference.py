@@ -1,8 +1,8 @@
 """Real traffic as the optimizer's reference, on the real server in background mode: requests with a distinctive
 input distribution arrive over HTTP and gRPC while the version serves its original model; the optimizer waits
 for them, calibrates INT8 and runs the guard on them, the report says reference source ``traffic`` with the
-sample count, and the version is then served optimized. A model that opts out is optimized on generated inputs
-and its report says why; no request data stays in the cache folder."""
+sample count, and the version is then served optimized, also at once after a restart (no request data stays in
+the cache folder for it). A model that opts out is optimized on generated inputs and its report says why."""
 
 from __future__ import annotations
 
@@ -109,6 +109,13 @@ def test_the_optimizer_calibrates_and_guards_on_real_traffic_then_serves_the_var
     assert opted_out["traffic"] == {"used": False, "reason": "off for this model (optimize.from_traffic: false)"}
     folder = cache / "traffic"
     assert (list(folder.iterdir()) if folder.is_dir() else []) == []  # the samples file went with its run
+
+    server.stop()  # a restart on the same cache serves the variant proven on traffic before READY
+    again: ServerProcess = start_server(repo, "--optimize-traffic-wait-s", "120", env=env)
+    restarted = _report(again, "wide")
+    assert restarted["phase"] == "optimized" and restarted["cache_hit"] is True, restarted
+    assert restarted["selected"] == report["selected"] and restarted["reference"] == report["reference"]
+    assert _cosine(_send(again, "wide", x, grpc=True), expected) >= budget - 1e-3
 
 
 def test_with_no_traffic_the_bounded_wait_ends_on_generated_inputs(start_server, tmp_path: Path) -> None:

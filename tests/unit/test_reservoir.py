@@ -123,7 +123,8 @@ def test_optimize_block_opt_out_is_validated() -> None:
     assert OptimizeOptions.from_config_dict(None).from_traffic is True
     with pytest.raises(OptionsError, match=r"optimize\.from_traffic"):
         OptimizeOptions.from_config_dict({"from_traffic": "sometimes"})
-    assert "from_traffic" not in OptimizeOptions(from_traffic=False).cache_dict()  # the samples' content is keyed
+    assert "from_traffic" not in OptimizeOptions().cache_dict()  # keys of results cached before it stay valid
+    assert OptimizeOptions(from_traffic=False).cache_dict()["from_traffic"] is False  # never a traffic result
 
 
 def _version(tmp_path: Path, specs: list[TensorSpec] | None = None, **options: Any) -> tuple[Any, Any]:
