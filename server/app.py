@@ -50,6 +50,7 @@ class OptiServe:
         self.metrics = ServerMetrics(enabled=settings.metrics)
         self.response_cache = ResponseCache(settings.response_cache_bytes)
         self.models = ModelManager(self.repository, settings, self.metrics, self.response_cache)
+        self.metrics.add_state_collector(self.response_cache.metric_families)
         self.metrics.add_state_collector(self.models.metric_families)
         # Replicas on one repository: this one's heartbeat (poll mode) and the fleet's view (repository/replicas.py).
         self.fleet = Fleet(

@@ -121,6 +121,19 @@ class ServerMetrics:
             labels,
             registry=reg,
         )
+        # Triton's nv_cache_hit_duration_per_model / nv_cache_miss_duration_per_model, in seconds.
+        self.response_cache_hit_seconds = Counter(
+            "optiserve_response_cache_hit_duration_seconds",
+            "Time spent answering response cache hits (key and lookup).",
+            labels,
+            registry=reg,
+        )
+        self.response_cache_miss_seconds = Counter(
+            "optiserve_response_cache_miss_duration_seconds",
+            "Time spent on response cache misses (key, lookup, and inserting the response).",
+            labels,
+            registry=reg,
+        )
         self.loads = Counter(
             "optiserve_model_loads",
             "Model loads that succeeded, by what started them (startup, explicit: load API or upload, poll, "
@@ -164,6 +177,8 @@ class ServerMetrics:
             batch_size=self.batch_size.labels(*ids),
             cache_hits=self.response_cache_hits.labels(*ids),
             cache_misses=self.response_cache_misses.labels(*ids),
+            cache_hit_seconds=self.response_cache_hit_seconds.labels(*ids),
+            cache_miss_seconds=self.response_cache_miss_seconds.labels(*ids),
         )
 
     def for_unrouted(self) -> RequestCounters | None:
@@ -211,10 +226,17 @@ class VersionMetrics:
     batch_size: Any
     cache_hits: Any
     cache_misses: Any
+    cache_hit_seconds: Any
+    cache_miss_seconds: Any
 
-    def observe_cache(self, hit: bool) -> None:
-        """One response cache lookup of this version."""
-        (self.cache_hits if hit else self.cache_misses).inc()
+    def observe_cache(self, hit: bool, duration_ns: int) -> None:
+        """One response cache lookup of this version and the time the cache took for it."""
+        if hit:
+            self.cache_hits.inc()
+            self.cache_hit_seconds.inc(duration_ns * NS)
+        else:
+            self.cache_misses.inc()
+            self.cache_miss_seconds.inc(duration_ns * NS)
 
     def observe_request(self, reason: str | None, duration_ns: int) -> None:
         """One request ended: ``reason`` None is a success. Every request counts in ``requests``."""

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from server.protocol.inference import InputTensor, RequestedOutput
 
@@ -64,6 +65,7 @@ class ResponseCache:
         self._by_generation: dict[int, set[bytes]] = {}
         self._retired: set[int] = set()
         self._bytes = 0
+        self._evictions = 0
         self._warned_off = False
 
     @property
@@ -163,6 +165,7 @@ class ResponseCache:
                 self._remove(key)
             while self._entries and self._bytes + size > self.max_bytes:
                 self._remove(next(iter(self._entries)))
+                self._evictions += 1
             self._entries[key] = _Entry(generation, stored, size)
             self._by_generation.setdefault(generation, set()).add(key)
             self._bytes += size
@@ -178,6 +181,21 @@ class ResponseCache:
                 entry = self._entries.pop(key)
                 self._bytes -= entry.size
             return len(keys)
+
+    def metric_families(self) -> list[Metric]:
+        """Scrape-time series of the whole cache (none while it is off): its size, the bytes and responses it
+        holds, and how many responses the size limit evicted (a version's close drops its own, not counted)."""
+        if not self.enabled:
+            return []
+        with self._lock:
+            used, entries, evictions = self._bytes, len(self._entries), self._evictions
+        name = "optiserve_response_cache_"
+        return [
+            GaugeMetricFamily(f"{name}size_bytes", "Room given to the response cache.", self.max_bytes),
+            GaugeMetricFamily(f"{name}used_bytes", "Bytes the response cache holds (outputs and keys).", used),
+            GaugeMetricFamily(f"{name}entries", "Responses the response cache holds.", entries),
+            CounterMetricFamily(f"{name}evictions", "Responses evicted to make room (least recently used).", evictions),
+        ]
 
     def _remove(self, key: bytes) -> None:
         entry = self._entries.pop(key)

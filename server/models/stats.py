@@ -102,7 +102,7 @@ class ModelStats:
         with self._lock:
             (self.cache_hit if hit else self.cache_miss).add(ns)
         if self.metrics is not None:
-            self.metrics.observe_cache(hit)
+            self.metrics.observe_cache(hit, ns)
 
     def to_json(self, name: str, version: str) -> dict[str, Any]:
         """Triton's ``ModelStatistics`` JSON."""

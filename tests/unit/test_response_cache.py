@@ -110,6 +110,20 @@ def test_lru_eviction_at_the_size_limit() -> None:
     # An entry larger than the whole cache is not stored and evicts nothing.
     assert not cache.put(gen, _key(gen, np.ones(1, np.float32)), [("y", "FP32", np.zeros(1000, np.float32))])
     assert cache.entries == 3
+    assert _families(cache) == {
+        "optiserve_response_cache_size_bytes": 3 * entry,
+        "optiserve_response_cache_used_bytes": 3 * entry,
+        "optiserve_response_cache_entries": 3,
+        "optiserve_response_cache_evictions_total": 1,
+    }
+    cache.drop(gen)  # a closing version's entries go, and are not evictions
+    assert _families(cache)["optiserve_response_cache_entries"] == 0
+    assert _families(cache)["optiserve_response_cache_evictions_total"] == 1
+    assert ResponseCache(0).metric_families() == []  # off: no series at all
+
+
+def _families(cache: ResponseCache) -> dict[str, float]:
+    return {sample.name: sample.value for family in cache.metric_families() for sample in family.samples}
 
 
 def test_drop_forgets_a_version_and_refuses_its_late_inserts() -> None:
@@ -208,6 +222,11 @@ def test_infer_hit_skips_the_backend_and_returns_the_same_outputs() -> None:
     reg = metrics.registry
     assert reg.get_sample_value("optiserve_response_cache_hits_total", {"model": "m", "version": "1"}) == 1
     assert reg.get_sample_value("optiserve_response_cache_misses_total", {"model": "m", "version": "1"}) == 2
+    labels = {"model": "m", "version": "1"}
+    hit_s = reg.get_sample_value("optiserve_response_cache_hit_duration_seconds_total", labels)
+    miss_s = reg.get_sample_value("optiserve_response_cache_miss_duration_seconds_total", labels)
+    assert hit_s == pytest.approx(stats["cache_hit"]["ns"] * 1e-9) and hit_s > 0
+    assert miss_s == pytest.approx(stats["cache_miss"]["ns"] * 1e-9) and miss_s > 0
     assert cache.entries == 0  # closing the version dropped its entries
 
 
