@@ -192,3 +192,9 @@ def test_concurrent_clients_get_exact_answers(cache_server: ServerProcess) -> No
     hits = after["cache_hit"]["count"] - before["inference_stats"]["cache_hit"]["count"]
     misses = after["cache_miss"]["count"] - before["inference_stats"]["cache_miss"]["count"]
     assert hits + misses == len(jobs) and hits >= len(jobs) - 8 * len(distinct)
+    # gRPC's ModelStatistics carries the same cache_hit/cache_miss counts and durations.
+    client = grpcclient.InferenceServerClient(cache_server.grpc_address)
+    (grpc_stats,) = client.get_inference_statistics("mlp").model_stats
+    for field in ("cache_hit", "cache_miss"):
+        duration = getattr(grpc_stats.inference_stats, field)
+        assert (duration.count, duration.ns) == (after[field]["count"], after[field]["ns"])
