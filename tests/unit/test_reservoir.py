@@ -118,6 +118,17 @@ def test_the_samples_file_is_the_optimizers_traffic_reference(tmp_path: Path) ->
     assert sum(len(batch["x"]) for batch in reference.batches) == 20
 
 
+def test_unbatched_samples_reach_the_optimizer_one_whole_input_each(tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(fixtures.no_batch().SerializeToString())
+    reservoir = Reservoir(["x"], False, ReservoirLimits(max_samples=8, max_bytes=1 << 20), seed=0)
+    for i in range(5):
+        reservoir.offer({"x": np.full((2, 3), i, np.float32)}, 1)
+    reference = build_reference(analyze(model), write_samples(reservoir.take(), tmp_path, "nb-1-x"), 32, False)
+    assert reference.source == "traffic" and reference.count == 5
+    assert [batch["x"].shape for batch in reference.batches] == [(2, 3)] * 5
+
+
 def test_optimize_block_opt_out_is_validated() -> None:
     assert OptimizeOptions.from_config_dict({"from_traffic": False}).from_traffic is False
     assert OptimizeOptions.from_config_dict(None).from_traffic is True
