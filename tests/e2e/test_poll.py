@@ -1,10 +1,13 @@
 """Many replicas on one repository (--model-control-mode poll): an upload through one server is served by
 every server within the poll interval plus load time; a new version appears everywhere; a model folder
-removed from the repository disappears everywhere."""
+removed from the repository disappears everywhere; replicas sharing --cache-dir optimize a model once; the
+replicas endpoint shows which versions each replica serves and when the fleet has converged."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess
 from tests.e2e.test_upload import model_bytes, upload
@@ -83,3 +87,114 @@ def test_none_mode_refuses_changes(tmp_path: Path, start_server: Any) -> None:
     assert httpx.post(f"{server.http_url}/v2/repository/models/base/unload", timeout=5).status_code == 400
     assert not (repo / "other").exists()
     assert _status(server, "/v2/models/base/ready") == 200
+
+
+def _start_fleet(
+    start_server: Any, repo: Path, flags: list[tuple[str, ...]], env: dict[str, str] | None = None
+) -> list[ServerProcess]:
+    """Replicas started side by side (each start imports the whole stack), then waited for."""
+    fleet: list[ServerProcess] = [start_server(repo, *args, env=env, wait_ready=False) for args in flags]
+    for server in fleet:
+        server.wait_ready()
+    return fleet
+
+
+def _until(what: str, check: Callable[[], bool], deadline_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not true after {deadline_s}s")
+
+
+def _cache_counts(server: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{server.http_url}/metrics", timeout=5).text
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "optiserve_optimizer_cache")
+    return {s.labels["result"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def _report(server: ServerProcess, name: str) -> dict[str, Any]:
+    reply = httpx.get(f"{server.http_url}/v2/models/{name}/optimization", timeout=5)
+    return reply.json() if reply.status_code == 200 else {}
+
+
+def test_the_optimizer_runs_once_for_replicas_sharing_the_cache(tmp_path: Path, start_server: Any) -> None:
+    repo, cache = tmp_path / "repo", tmp_path / "cache"
+    fixtures.write_model(repo, "base", fixtures.float_mlp())
+    env = {"OPTISERVE_CACHE_DIR": str(cache), "OPTISERVE_DEFAULT_PRECISION": "none", "OPTISERVE_OPTIMIZE_NICE": "0"}
+    fleet = _start_fleet(start_server, repo, [(*POLL,)] * 3, env)
+    a = fleet[0]
+
+    # Background mode: each replica serves the original at once; one optimizes, the others wait for its lock (or
+    # find its result) and swap in the same variant.
+    config = {"optimize": {"precision": "fp32", "time_budget_s": 0.1}}
+    assert upload(a, "opt", model_bytes(4), config=json.dumps(config)).status_code == 201
+    _eventually(fleet, "/v2/models/opt/ready", lambda code: code == 200)
+    _until(
+        "every replica done optimizing",
+        lambda: all(_report(s, "opt").get("phase") not in (None, "optimizing") for s in fleet),
+        120,
+    )
+
+    reports = [_report(s, "opt") for s in fleet]
+    found = [r["cache"] for r in reports]
+    assert found.count("miss") == 1 and found.count("hit") + found.count("waited") == 2, found
+    assert all(r["cache_hit"] == (r["cache"] != "miss") for r in reports)
+    assert len({r["selected"] for r in reports}) == 1
+    counts = [_cache_counts(s) for s in fleet]
+    assert sum(c["miss"] for c in counts) == 1, counts
+    assert sum(c["hit"] + c["waited"] for c in counts) == 2, counts
+    served = [_infer(s, "opt") for s in fleet]
+    assert all(np.allclose(served[0], out, atol=1e-5) for out in served[1:])
+    assert not list((cache / "results").glob("*.lock"))
+
+
+def _fleet_view(server: ServerProcess) -> dict[str, Any]:
+    reply = httpx.get(f"{server.http_url}/v2/repository/replicas", timeout=5)
+    assert reply.status_code == 200, reply.text
+    return dict(reply.json())
+
+
+def _serves(view: dict[str, Any], name: str) -> bool:
+    return all(any(m["name"] == name for m in row["served"]) for row in view["replicas"] if row["state"] == "live")
+
+
+def test_replicas_endpoint_shows_the_fleet_converging(tmp_path: Path, start_server: Any) -> None:
+    repo = tmp_path / "repo"
+    fixtures.write_model(repo, "base", fixtures.float_mlp())
+    ids = ["replica-a", "replica-b", "replica-c"]
+    a, b, c = fleet = _start_fleet(start_server, repo, [(*POLL, "--replica-id", replica) for replica in ids])
+
+    def converged_on(name: str, live: int) -> Callable[[], bool]:
+        def check() -> bool:
+            views = [_fleet_view(s) for s in fleet if s.proc is not None and s.proc.poll() is None]
+            return all(v["converged"] and v["live"] == live and _serves(v, name) for v in views)
+
+        return check
+
+    _until("three replicas serving base", converged_on("base", 3))
+    assert upload(a, "fleet", model_bytes(1)).status_code == 201
+    _until("three replicas serving the upload", converged_on("fleet", 3))
+    view = _fleet_view(b)
+    assert view["replica"] == "replica-b" and view["replicas"][0]["self"]
+    assert sorted(row["replica"] for row in view["replicas"]) == ids
+    row = next(r for r in view["replicas"] if r["replica"] == "replica-a")
+    assert {"name": "fleet", "version": "1", "variant": "original"} in row["served"] and row["ready"]
+    assert sorted(p.name for p in (repo / ".optiserve" / "replicas").iterdir()) == [f"{i}.json" for i in ids]
+    assert "fleet" in httpx.get(f"{a.http_url}/v2/models/fleet", timeout=5).text  # the folder is not a model
+    assert all(r["name"] != ".optiserve" for r in httpx.post(f"{a.http_url}/v2/repository/index", timeout=5).json())
+
+    # A clean exit removes its heartbeat; a killed replica's goes stale and leaves the convergence check.
+    assert c.stop() == 0
+    _until("replica-c left", lambda: _fleet_view(a)["live"] == 2 and _fleet_view(a)["stale"] == 0)
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait()
+    _until("replica-b stale", lambda: _fleet_view(a)["stale"] == 1, 30)
+    view = _fleet_view(a)
+    assert view["live"] == 1 and view["converged"]
+    assert {r["replica"]: r["state"] for r in view["replicas"]} == {"replica-a": "live", "replica-b": "stale"}
+    metrics = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{a.http_url}/metrics", timeout=5).text)}
+    assert {s.labels["state"]: s.value for s in metrics["optiserve_fleet_replicas"].samples} == {"live": 1, "stale": 1}
+    assert metrics["optiserve_fleet_converged"].samples[0].value == 1
