@@ -57,6 +57,18 @@ def _until_optimized(server: ServerProcess, name: str, timeout_s: float = 240.0)
     return report
 
 
+def _index_reason(server: ServerProcess, name: str) -> str:
+    """The repository index's reason for ``name`` once its background run has started (it starts on READY)."""
+    deadline, reason = time.monotonic() + 10, ""
+    while time.monotonic() < deadline:
+        rows = httpx.post(f"{server.http_url}/v2/repository/index", json={}, timeout=10).json()
+        reason = next(row["reason"] for row in rows if row["name"] == name)
+        if reason.startswith("optimizing: "):
+            break
+        time.sleep(0.05)
+    return reason
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -77,6 +89,7 @@ def test_the_optimizer_calibrates_and_guards_on_real_traffic_then_serves_the_var
     server: ServerProcess = start_server(repo, "--optimize-traffic-wait-s", "120", env=env)
     waiting = _report(server, "wide")
     assert waiting["phase"] == "optimizing" and waiting["selected"] == "original", waiting
+    assert _index_reason(server, "wide") == f"optimizing: waiting for request samples (0/{MIN_SAMPLES})"
 
     original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for seed in range(REQUESTS):  # half over HTTP, half over gRPC: both edges feed the sample
