@@ -1,0 +1,209 @@
+"""What OpenTelemetry request tracing costs: MLP throughput with tracing off, on at a 1% sample ratio, on at 100%.
+
+Usage: python -m bench.tracing [--rounds 5] [--protocol http|grpc] [--concurrency 16] [--interval-ms 3000]
+
+Three servers of the same build run side by side (same model, optimizer off): one with tracing off (the
+default), two configured the OpenTelemetry way (OTEL_TRACES_EXPORTER=otlp, OTEL_TRACES_SAMPLER=
+parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG 0.01 or 1.0) exporting over OTLP/HTTP to a receiver in this
+process, which counts the spans and drops them. perf_analyzer (which sends no traceparent, so the ratio decides)
+drives them in turn, the order rotating every round so a shared machine's drift hits all alike. Prints the
+median throughput of each, its ratio to "off", and how many requests each traced server really sampled.
+
+"Off" has no build without tracing to be compared with; what it adds per request is timed directly instead
+(the edge's ``tracer.enabled`` test and the batcher's ``CURRENT.get()``) and set against a request's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import timeit
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from bench import models, perf
+from bench.serving import ServerProcess
+from server.tracing import CURRENT, Tracer
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"off": None, "1%": "0.01", "100%": "1.0"}
+
+
+class SpanSink(ThreadingHTTPServer):
+    """An OTLP/HTTP traces endpoint that counts request spans (``infer <model>``) and keeps nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _SinkHandler)
+        self.requests_by_service: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _SinkHandler(BaseHTTPRequestHandler):
+    server: SpanSink
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        message = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+        for resource_spans in message.resource_spans:
+            service = next(
+                (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+            )
+            count = sum(s.name.startswith("infer ") for scope in resource_spans.scope_spans for s in scope.spans)
+            with self.server.lock:
+                self.server.requests_by_service[service] = self.server.requests_by_service.get(service, 0) + count
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def span_sink() -> Iterator[SpanSink]:
+    sink = SpanSink()
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        yield sink
+    finally:
+        sink.shutdown()
+        sink.server_close()
+
+
+def tracing_env(label: str, ratio: str | None, endpoint: str) -> dict[str, str]:
+    """The OTEL_* variables of one server: none for "off", else OTLP to ``endpoint`` at sample ``ratio``."""
+    if ratio is None:
+        return {"OTEL_TRACES_EXPORTER": "none"}
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": ratio,
+        "OTEL_SERVICE_NAME": f"bench-{label}",
+    }
+
+
+def off_path_ns(repeats: int = 7, number: int = 200_000) -> float:
+    """Median ns per request of what tracing off adds: the edge's enabled test and the batcher's CURRENT.get()."""
+    tracer = Tracer()
+
+    def off_path() -> object:
+        return CURRENT.get() if not tracer.enabled else None
+
+    def nothing() -> object:
+        return None
+
+    traced = timeit.repeat(off_path, number=number, repeat=repeats)
+    empty = timeit.repeat(nothing, number=number, repeat=repeats)
+    cost = [a - b for a, b in zip(traced, empty, strict=True)]
+    return max(0.0, statistics.median(cost)) / number * 1e9
+
+
+def server_cpu_s(server: ServerProcess) -> float:
+    """CPU seconds (user + system) the server process has used so far, from /proc (Linux)."""
+    assert server.proc is not None
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def served_requests(server: ServerProcess) -> int:
+    """Successful requests the server answered (its statistics)."""
+    stats = server.model_stats("mlp")
+    return sum(int(v["inference_stats"]["success"]["count"]) for v in stats["model_stats"])
+
+
+@dataclass
+class Figures:
+    """One configuration's measurements, a value per round."""
+
+    infer_per_s: list[float] = field(default_factory=list)
+    cpu_us_per_request: list[float] = field(default_factory=list)
+    requests: int = 0
+
+
+def measure(server: ServerProcess, args: argparse.Namespace, out: Path, figures: Figures) -> str:
+    """One perf_analyzer run against ``server``: its throughput and the server's CPU time per request."""
+    url = server.http_url if args.protocol == "http" else server.grpc_url
+    cpu, requests = server_cpu_s(server), served_requests(server)
+    run = perf.run_perf("mlp", args.protocol, url, args.concurrency, args.interval_ms, out, [])
+    cpu, requests = server_cpu_s(server) - cpu, served_requests(server) - requests
+    if run.infer_per_s and requests:
+        figures.infer_per_s.append(run.infer_per_s)
+        figures.cpu_us_per_request.append(cpu / requests * 1e6)
+    return f"{run.infer_per_s} infer/s, {cpu / max(requests, 1) * 1e6:.0f} us CPU/request {run.error or ''}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--interval-ms", type=int, default=3000)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
+    out = Path(tempfile.mkdtemp(prefix="tracing-cost-"))
+    repo = out / "repo"
+    models.write_repo(repo, ["mlp"])
+    figures = {label: Figures() for label in CONFIGS}
+    with span_sink() as sink, contextlib.ExitStack() as stack:
+        servers: dict[str, ServerProcess] = {}
+        for label, ratio in CONFIGS.items():
+            (out / label).mkdir()
+            server = ServerProcess(
+                sys.executable, repo, out / f"{label}.log", cwd=ROOT, extra_args=("--default-precision", "none")
+            )
+            with mock.patch.dict("os.environ", tracing_env(label, ratio, sink.endpoint)):
+                servers[label] = stack.enter_context(server)  # the child copies the environment as it starts
+        for server in servers.values():
+            server.wait_ready(["mlp"])
+        labels = list(CONFIGS)
+        for round_ in range(args.rounds):
+            for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
+                line = measure(servers[label], args, out / label, figures[label])
+                print(f"round {round_ + 1} tracing {label}: {line}", flush=True)
+        for label, server in servers.items():
+            figures[label].requests = served_requests(server)
+        time.sleep(1)  # the last spans leave the servers' batch processors
+    report(args, figures, sink.requests_by_service)
+    return 0
+
+
+def report(args: argparse.Namespace, figures: dict[str, Figures], spans: dict[str, int]) -> None:
+    """Medians of the rounds, each against "off"; the sampled fraction; the off path's own cost."""
+    print(f"MLP {args.protocol} c={args.concurrency}, {args.rounds} rounds, perf_analyzer, medians:")
+    off = figures["off"]
+    base_rate, base_cpu = statistics.median(off.infer_per_s), statistics.median(off.cpu_us_per_request)
+    for label, f in figures.items():
+        if not f.infer_per_s:
+            print(f"  tracing {label:>4}: no successful run")
+            continue
+        rate, cpu = statistics.median(f.infer_per_s), statistics.median(f.cpu_us_per_request)
+        spread = f"{min(f.infer_per_s):,.0f}..{max(f.infer_per_s):,.0f}"
+        sampled = f", sampled {spans.get(f'bench-{label}', 0)}/{f.requests} requests" if label != "off" else ""
+        print(
+            f"  tracing {label:>4}: {rate:,.0f} infer/s (rounds {spread}) = {rate / base_rate:.3f} of off; "
+            f"server CPU {cpu:.0f} us/request = {cpu / base_cpu:.3f} of off{sampled}"
+        )
+    cost = off_path_ns()
+    print(f"  tracing off adds {cost:.0f} ns per request = {cost / (base_cpu * 1e3):.4%} of its server CPU time")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
