@@ -68,18 +68,25 @@ QUIET_REASONS = ("not asked for",)
 
 def summarize(report: Report, reason: str = "") -> str:
     """The report's ``summary``: ``serving int8_static: <its reason>``; or ``nothing applied: <reason>`` when the
-    whole run was skipped for one reason; or ``nothing applied, serving the original: <each candidate: why>``."""
+    whole run was skipped for one reason; or ``nothing applied, serving the original: <each candidate: why>``,
+    candidates with the same outcome and reason named together (``openvino_fp32, openvino_bf16 skipped (...)``).
+    When only the compile step changed something (threads, instances), it says so instead of "nothing applied"."""
     if report.selected != "original":
         step = next((s for s in report.steps if s.name == report.selected), None)
         return f"serving {report.selected}" + (f": {step.reason}" if step and step.reason else "")
     if reason:
         return f"nothing applied: {reason}"
-    why = [
-        f"{step.name} {step.status} ({_clip(step.reason)})"
-        for step in report.steps
-        if step.name != "compile" and not any(quiet in step.reason for quiet in QUIET_REASONS)
-    ]
-    return "nothing applied, serving the original: " + ("; ".join(why) or "no candidate for this model")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for step in report.steps:
+        if step.name != "compile" and not any(quiet in step.reason for quiet in QUIET_REASONS):
+            groups.setdefault((step.status, step.reason), []).append(step.name)
+    why = "; ".join(f"{', '.join(names)} {status} ({_clip(text)})" for (status, text), names in groups.items())
+    tuned = next((s for s in report.steps if s.name == "compile" and s.status == "applied"), None)
+    if tuned is not None:
+        lead = f"serving the original with a tuned session ({_clip(tuned.reason)}); no model candidate applied"
+    else:
+        lead = "nothing applied, serving the original"
+    return f"{lead}: {why or 'no candidate for this model'}"
 
 
 def _clip(text: str) -> str:

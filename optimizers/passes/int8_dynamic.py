@@ -25,6 +25,9 @@ from optimizers.passes.base import ModelPass, PassConfig, PassContext
 
 #: Below this share of weights in MatMul/Gemm the model is a conv net: static quantization fits it better.
 MIN_MATMUL_SHARE = 0.5
+CONV_STAYS_FLOAT = (
+    "dynamic quantization leaves Conv in float: onnxruntime's ConvInteger is slower than its float Conv on CPU"
+)
 
 
 class DynamicQuantConfig(PassConfig):
@@ -55,9 +58,7 @@ class Int8DynamicPass(ModelPass[DynamicQuantConfig]):
         if not ctx.device.int8_pays:
             return "this CPU has neither AVX2 nor VNNI/dot-product instructions: INT8 would not beat FP32"
         if dense_params(ctx.info.all_weight_params) == 0:
-            inner = f" ({ctx.info.subgraph_note}; dynamic quantization leaves Conv in float)" * bool(
-                ctx.info.subgraph_weight_params
-            )
+            inner = f" ({ctx.info.subgraph_note}; {CONV_STAYS_FLOAT})" * bool(ctx.info.subgraph_weight_params)
             return f"no MatMul/Gemm with constant weights{inner}"
         static_reaches = ctx.info.has_float_weights  # static QDQ quantizes the main graph only
         if static_reaches and ctx.info.matmul_share < MIN_MATMUL_SHARE:

@@ -181,3 +181,56 @@ def branching(channels: int = 8, classes: int = 4, seed: int = 0) -> onnx.ModelP
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         [numpy_helper.from_array(np.array(0, np.float32), "zero")],
     )
+
+
+YOLO_OUTPUTS = 5 + 3
+"""Per anchor point: box (4), objectness (1) and 3 class scores."""
+
+
+def yolo_detector(channels: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """Shaped like a small YOLO: images FP32 [batch, 3, height, width] -> five stride-2 Conv/Relu (strides 2..32)
+    -> a top-down neck (the stride-32 map upsampled x2 and concatenated with stride 16, that upsampled and
+    concatenated with stride 8) -> a 1x1 head per stride (8, 16, 32), each reshaped to [batch, 8, points] and
+    concatenated along the points -> Transpose, Sigmoid -> detections FP32 [batch, points, 8]. Height and width
+    must be multiples of 32: elsewhere a neck Concat gets mismatched dimensions."""
+    rng = np.random.default_rng(seed)
+    weights: list[onnx.TensorProto] = []
+
+    def conv(name: str, source: str, out: int, width: int, kernel: int, stride: int) -> onnx.NodeProto:
+        weight = rng.standard_normal((out, width, kernel, kernel)) * (0.6 / np.sqrt(width * kernel * kernel))
+        weights.append(numpy_helper.from_array(weight.astype(np.float32), f"{name}_w"))
+        weights.append(numpy_helper.from_array(np.zeros(out, np.float32), f"{name}_b"))
+        pads = [kernel // 2] * 4
+        return helper.make_node("Conv", [source, f"{name}_w", f"{name}_b"], [name], pads=pads, strides=[stride] * 2)
+
+    nodes, previous, width = [], "images", 3
+    for level in range(1, 6):  # p1..p5 at strides 2..32
+        nodes.append(conv(f"c{level}", previous, channels, width, 3, 2))
+        nodes.append(helper.make_node("Relu", [f"c{level}"], [f"p{level}"]))
+        previous, width = f"p{level}", channels
+    weights.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up2"))
+    weights.append(numpy_helper.from_array(np.array([0, YOLO_OUTPUTS, -1], np.int64), "points"))
+    nodes += [
+        helper.make_node("Resize", ["p5", "", "up2"], ["p5_up"], mode="nearest"),
+        helper.make_node("Concat", ["p4", "p5_up"], ["n4_in"], axis=1),
+        conv("n4", "n4_in", channels, 2 * channels, 1, 1),
+        helper.make_node("Resize", ["n4", "", "up2"], ["n4_up"], mode="nearest"),
+        helper.make_node("Concat", ["p3", "n4_up"], ["n3_in"], axis=1),
+        conv("n3", "n3_in", channels, 2 * channels, 1, 1),
+    ]
+    for stride, source in ((8, "n3"), (16, "n4"), (32, "p5")):
+        nodes += [
+            conv(f"head{stride}", source, YOLO_OUTPUTS, channels, 1, 1),
+            helper.make_node("Reshape", [f"head{stride}", "points"], [f"flat{stride}"]),
+        ]
+    nodes += [
+        helper.make_node("Concat", ["flat8", "flat16", "flat32"], ["all"], axis=2),
+        helper.make_node("Transpose", ["all"], ["rows"], perm=[0, 2, 1]),
+        helper.make_node("Sigmoid", ["rows"], ["detections"]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("detections", TensorProto.FLOAT, ["batch", None, YOLO_OUTPUTS])],
+        weights,
+    )

@@ -198,10 +198,24 @@ def test_the_summary_says_why_nothing_was_applied(tmp_path: Path) -> None:
     pipeline = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=FakeBenchmark())
     digits = models.save(models.trained_digits().model, tmp_path / "digits")
     equal = pipeline.run(digits, OptimizeOptions()).report
-    assert equal["summary"].startswith("nothing applied, serving the original: graph_opt rejected (passed the guard;")
-    assert "int8_dynamic rejected" in equal["summary"] and "prune" not in equal["summary"]
+    summary = equal["summary"]
+    # the same outcome for the same reason is said once, for every candidate it applies to
+    assert summary.startswith("nothing applied, serving the original: graph_opt, int8_dynamic, int8_static rejected")
+    assert "(passed the guard; not faster than original" in summary and "prune" not in summary
+    assert "openvino_fp32, openvino_bf16, openvino_int8 skipped (OpenVINO unavailable" in summary
     served = _report(tmp_path / "detector", models.stride_detector())
     assert served["summary"].startswith("serving int8_static: fastest")
+
+
+def test_a_thread_count_change_alone_is_not_called_nothing(tmp_path: Path) -> None:
+    """What improved the one public model that improved: the original model, with fewer threads."""
+    benchmark = FakeBenchmark({"compile:threads=1": 5.0})
+    digits = models.save(models.trained_digits().model, tmp_path / "digits")
+    result = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=benchmark).run(digits, OptimizeOptions())
+    assert result.report["selected"] == "original" and result.session.intra_op_threads == 1
+    summary = result.report["summary"]
+    assert summary.startswith("serving the original with a tuned session (threads=1: fastest: 40.000 ms vs the default")
+    assert "no model candidate applied: graph_opt, int8_dynamic, int8_static rejected" in summary
 
 
 def test_a_quantized_graph_that_does_not_load_falls_back_to_the_next_setting(tmp_path: Path) -> None:
@@ -296,3 +310,20 @@ def test_the_report_says_why_int8_did_or_did_not_reach_the_branches(tmp_path: Pa
     assert dynamic["details"]["subgraphs"]["int8_ops"] == 2 and dynamic["accuracy"]
     if report["selected"] == "original":
         assert "int8_static skipped (the model's only weights are" in report["summary"]
+
+
+def test_a_yolo_shaped_detector_gets_a_size_that_runs_and_int8_is_tried(tmp_path: Path) -> None:
+    report = _report(tmp_path, models.yolo_detector())
+    reference = report["reference"]
+    assert reference["source"] == "search" and reference["count"] == 32
+    failed = [a for a in reference["attempts"] if a["error"]]
+    assert failed and all("Concat" in a["error"] for a in failed)  # the random guess, then sizes off 32
+    found = reference["attempts"][-1]
+    assert found["error"] is None
+    _batch, colours, height, width = found["shapes"]["images"]
+    assert colours == 3 and height % 32 == 0 and width % 32 == 0
+    static = _tried(report, "int8_static")
+    assert static["accuracy"] and static["details"]["quantizer_setting"]
+    dynamic = next(s for s in report["steps"] if s["name"] == "int8_dynamic")
+    assert dynamic["reason"] == "no MatMul/Gemm with constant weights"
+    assert report["summary"].startswith("serving int8_static")  # the fake timing makes it fastest
