@@ -64,7 +64,7 @@ class OptiServe:
         self.metrics.add_state_collector(self.fleet.metric_families)
         self.metrics.add_state_collector(lambda: optimizer_cache_families(self.models.loader.pipeline().cache_counts()))
         self.dataplane = DataPlane(self.models)
-        # OpenTelemetry request tracing (server/tracing.py): off unless --tracing or OTEL_TRACES_EXPORTER.
+        # OpenTelemetry request tracing (server/tracing/): off unless --tracing or OTEL_TRACES_EXPORTER.
         self.tracer = Tracer.from_environment(settings.tracing)
         # Both edges decode under the same limits and ask the same access policy.
         limits = tensors.Limits(settings.max_tensor_elements, settings.max_tensor_rank, settings.max_inputs)
