@@ -116,7 +116,11 @@ class TrafficSampling:
             return TrafficSamples(None, {**facts, "used": False, "reason": why + ": generated inputs instead"})
         folder = self.settings.cache_dir / FOLDER
         stem = f"{served.name}-{served.version}-{uuid.uuid4().hex[:12]}"
-        path = await asyncio.to_thread(write_samples, arrays, folder, stem)
+        try:
+            path = await asyncio.to_thread(write_samples, arrays, folder, stem)
+        except OSError as exc:  # a full or read-only cache folder: optimize anyway, on generated inputs
+            log.warning("model %s version %s: request samples not written: %s", served.name, served.version, exc)
+            return TrafficSamples(None, {**facts, "used": False, "reason": f"not written to {folder}: {exc}"})
         return TrafficSamples(path, {**facts, "used": True})
 
     def _needed(self, reservoir: Reservoir) -> int:

@@ -214,3 +214,14 @@ def test_too_few_samples_by_the_deadline_fall_back_to_generated_inputs(tmp_path:
     assert samples.facts["reason"] == (
         "5 of 32 request samples within 0.3 s (--optimize-traffic-wait-s): generated inputs instead"
     )
+
+
+def test_a_cache_folder_that_cannot_be_written_falls_back_to_generated_inputs(tmp_path: Path) -> None:
+    served, source = _version(tmp_path)
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    sampling = TrafficSampling(_settings(tmp_path, optimize_traffic_min_samples=4))
+    sampling.attach(served, source)
+    served.reservoir.offer({"x": _rows(0, 4)}, 4)
+    samples = asyncio.run(sampling.collect(served, source, time.monotonic() + 5, lambda _s: None))
+    assert samples.path is None and samples.facts["used"] is False and samples.facts["samples"] == 4
+    assert samples.facts["reason"].startswith(f"not written to {tmp_path / 'cache' / 'traffic'}: ")
