@@ -226,8 +226,6 @@ class Settings(BaseSettings):
     @field_validator("model_memory_budget")
     @classmethod
     def _budget(cls, value: str) -> str:
-        from server.models.budget import parse_budget
-
         parse_budget(value, limit=1)  # a clear start-up error for a malformed value; resolved by the manager
         return value
 
@@ -241,3 +239,40 @@ class Settings(BaseSettings):
         if isinstance(value, Path):
             return Path(os.path.abspath(value.expanduser()))
         return value
+
+
+def parse_budget(text: str, limit: int | None = None) -> int:
+    """``--model-memory-budget``: bytes (``2147483648``, ``512MiB``, ``2GB``, ``1.5GiB``) or a fraction of the
+    memory this process may use (``0.6``: the cgroup's limit, else the host's memory); ``""``/``0``: off."""
+    text = text.strip()
+    if not text or text == "0":
+        return 0
+    units = {"kib": 1024, "mib": MIB, "gib": GIB, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "b": 1}
+    lowered = text.lower()
+    unit = next((u for u in units if lowered.endswith(u)), "")
+    try:
+        number = float(lowered[: len(lowered) - len(unit)].strip())
+    except ValueError:
+        number = -1.0
+    if unit and number > 0:
+        return int(number * units[unit])
+    if not unit and 0 < number <= 1:
+        return int(number * (limit if limit is not None else memory_limit()))
+    if not unit and number > 1 and number.is_integer():
+        return int(number)
+    raise ValueError(f"{text!r}: give bytes (e.g. 2GiB, 512MiB, 1073741824) or a fraction of memory in (0, 1]")
+
+
+def memory_limit() -> int:
+    """The memory this process may use: its cgroup's limit (a container's), else the host's total."""
+    for path in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < (1 << 60):  # cgroup v1 writes a huge number for "no limit"
+            return int(value)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

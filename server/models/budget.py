@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from server.errors import LoadFailed, ServerUnavailable
 
@@ -133,8 +131,21 @@ class MemoryBudget:
         """Unload what the policy chooses until ``need`` fits, then hold it for this load; returns the ticket
         to :meth:`release` once the load is done (or failed). Waits, up to ``deadline`` (monotonic), while the
         models that would have to go are busy or recently loaded; then raises NoRoomYet (503, retry)."""
+        ticket = next(self._tickets)
+        await self._hold(ticket, name, need, snapshot, evict, deadline)
+        return ticket
+
+    async def adjust(
+        self, ticket: int, name: str, measured: int, snapshot: Snapshot, evict: Evict, deadline: float
+    ) -> None:
+        """A load has measured what it really holds: make the ticket hold that instead of the estimate,
+        unloading more idle models if it grew (waiting up to ``deadline`` as :meth:`reserve` does)."""
+        await self._hold(ticket, name, measured, snapshot, evict, deadline)
+
+    async def _hold(self, ticket: int, name: str, need: int, snapshot: Snapshot, evict: Evict, deadline: float) -> None:
         while True:
             async with self._lock:
+                held = self._reserved.pop(ticket, 0)  # an adjusted ticket's own estimate does not count
                 try:
                     victims = plan_evictions(
                         snapshot(),
@@ -146,76 +157,23 @@ class MemoryBudget:
                         min_residency_s=self.min_residency_s,
                     )
                 except NoRoomYet:
+                    if held:
+                        self._reserved[ticket] = held
                     if time.monotonic() >= deadline:
                         raise
                     victims = None
+                except BaseException:
+                    if held:
+                        self._reserved[ticket] = held
+                    raise
                 if victims is not None:
                     evicted = [victim for victim in victims if await evict(victim)]
                     if len(evicted) == len(victims):
-                        ticket = next(self._tickets)
                         self._reserved[ticket] = need
-                        return ticket
-            await asyncio.sleep(WAIT_STEP_S)  # a victim turned busy, or nothing can go yet: look again
-
-    async def adjust(self, ticket: int, name: str, measured: int, snapshot: Snapshot, evict: Evict) -> None:
-        """A load has measured what it really holds: make the ticket hold that instead of the estimate,
-        unloading more idle models if it grew, without waiting (raises NoRoomYet/NeverFits if it cannot)."""
-        async with self._lock:
-            held = self._reserved.pop(ticket, 0)
-            try:
-                victims = plan_evictions(
-                    snapshot(),
-                    name,
-                    measured,
-                    self.limit,
-                    reserved=self.reserved,
-                    now=time.monotonic(),
-                    min_residency_s=self.min_residency_s,
-                )
-                for victim in victims:
-                    if not await evict(victim):
-                        raise NoRoomYet(f"model {name!r}: {victim!r} became busy while making room", retry_after_s=1)
-            except BaseException:
-                self._reserved[ticket] = held
-                raise
-            self._reserved[ticket] = measured
+                        return
+                    if held:  # a victim turned busy: plan again with what is idle now
+                        self._reserved[ticket] = held
+            await asyncio.sleep(WAIT_STEP_S)  # nothing can go yet: look again
 
     def release(self, ticket: int) -> None:
         self._reserved.pop(ticket, None)
-
-
-def parse_budget(text: str, limit: int | None = None) -> int:
-    """``--model-memory-budget``: bytes (``2147483648``, ``512MiB``, ``2GB``, ``1.5GiB``) or a fraction of the
-    memory this process may use (``0.6``: the cgroup's limit, else the host's memory); ``""``/``0``: off."""
-    text = text.strip()
-    if not text or text == "0":
-        return 0
-    units = {"kib": 1024, "mib": MIB, "gib": 1024 * MIB, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "b": 1}
-    lowered = text.lower()
-    unit = next((u for u in units if lowered.endswith(u)), "")
-    try:
-        number = float(lowered[: len(lowered) - len(unit)].strip())
-    except ValueError:
-        number = -1.0
-    if unit and number > 0:
-        return int(number * units[unit])
-    if not unit and 0 < number <= 1:
-        return int(number * (limit if limit is not None else memory_limit()))
-    if not unit and number > 1 and number.is_integer():
-        return int(number)
-    raise ValueError(f"{text!r}: give bytes (e.g. 2GiB, 512MiB, 1073741824) or a fraction of memory in (0, 1]")
-
-
-def memory_limit() -> int:
-    """The memory this process may use: its cgroup's limit (a container's), else the host's total."""
-    for path in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
-        try:
-            value = path.read_text().strip()
-        except OSError:
-            continue
-        if value.isdigit() and int(value) < (1 << 60):  # cgroup v1 writes a huge number for "no limit"
-            return int(value)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from typing import Literal, Protocol
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.metrics import Metric, ServerMetrics, memory_families, state_families
 from server.models.background import BackgroundOptimizer
-from server.models.budget import MIB, MemoryBudget, NeverFits, NoRoomYet, Resident, parse_budget
+from server.models.budget import MIB, MemoryBudget, NeverFits, NoRoomYet, Resident
 from server.models.ensemble import EnsembleVersion, MemberTensors, build_ensemble, is_ensemble, parse_steps
 from server.models.entry import ModelEntry, ModelState, VersionStatus
 from server.models.loader import VersionLoader
@@ -25,7 +26,7 @@ from server.models.version import ModelVersion
 from server.protocol.numbers import parse_uint
 from server.repository.config import LoadedConfig, ModelConfig, read_config
 from server.repository.layout import Repository, select_versions
-from server.settings import Settings
+from server.settings import Settings, parse_budget
 
 log = logging.getLogger("optiserve.models")
 NOT_LOADED_YET = "not loaded; loads on its first request (--load-on-demand)"
@@ -206,7 +207,7 @@ class ModelManager:
                 built = await in_daemon_thread(
                     lambda: self._build_all(name, config_text, entry, members), name=f"load-{name}", orphan=_close_all
                 )
-                await self._fit_measured(name, built, ticket)
+                await self._fit_measured(name, built, ticket, trigger)
             except asyncio.CancelledError:
                 # The caller went away (a client timeout, shutdown): the build finishes on its own and its
                 # result is closed; the model must not stay LOADING, nor an upload stay half-published.
@@ -402,26 +403,36 @@ class ModelManager:
 
     async def _make_room(self, name: str, config_text: str | None, trigger: LoadTrigger) -> int | None:
         """With a budget: unload idle models until this load's estimated cost fits, and hold that room for it
-        (a ticket for MemoryBudget.release). Start-up loads do not wait for room; others wait --load-wait-s."""
+        (a ticket for MemoryBudget.release)."""
         if not self.budget.enabled:
             return None
         need = await asyncio.to_thread(self._estimate, name, config_text)
-        wait = 0.0 if trigger == "startup" else self.settings.load_wait_s
-        return await self.budget.reserve(name, need, self._residents, self._evict, time.monotonic() + wait)
+        snapshot, deadline = self._room_rules(trigger)
+        return await self.budget.reserve(name, need, snapshot, self._evict, deadline)
 
-    async def _fit_measured(self, name: str, built: dict[int, ModelVersion], ticket: int | None) -> None:
+    async def _fit_measured(
+        self, name: str, built: dict[int, ModelVersion], ticket: int | None, trigger: LoadTrigger
+    ) -> None:
         """Replace the estimate by what the new versions measured; if they need more room than was held and
-        it cannot be made now, they are released and the load fails (what served before keeps serving)."""
+        it cannot be made, they are released and the load fails (what served before keeps serving)."""
         for version in built.values():
             self.budget.remember(name, version.version, _files(version), version.memory_bytes)
         if ticket is None:
             return
         measured = sum(v.memory_bytes for v in built.values())
+        snapshot, deadline = self._room_rules(trigger)
         try:
-            await self.budget.adjust(ticket, name, measured, self._residents, self._evict)
-        except ServerError:
+            await self.budget.adjust(ticket, name, measured, snapshot, self._evict, deadline)
+        except BaseException:
             await asyncio.to_thread(_close_all, built)
             raise
+
+    def _room_rules(self, trigger: LoadTrigger) -> tuple[Callable[[], list[Resident]], float]:
+        """Who may be unloaded for a load, and until when it waits for room: start-up fills the budget without
+        waiting and models loaded at start never evict each other; other loads wait up to --load-wait-s."""
+        if trigger == "startup":
+            return (lambda: [dataclasses.replace(r, busy=True) for r in self._residents()]), time.monotonic()
+        return self._residents, time.monotonic() + self.settings.load_wait_s
 
     def _estimate(self, name: str, config_text: str | None) -> int:
         """Bytes the versions this load will serve are expected to hold: what they measured when last loaded
