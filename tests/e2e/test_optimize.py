@@ -159,3 +159,33 @@ def test_offline_optimize_command(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert (out / "model.onnx").is_file() and report["selected"] in result.stdout
     assert "int8_dynamic" in result.stdout
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_onnxruntime_chatter_stays_out_of_the_log_at_info(start_server, tmp_path: Path, level: str) -> None:
+    """A detector whose reference size must be searched for (each failed guess is a kernel error in onnxruntime)
+    and whose INT8 runs onnxruntime's quantizer (notes, shape-inference progress): at info the server log has
+    none of onnxruntime's own lines, at debug they are there, as DEBUG."""
+    from tests.unit.optimizers import models
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {
+        "OPTISERVE_DEFAULT_PRECISION": "auto",
+        "OPTISERVE_CACHE_DIR": str(tmp_path / "cache"),
+        "OPTISERVE_OPTIMIZE_MODE": "before_ready",
+        "OPTISERVE_LOG_LEVEL": level,
+    }
+    server = start_server(repo, env=env)
+    _upload(server, "detector", models.yolo_detector(), {})
+    report = httpx.get(f"{server.http_url}/v2/models/detector/optimization").json()
+    assert report["reference"]["source"] == "search"
+    assert next(s for s in report["steps"] if s["name"] == "int8_static")["status"] != "skipped"
+    chatter = ("[E:onnxruntime", "[W:onnxruntime", " onnxruntime.", " root: ")
+    log = server.log.split("optimized detector in", 1)[0]  # the optimizer's part (the default warmup comes next)
+    lines = [line for line in log.splitlines() if any(mark in line for mark in chatter)]
+    if level == "info":
+        assert lines == [], "\n".join(lines[:5])
+    else:
+        assert any(" DEBUG onnxruntime.quantization" in line for line in lines), "\n".join(lines[:5])
+        assert any("reference guess" in line and "Concat" in line for line in log.splitlines())
