@@ -1,13 +1,17 @@
 """Many replicas on one repository (--model-control-mode poll): an upload through one server is served by
 every server within the poll interval plus load time; a new version appears everywhere; a model folder
 removed from the repository disappears everywhere; replicas sharing --cache-dir optimize a model once; the
-replicas endpoint shows which versions each replica serves and when the fleet has converged."""
+replicas endpoint shows which versions each replica serves and when the fleet has converged; concurrent uploads
+through two replicas get distinct whole versions; a replica killed mid-upload and restarted deletes nothing of
+another replica's upload in flight."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +19,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess
-from tests.e2e.test_upload import model_bytes, upload
+from tests.e2e.test_upload import model_bytes, multipart_head, partial_upload_in_staging, staging, upload
 from tests.models import fixtures
 
 POLL = ("--model-control-mode", "poll", "--repository-poll-secs", "1")
@@ -38,8 +43,11 @@ def _eventually(servers: list[ServerProcess], path: str, want: Callable[[int], b
     raise AssertionError(f"{path}: {[_status(s, path) for s in servers]} after {DEADLINE_S}s")
 
 
+X = np.arange(16, dtype=np.float32).reshape(2, 8)
+
+
 def _infer(server: ServerProcess, name: str, version: str = "") -> np.ndarray:
-    x = np.arange(16, dtype=np.float32).reshape(2, 8)
+    x = X
     url = f"{server.http_url}/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
     body = {"inputs": [{"name": "x", "shape": [2, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
     reply = httpx.post(url, json=body, timeout=10)
@@ -198,3 +206,89 @@ def test_replicas_endpoint_shows_the_fleet_converging(tmp_path: Path, start_serv
     metrics = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{a.http_url}/metrics", timeout=5).text)}
     assert {s.labels["state"]: s.value for s in metrics["optiserve_fleet_replicas"].samples} == {"live": 1, "stale": 1}
     assert metrics["optiserve_fleet_converged"].samples[0].value == 1
+
+
+def test_concurrent_uploads_through_two_replicas_stay_whole(tmp_path: Path, start_server: Any) -> None:
+    repo = tmp_path / "repo"
+    fixtures.write_model(repo, "base", fixtures.float_mlp())
+    a, b = _start_fleet(start_server, repo, [(*POLL,)] * 2)
+    seeds = list(range(50, 58))
+    replies: dict[int, httpx.Response] = {}
+
+    def send(seed: int) -> None:
+        replies[seed] = upload(a if seed % 2 else b, "race", model_bytes(seed))
+
+    threads = [threading.Thread(target=send, args=(seed,)) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    # Each upload gets its own version, or a clear conflict; every published folder holds exactly one upload's bytes.
+    assert all(r.status_code in (201, 409) for r in replies.values()), {s: r.text for s, r in replies.items()}
+    published = {int(r.json()["version"]): seed for seed, r in replies.items() if r.status_code == 201}
+    assert published, "no upload succeeded"
+    on_disk = sorted(int(p.name) for p in (repo / "race").iterdir() if p.name.isdigit())
+    assert on_disk == sorted(published)
+    for version, seed in published.items():
+        assert (repo / "race" / str(version) / "model.onnx").read_bytes() == model_bytes(seed)
+    latest = max(published)
+    _eventually([a, b], f"/v2/models/race/versions/{latest}/ready", lambda code: code == 200)
+    want = _reference(model_bytes(published[latest]))
+    for server in (a, b):
+        np.testing.assert_allclose(_infer(server, "race", str(latest)).reshape(want.shape), want, rtol=1e-5)
+    assert staging(repo) == []
+
+
+def _reference(model: bytes) -> np.ndarray:
+    """What onnxruntime in this process gives for X."""
+    return np.asarray(ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": X})[0])
+
+
+def _slow_upload(server: ServerProcess, name: str, data: bytes) -> tuple[socket.socket, bytes]:
+    """An upload (?wait=true) whose first half of the body is sent; returns the socket and the rest to send."""
+    body = multipart_head(name) + data + b"\r\n--xyzzy--\r\n"
+    sock = socket.create_connection(("127.0.0.1", server.http_port))
+    head = (
+        f"POST /v2/repository/models/{name}/upload?wait=true HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: multipart/form-data; boundary=xyzzy\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    half = len(body) // 2
+    sock.sendall(head + body[:half])
+    return sock, body[half:]
+
+
+def _padded_model(seed: int) -> bytes:
+    """A valid model of about 1 MB, so half of it is in staging while the rest has not been sent."""
+    model = fixtures.float_mlp(seed=seed)
+    model.doc_string = "x" * 1_000_000
+    return model.SerializeToString()
+
+
+def test_replica_killed_mid_upload_leaves_the_others_alone(tmp_path: Path, start_server: Any) -> None:
+    repo = tmp_path / "repo"
+    fixtures.write_model(repo, "base", fixtures.float_mlp())
+    a, b = _start_fleet(start_server, repo, [(*POLL,)] * 2)
+    from_a, rest_a = _slow_upload(a, "from_a", _padded_model(61))
+    from_b, _ = _slow_upload(b, "from_b", _padded_model(62))
+    _until("both uploads in staging", lambda: len(staging(repo)) == 2 and partial_upload_in_staging(repo))
+    in_flight = set(staging(repo))
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait()
+    from_b.close()
+
+    # B's restart recovers the upload its previous process abandoned, and leaves A's (locked by A) alone.
+    restarted = start_server(repo, *POLL)
+    left = set(staging(repo))
+    assert len(left) == 1 and left < in_flight
+    from_a.sendall(rest_a)
+    reply = from_a.makefile("rb").readline()
+    from_a.close()
+    assert reply.split()[1] == b"201", reply
+    _eventually([a, restarted], "/v2/models/from_a/ready", lambda code: code == 200)
+    want = _reference(_padded_model(61))
+    for server in (a, restarted):
+        np.testing.assert_allclose(_infer(server, "from_a").reshape(want.shape), want, rtol=1e-5)
+    assert not (repo / "from_b").exists() and staging(repo) == []
+    assert (repo / "from_a" / "1" / "model.onnx").read_bytes() == _padded_model(61)
