@@ -122,6 +122,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"reference: {reference.get('source', '')}, {reference.get('count', 0)} inputs"
         + (" (random inputs: a weak check)" if reference.get("source") in ("random", "config", "search") else ""),
         *([f"summary: {report['summary']}"] if report.get("summary") else []),
+        *(f"note: {note}" for note in report.get("notes", [])),
     ]
     return "\n".join([*summary, "", *lines])
 
