@@ -26,7 +26,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[test,torch,sklearn,tensorflow]'
+	$(PY) -m pip install -q -e '.[test,torch,sklearn,tensorflow,extensions]'
 	bash bench/install-perf-analyzer.sh $(VENV) >/dev/null
 	bash tests/deploy/install-promtool.sh $(VENV) >/dev/null
 	touch $@

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizers import openvino
+from optimizers import custom_ops, openvino
 from optimizers.providers import CPU, OPENVINO, engine_of, uses_gpu
 
 Feed = dict[str, np.ndarray]
@@ -83,6 +83,7 @@ def open_session(model_path: Path, spec: SessionSpec, guard: DeviceGuard = NO_GU
     options = ort.SessionOptions()
     options.log_severity_level = 3  # candidates are expected to warn (e.g. FP16 casts); keep logs readable
     options.add_session_config_entry(openvino.ASSIGNMENT_ENTRY, "1")
+    custom_ops.register(options, custom_ops.library_for(model_path))
     if spec.intra_op_threads is not None:
         options.intra_op_num_threads = spec.intra_op_threads
     if spec.engine == "openvino":

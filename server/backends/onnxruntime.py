@@ -11,7 +11,11 @@ An instance whose providers include OpenVINO opens through the plugin (:mod:`opt
 that opened the optimizer's candidate): explicit precision, never a ``providers`` argument, and OpenVINO's own
 thread count set from the instance's intra-op threads. Where the plugin offers no device, the instance serves on
 onnxruntime's CPU kernels with a warning (``engine_fallback``); every session records where its nodes run
-(``nodes``)."""
+(``nodes``).
+
+A model that imports onnxruntime-extensions' operator domains gets that library registered on each of its
+sessions (:mod:`optimizers.custom_ops`); without the extra installed it fails to load, naming the extra. The
+encoded images such a model hands to DecodeImage are checked first (:mod:`server.backends.image_guard`)."""
 
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from optimizers import openvino
+from optimizers import custom_ops, openvino
 from optimizers.providers import CPU, CUDA, GPU_PROVIDERS, OPENVINO, PREFERRED, engine_of, uses_gpu
+from server.backends import image_guard
 from server.backends.base import Backend, Tensors
 from server.backends.capture_lock import CUDA_CAPTURE
 from server.backends.cuda_graphs import GRAPH_ID, NO_GRAPH, CudaGraphs
@@ -109,11 +114,19 @@ class OnnxRuntimeBackend(Backend):
         self._graphs_pending = False  # captured by prepare(), on the worker thread that will replay them
         self._plain_run_options: Any = None  # gpu_graph_id -1: a run that must not be captured
         self._staging: StagingBuffers | None = None
+        self._custom_ops: str | None = None  # onnxruntime-extensions' library, for a model that uses its ops
+        self._image_inputs: frozenset[str] = frozenset()  # inputs fed to DecodeImage: checked before each run
 
     def load_impl(self) -> None:
         import onnxruntime as ort
 
         self._ort = ort
+        try:
+            self._custom_ops = custom_ops.library_for(self.model_path)
+        except custom_ops.CustomOpsUnavailable as exc:
+            raise LoadFailed(f"{self.name}: {exc}") from None
+        if self._custom_ops is not None:
+            self._image_inputs = image_guard.guarded_inputs(self.model_path, self.name)
         if self.config.wants_gpu:
             _preload_gpu_libraries(ort)
         config = self.config
@@ -222,6 +235,7 @@ class OnnxRuntimeBackend(Backend):
         level = _OPT_LEVELS.get(self.config.graph_optimization_level, "ORT_ENABLE_ALL")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         options.add_session_config_entry(openvino.ASSIGNMENT_ENTRY, "1")
+        custom_ops.register(options, self._custom_ops)
         return options
 
     @property
@@ -257,6 +271,8 @@ class OnnxRuntimeBackend(Backend):
         return "cpu" if self.gpu_device is None else f"gpu:{self.gpu_device}"
 
     def infer_impl(self, inputs: Tensors) -> Tensors:
+        for name in self._image_inputs:
+            image_guard.check_images(name, inputs[name])
         feed = {name: _as_ort_strings(name, a) if name in self._string_inputs else a for name, a in inputs.items()}
         names = [name for name, _ in self._outputs]
         if self.gpu_device is None:

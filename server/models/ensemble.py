@@ -5,6 +5,11 @@ inputs and outputs of member models together through named ensemble tensors. Eac
 tensors it maps in are ready (a DAG run with asyncio) and goes through its member's own
 :meth:`ModelVersion.infer`, so member requests batch with the member's direct traffic. Members are looked up
 per request, so a reloaded member is used at once; a member that is not ready makes the ensemble unready.
+
+At load, every tensor's datatype and shape are checked against the members that read and write it (errors name
+the step). A request's ``priority`` and ``timeout`` parameters go with each step to its member's batcher, as
+Triton passes them to composing models. An output asked for as top-k classes takes its labels from the
+``label_filename`` of the member output that produces it.
 """
 
 from __future__ import annotations
@@ -19,16 +24,24 @@ import numpy as np
 from server.errors import InternalError, LoadFailed, ServerError, failure_reason
 from server.models.batching import Batcher
 from server.models.stats import ModelStats
-from server.models.version import ModelVersion
-from server.protocol import datatypes
-from server.protocol.inference import InferenceRequest, InferenceResponse, InputTensor, RequestedOutput
-from server.protocol.validation import check_requested_outputs, prepare_inputs
+from server.models.version import ModelVersion, scheduling_parameters
+from server.protocol import classification, datatypes
+from server.protocol.inference import (
+    InferenceRequest,
+    InferenceResponse,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+)
+from server.protocol.validation import TensorSpec, check_requested_outputs, prepare_inputs
 from server.repository.config import LoadedConfig, ModelConfig, check_batch_sizes, named_copy, tensor_specs
 
 ENSEMBLE = "ensemble"
 Tensors = dict[str, np.ndarray]
 Lookup = Callable[[str, str], ModelVersion]
 """The manager's ``get(name, version)``: the member version that serves a step now."""
+PASSED_PARAMETERS = ("priority", "timeout")
+"""Request parameters each step's member request carries (Triton's scheduling parameters)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,71 @@ def _check_acyclic(prefix: str, steps: list[Step], producer: dict[str, Step]) ->
             visit(step)
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What one tensor holds, as the config declares it: datatype and full shape (batch dim included as -1
+    for a model with ``max_batch_size`` > 0); ``where`` says who declares it, for errors."""
+
+    datatype: str
+    shape: tuple[int, ...]
+    where: str
+
+    @classmethod
+    def of(cls, spec: TensorSpec, max_batch_size: int, where: str) -> Signature:
+        shape = ((-1,) if max_batch_size > 0 else ()) + tuple(spec.dims)
+        return cls(spec.datatype.name, shape, where)
+
+    def fits(self, other: Signature) -> bool:
+        """Same datatype, same rank, and every dim equal where both are known (-1 is any size)."""
+        if self.datatype != other.datatype or len(self.shape) != len(other.shape):
+            return False
+        return all(a == b or a < 0 or b < 0 for a, b in zip(self.shape, other.shape, strict=True))
+
+    def __str__(self) -> str:
+        return f"{self.datatype} {list(self.shape)} ({self.where})"
+
+
+@dataclass(frozen=True)
+class MemberSignature:
+    """The declared inputs and outputs of a member model version."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    max_batch_size: int
+
+    @classmethod
+    def of(cls, member: ModelVersion) -> MemberSignature:
+        return cls({t.name: t for t in member.inputs}, {t.name: t for t in member.outputs}, member.max_batch_size)
+
+
+def check_types(name: str, config: ModelConfig, steps: list[Step], members: dict[int, MemberSignature]) -> None:
+    """Every ensemble tensor's datatype and shape agree between whoever writes it (an ensemble input, a step's
+    member output) and whoever reads it (a step's member input, an ensemble output). Errors name the step."""
+    prefix = f"ensemble {name!r}"
+    batch = int(config.max_batch_size)
+    written: dict[str, Signature] = {
+        t.name: Signature.of(t, batch, "ensemble input") for t in tensor_specs(config, inputs=True)
+    }
+    for step in steps:
+        member = members[step.index]
+        for key, tensor in step.outputs.items():
+            written[tensor] = Signature.of(member.outputs[key], member.max_batch_size, f"{step.label} output {key!r}")
+    for step in steps:
+        member = members[step.index]
+        for key, tensor in step.inputs.items():
+            wanted = Signature.of(member.inputs[key], member.max_batch_size, "the model's input")
+            if tensor in written and not written[tensor].fits(wanted):
+                raise LoadFailed(
+                    f"{prefix}: {step.label}: input {key!r} takes {wanted}, but tensor {tensor!r} is {written[tensor]}"
+                )
+    for spec in tensor_specs(config, inputs=False):
+        declared = Signature.of(spec, batch, "ensemble output")
+        if spec.name in written and not written[spec.name].fits(declared):
+            raise LoadFailed(
+                f"{prefix}: ensemble output {spec.name!r} is declared {declared}, but is {written[spec.name]}"
+            )
+
+
 StepRunner = Callable[[Step, Tensors], Awaitable[Tensors]]
 
 
@@ -205,14 +283,40 @@ class EnsembleVersion(ModelVersion):
         prepared = prepare_inputs(request, self.inputs, self.max_batch_size)
         names = check_requested_outputs(request, self.outputs)
         top = self._classifications(request)
+        scheduling_parameters(request.parameters)  # a bad priority or timeout is the client's error, not a step's
         members = self.members()
 
         async def run(step: Step, tensors: Tensors) -> Tensors:
             return await self._run_step(step, members[step.index], tensors, request)
 
+        started = time.monotonic_ns()
         tensors = await execute(self.steps, prepared.tensors, run)
-        outputs = [self._output(n, tensors[n], top.get(n, 0)) for n in names]
+        # One execution per request, as Triton counts an ensemble's: its members' queues hold the waiting, so
+        # the ensemble's own queue time is 0 and its compute is the wall time of its steps. (perf_analyzer finds
+        # the version it measures by the queue count that grew.)
+        self.stats.record_execution(prepared.samples, [0], 0, time.monotonic_ns() - started, 0)
+        labels = self._member_labels(members) if top else {}
+        outputs = [self._ensemble_output(n, tensors[n], top.get(n, 0), labels) for n in names]
         return InferenceResponse(self.name, str(self.version), outputs, id=request.id)
+
+    def _member_labels(self, members: dict[int, ModelVersion]) -> dict[str, tuple[bytes, ...]]:
+        """Each ensemble tensor's labels: those of the member output that produces it (its label_filename)."""
+        labels: dict[str, tuple[bytes, ...]] = {}
+        for step in self.steps:
+            member = members[step.index]
+            for key, tensor in step.outputs.items():
+                if key in member.labels:
+                    labels[tensor] = member.labels[key]
+        return labels
+
+    def _ensemble_output(
+        self, name: str, array: np.ndarray, k: int, labels: dict[str, tuple[bytes, ...]]
+    ) -> OutputTensor:
+        """One result tensor, or its top ``k`` classes (labelled by the member that produced it)."""
+        if k:
+            classification.check_classifiable(name, datatypes.of_array(array))
+            array = classification.top_k(array, k, batched=self.max_batch_size > 0, labels=labels.get(name, ()))
+        return OutputTensor(name, datatypes.of_array(array), array)
 
     async def _run_step(self, step: Step, member: ModelVersion, tensors: Tensors, request: InferenceRequest) -> Tensors:
         sub = InferenceRequest(
@@ -221,6 +325,7 @@ class EnsembleVersion(ModelVersion):
             [InputTensor(key, datatypes.of_array(array), array) for key, array in tensors.items()],
             [RequestedOutput(key) for key in step.outputs],
             id=request.id,
+            parameters={key: request.parameters[key] for key in PASSED_PARAMETERS if key in request.parameters},
         )
         started = time.monotonic_ns()
         try:
@@ -253,6 +358,7 @@ def build_ensemble(
     check_batch_sizes(config)
     steps = parse_steps(name, config)
     check_plan(name, config, steps, members)
+    check_types(name, config, steps, _signatures(name, steps, lookup))
     stats = stats or ModelStats()
     batcher = Batcher(name, [], max_batch_size=int(config.max_batch_size), max_queue_size=0, stats=stats)
     return EnsembleVersion(
@@ -268,3 +374,14 @@ def build_ensemble(
         steps=steps,
         lookup=lookup,
     )
+
+
+def _signatures(name: str, steps: list[Step], lookup: Lookup) -> dict[int, MemberSignature]:
+    """Each step's member signature, from the version that serves it now (loaded before the ensemble)."""
+    found: dict[int, MemberSignature] = {}
+    for step in steps:
+        try:
+            found[step.index] = MemberSignature.of(lookup(step.model_name, step.model_version))
+        except ServerError as exc:
+            raise LoadFailed(f"ensemble {name!r}: {step.label}: {exc.message}") from exc
+    return found
