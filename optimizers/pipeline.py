@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from optimizers import engines, openvino
+from optimizers import custom_ops, engines, openvino
 from optimizers.accuracy import Family
 from optimizers.cache import Cache, cache_key
 from optimizers.device import DeviceInfo, probe_device
@@ -228,8 +228,10 @@ class Pipeline:
         version: str,
         libraries: dict[str, str],
     ) -> Outcome:
-        info = analyze(model_path)
         report = self._new_report(options, label, version)
+        if custom_ops.uses_custom_ops(model_path):
+            return self._unchanged(model_path, report, custom_ops.OPTIMIZER_SKIP)
+        info = analyze(model_path)
         if info.external_data or not info.inputs:
             why = "weights in external data files are not supported yet" if info.inputs else "model has no inputs"
             return self._unchanged(model_path, report, why)
