@@ -1,4 +1,6 @@
-"""Ensemble config validation (errors name the step) and the DAG executor with fake members."""
+"""Ensemble config validation (errors name the step), tensor types checked against the members at load, the
+DAG executor, and what a request carries to the members (priority, timeout) and back (labels), with
+recording members."""
 
 from __future__ import annotations
 
@@ -9,8 +11,26 @@ import pytest
 from google.protobuf import text_format
 
 from server.errors import InvalidInput, LoadFailed
-from server.models.ensemble import MemberTensors, Step, check_plan, execute, parse_steps
-from server.repository.config import ModelConfig
+from server.models.ensemble import (
+    EnsembleVersion,
+    MemberTensors,
+    Step,
+    build_ensemble,
+    check_plan,
+    execute,
+    parse_steps,
+)
+from server.models.stats import ModelStats
+from server.protocol import datatypes
+from server.protocol.inference import (
+    InferenceRequest,
+    InferenceResponse,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+)
+from server.protocol.validation import TensorSpec
+from server.repository.config import ModelConfig, parse_config
 
 CHAIN_AND_BRANCH = """
 platform: "ensemble"
@@ -129,3 +149,88 @@ def test_executor_failure_cancels_the_rest_and_propagates() -> None:
     with pytest.raises(InvalidInput, match="boom"):
         asyncio.run(execute(steps(), {"IN": np.zeros((1, 4), np.float32)}, run))
     assert cancelled == ["right"]
+
+
+# ---- types at load, parameters and labels at run time (members: real specs, a recording infer) -------------
+class Member:
+    """A member version as the ensemble sees it: declared tensors, labels, statistics and ``infer``; records
+    the requests it gets and answers ``y = 2 * x`` (scores for classification)."""
+
+    def __init__(self, name: str, dims: tuple[int, ...] = (4,), datatype: str = "FP32", batch: int = 8) -> None:
+        self.name, self.version = name, 1
+        self.inputs = [TensorSpec("x", datatypes.BY_NAME[datatype], dims)]
+        self.outputs = [TensorSpec("y", datatypes.BY_NAME["FP32"], dims)]
+        self.max_batch_size = batch
+        self.labels = {"y": (b"a", b"b", b"c", b"d")}
+        self.stats = ModelStats()
+        self.requests: list[InferenceRequest] = []
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        self.requests.append(request)
+        array = request.inputs[0].array * 2
+        return InferenceResponse(self.name, "1", [OutputTensor("y", datatypes.of_array(array), array)])
+
+
+def build(members: dict[str, Member], text: str = CHAIN_AND_BRANCH) -> EnsembleVersion:
+    loaded = parse_config(text, "pbtxt")
+    names = {n: MemberTensors(frozenset({"x"}), frozenset({"y"})) for n in members}
+    return build_ensemble("ens", 1, loaded, names, lambda name, version: members[name])  # type: ignore[arg-type,return-value]
+
+
+def test_matching_types_load() -> None:
+    build({n: Member(n) for n in ("pre", "left", "right")})
+
+
+def test_a_datatype_mismatch_names_the_step() -> None:
+    members = {n: Member(n) for n in ("pre", "left", "right")}
+    members["left"] = Member("left", datatype="INT64")
+    with pytest.raises(LoadFailed, match=r"step 1 \(model 'left'\): input 'x' takes INT64 \[-1, 4\].*'mid' is FP32"):
+        build(members)
+
+
+def test_a_shape_mismatch_names_the_step_and_unbatched_members_fit_batched_tensors() -> None:
+    members = {n: Member(n) for n in ("pre", "left", "right")}
+    members["right"] = Member("right", dims=(5,))
+    with pytest.raises(LoadFailed, match=r"step 2 \(model 'right'\): input 'x' takes FP32 \[-1, 5\]"):
+        build(members)
+    members["right"] = Member("right", dims=(-1, 4), batch=0)  # [-1, 4] without a batch dim: the same tensor
+    build(members)
+
+
+def test_an_ensemble_output_that_disagrees_with_its_producer_is_refused() -> None:
+    text = CHAIN_AND_BRANCH.replace('{ name: "B" data_type: TYPE_FP32', '{ name: "B" data_type: TYPE_FP16')
+    with pytest.raises(LoadFailed, match="ensemble output 'B' is declared FP16"):
+        build({n: Member(n) for n in ("pre", "left", "right")}, text)
+
+
+def test_priority_and_timeout_reach_every_member_and_labels_come_from_the_producer() -> None:
+    members = {n: Member(n) for n in ("pre", "left", "right")}
+    ensemble = build(members)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    request = InferenceRequest(
+        "ens",
+        "",
+        [InputTensor("IN", datatypes.BY_NAME["FP32"], x)],
+        [RequestedOutput("A", classification=2), RequestedOutput("B")],
+        parameters={"priority": 2, "timeout": 5000, "binary_data_output": True},
+    )
+    response = asyncio.run(ensemble.infer(request))
+    for member in members.values():
+        assert [r.parameters for r in member.requests] == [{"priority": 2, "timeout": 5000}]
+    outputs = {o.name: o.array for o in response.outputs}
+    np.testing.assert_array_equal(outputs["B"], x * 4)
+    assert outputs["A"].tolist() == [[b"12.000000:3:d", b"8.000000:2:c"], [b"28.000000:3:d", b"24.000000:2:c"]]
+    assert ensemble.stats.to_json("ens", "1")["inference_stats"]["queue"]["count"] == 1
+
+
+def test_a_bad_priority_is_the_clients_error_before_any_step() -> None:
+    members = {n: Member(n) for n in ("pre", "left", "right")}
+    request = InferenceRequest(
+        "ens",
+        "",
+        [InputTensor("IN", datatypes.BY_NAME["FP32"], np.zeros((1, 4), np.float32))],
+        parameters={"priority": -1},
+    )
+    with pytest.raises(InvalidInput, match=r"parameters\.priority"):
+        asyncio.run(build(members).infer(request))
+    assert not any(member.requests for member in members.values())
