@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from server.repository.layout import Repository
 from server.repository.replicas import MIN_STALE_S, Fleet, Served, check_replica_id, default_replica_id
+from server.settings import Settings
 from tests.models import fixtures
 
 
@@ -76,3 +78,9 @@ def test_replica_ids_name_a_file_inside_the_folder() -> None:
     for bad in ("../x", ".hidden", "a/b", ""):
         with pytest.raises(ValueError):
             check_replica_id(bad)
+
+
+def test_replica_id_setting_is_checked_at_start() -> None:
+    assert Settings(replica_id="optiserve-7d9f-abcde").replica_id == "optiserve-7d9f-abcde"
+    with pytest.raises(ValidationError, match="replica_id"):
+        Settings(replica_id="../../etc/x")
