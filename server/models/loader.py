@@ -205,7 +205,7 @@ class VersionLoader:
                 backend.unload()
             raise
         file_bytes = files_bytes(self.repository.version_dir(name, version))
-        resident = charge(memory.bytes, file_bytes)
+        resident = charge(memory.bytes, _size(optimized.model_path))  # the served file: the variant's, if one
         elapsed = time.monotonic() - started
         instances = instance_report(backends)
         log.info(
@@ -316,6 +316,13 @@ def _with_conversion(report: dict[str, Any], conversion: dict[str, Any] | None) 
     if conversion is None:
         return report
     return {**report, "steps": [conversion, *report.get("steps", [])]}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _target(plan: list[SessionConfig]) -> Target:

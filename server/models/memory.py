@@ -115,8 +115,8 @@ def estimate(file_bytes: int, instances: int) -> int:
 
 
 def charge(measured: int, file_bytes: int) -> int:
-    """What the budget counts for a loaded version: what was measured, but never less than its files (noise
-    from other threads can only shrink a delta to zero, and the weights are in memory at least once)."""
+    """What the budget counts for a loaded version: what was measured, but never less than the model file it
+    serves (noise from other threads can only shrink a delta, and the weights are in memory at least once)."""
     return max(measured, file_bytes)
 
 
