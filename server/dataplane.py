@@ -29,7 +29,14 @@ from server.models.version import ModelVersion
 from server.protocol.inference import InferenceRequest, InferenceResponse
 from server.repository.config import config_to_json
 from server.repository.layout import check_model_name
-from server.repository.upload import Receiver, StagedUpload, UploadResult, files_receiver, recover_staging
+from server.repository.upload import (
+    Receiver,
+    StagedUpload,
+    UploadResult,
+    files_receiver,
+    is_ensemble_config,
+    recover_staging,
+)
 
 log = logging.getLogger("optiserve.models")
 
@@ -197,8 +204,9 @@ class DataPlane:
         returns once loaded (400 if it failed)."""
         check_model_name(name)
         self._check_control(uploading=bool(files))
-        if files:
-            result = await self._stage_and_load(name, files_receiver(files, config_json), wait=True)
+        new_ensemble = config_json is not None and is_ensemble_config(config_json)
+        if files or (new_ensemble and name not in self.models.repository.model_names()):
+            result = await self._stage_and_load(name, files_receiver(files or {}, config_json), wait=True)
             if result.failed:
                 raise LoadFailed(result.reason)
             return
@@ -261,7 +269,9 @@ class DataPlane:
 
     async def _load_upload(self, staged: StagedUpload) -> list[int]:
         try:
-            return await self.models.load(staged.model_name, change=staged)
+            # An ensemble's members load before the upload is published, from the config it carries.
+            config = await asyncio.to_thread(staged.ensemble_config)
+            return await self.models.load(staged.model_name, config, change=staged)
         finally:
             staged.discard()
 

@@ -4,7 +4,8 @@ file fields ``file`` whose filename is the model-level path (``labels.txt``, ``w
 it streams in and handed, part by part, to the upload sink the data plane gives
 (:class:`server.dataplane.UploadSink`), which writes it straight into the upload's staging folder (never
 held whole in memory, never spooled to /tmp). File bytes are counted against the upload cap as they arrive;
-other fields are capped at the request body limit. This edge knows the form, not the repository."""
+other fields are capped at the request body limit. This edge knows the form, not the repository (it only asks
+whether a config is an ensemble's: such an upload is its config, with no model file)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.dataplane import UploadFile, UploadReceiver, UploadSink
 from server.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from server.repository.upload import is_ensemble_config
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -155,12 +157,16 @@ class _Form:
         queued, self.pending, self.pending_size, self.closing = self.pending, [], 0, False
         await asyncio.to_thread(_write, queued)
 
+    def _ensemble_config(self) -> bool:
+        """Whether the form's config is an ensemble's: its upload is the config alone, with no model file."""
+        return "config" in self.fields and is_ensemble_config(_text(self.fields["config"], "config"))
+
     async def finish(self) -> None:
         """After the body: everything required arrived, the text fields go to the sink."""
         await self.drain()
         if not self.ended:
             raise InvalidInput("multipart body ended before its closing boundary")
-        if FILE_FIELD not in self.done:
+        if FILE_FIELD not in self.done and not self._ensemble_config():
             raise InvalidInput(f"form field {FILE_FIELD!r} (the ONNX file) is missing")
         if "version" in self.fields:
             self.sink.request_version(_text(self.fields["version"], "version"))

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 from optimizers.errors import OptimizeError
 from optimizers.reference import load_npz
 from server.convert.staging import ACCEPTED, adopt_sources, check_sources
-from server.errors import InternalError, InvalidInput, PayloadTooLarge
+from server.errors import InternalError, InvalidInput, LoadFailed, PayloadTooLarge
 from server.protocol.numbers import parse_positive
 from server.repository.config import (
     CONFIG_FILES,
@@ -70,6 +70,8 @@ SHARED = "shared"
 WARMUP_FOLDER = "warmup"
 SAMPLES_FILE = "samples.npz"
 SHARED_KEY = re.compile(r"^(?:warmup/)?[^/]+$")
+ENSEMBLE = "ensemble"
+"""Triton's platform for a pipeline of other models (server/models/ensemble.py): its upload is its config alone."""
 
 Receiver = Callable[["StagedUpload"], Awaitable[None]]
 
@@ -265,8 +267,12 @@ class StagedUpload:
         against it, all before anything is published: a bad config is a 400 and never lands on disk."""
         loaded = self._config()
         folders = self.folders()
+        if loaded.config.platform == ENSEMBLE:
+            self._validate_ensemble(loaded.config, folders)
+            self._validate_shared(loaded.config)
+            return
         if not folders:
-            raise InvalidInput("the upload carries no model file")
+            raise InvalidInput("the upload carries no model file (only an ensemble's config comes without one)")
         filename = model_filename(loaded.config)
         for folder in folders:
             folder_dir = self.incoming / str(folder)
@@ -276,6 +282,27 @@ class StagedUpload:
                 placeholder.rename(folder_dir / filename)
             self._validate_version(folder_dir, filename, loaded, default_max_batch_size)
         self._validate_shared(loaded.config)
+
+    def _validate_ensemble(self, config: ModelConfig, folders: list[int]) -> None:
+        """An ensemble's upload is its config: no model file, and an empty version folder made here (Triton's
+        layout). Every step's model must already be in the repository (an upload carries one model: upload the
+        members first). The wiring and the tensor types are checked when it loads; a failure withdraws it."""
+        where = f"ensemble {self.model_name!r}"
+        staged = sorted(p.relative_to(self.incoming).as_posix() for p in self.incoming.rglob("*") if p.is_file())
+        files = [name for name in staged if name != UPLOADED_CONFIG]
+        if files:
+            raise InvalidInput(f"{where}: an ensemble has no model file, but the upload carries {files}")
+        if not config.ensemble_scheduling.step:
+            raise InvalidInput(f"{where}: ensemble_scheduling has no step")
+        on_disk = set(Repository(self.root).model_names())
+        for index, step in enumerate(config.ensemble_scheduling.step):
+            label = f"{where}: step {index} (model {step.model_name!r})"
+            if step.model_name == self.model_name:
+                raise InvalidInput(f"{label} names the ensemble itself")
+            if step.model_name not in on_disk:
+                raise InvalidInput(f"{label}: the model is not in the repository; upload it before the ensemble")
+        if not folders:
+            (self.incoming / str(NEXT_VERSION)).mkdir()
 
     def _validate_shared(self, config: ModelConfig) -> None:
         """Every uploaded model-level file is one the config refers to, and every file the config refers
@@ -313,6 +340,15 @@ class StagedUpload:
         if not (self.root / self.model_name).is_dir():
             return LoadedConfig(ModelConfig(), set())
         return read_config(Repository(self.root).model_dir(self.model_name))  # never through a link out
+
+    def ensemble_config(self) -> str | None:
+        """The uploaded config's text when it is an ensemble's (the manager loads its members from it before the
+        upload is published); None otherwise."""
+        uploaded = self.incoming / UPLOADED_CONFIG
+        if not uploaded.is_file():
+            return None
+        text = uploaded.read_text(encoding="utf-8")
+        return text if is_ensemble_config(text) else None
 
     @staticmethod
     def _label(folder_dir: Path, filename: str) -> str:
@@ -433,6 +469,15 @@ class StagedUpload:
         if self._lock >= 0:
             os.close(self._lock)
             self._lock = -1
+
+
+def is_ensemble_config(text: str) -> bool:
+    """Whether a config given as JSON text is an ensemble's (False for one that does not parse: whoever reads it
+    next reports why)."""
+    try:
+        return bool(parse_config(text, "json").config.platform == ENSEMBLE)
+    except (InvalidInput, LoadFailed):
+        return False
 
 
 def files_receiver(files: dict[str, bytes], config_text: str | None) -> Receiver:
