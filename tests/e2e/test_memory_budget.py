@@ -24,9 +24,9 @@ MODELS = 40
 PER_MODEL_MIB = 2.4
 """What one of these models measured in the server (a 1.1 MB MLP: 2.35 MB)."""
 BUDGET_MIB = 24  # about 10 of them
-SLACK_MIB = 64
+SLACK_MIB = 32
 """Resident memory beyond the baseline and the budget that the test allows: allocator fragmentation after
-many loads and unloads, per-model batcher threads, request buffers."""
+many loads and unloads, per-model batcher threads, request buffers (measured here: 9 MiB over the budget)."""
 PINNED = """
 name: "pinned"
 parameters { key: "pinned" value { string_value: "true" } }
@@ -129,6 +129,7 @@ def test_forty_models_skewed_traffic_stay_within_the_budget(tmp_path: Path, star
     used = sum(int(row["memory_bytes"]) for row in rows if row["state"] == "READY" and row["name"] != "pinned")
     pinned_bytes = next(int(row["memory_bytes"]) for row in rows if row["name"] == "pinned")
     assert used + pinned_bytes <= BUDGET_MIB * MIB
+    print(f"peak RSS above the baseline: {(peak[0] - baseline) / MIB:.1f} MiB; evictions {sum(evictions.values())}")
     assert peak[0] <= baseline + (BUDGET_MIB + SLACK_MIB) * MIB, (peak[0] - baseline) / MIB
 
 
