@@ -370,7 +370,7 @@ def build_ensemble(
         backends=[],
         batcher=batcher,
         stats=stats,
-        report={"platform": ENSEMBLE, "steps": [], "selected": "original", "phase": "original", "step": ""},
+        report=_report(steps),
         steps=steps,
         lookup=lookup,
     )
@@ -385,3 +385,19 @@ def _signatures(name: str, steps: list[Step], lookup: Lookup) -> dict[int, Membe
         except ServerError as exc:
             raise LoadFailed(f"ensemble {name!r}: {step.label}: {exc.message}") from exc
     return found
+
+
+def _report(steps: list[Step]) -> dict[str, object]:
+    """The ensemble's optimization report: nothing of its own to optimize; ``members`` names each step's model,
+    whose own report (``/v2/models/<member>/optimization``) says what the optimizer did with it."""
+    members = [{"step": s.index, "model": s.model_name, "version": s.model_version or "latest"} for s in steps]
+    summary = "an ensemble: each member is optimized on its own; see the members' reports"
+    return {
+        "platform": ENSEMBLE,
+        "steps": [],
+        "members": members,
+        "selected": "original",
+        "summary": summary,
+        "phase": "original",
+        "step": "",
+    }

@@ -103,6 +103,9 @@ def test_http(server: ServerProcess, repo: Path) -> None:
     np.testing.assert_array_equal(result.as_numpy("B"), expected["B"])
     stats = client.get_inference_statistics("pipeline")["model_stats"][0]["inference_stats"]
     assert stats["success"]["count"] >= 1
+    report = httpx.get(f"{server.http_url}/v2/models/pipeline/optimization").json()
+    assert report["platform"] == "ensemble" and report["steps"] == []
+    assert [m["model"] for m in report["members"]] == ["double", "plus1", "square"]
 
 
 def test_grpc(server: ServerProcess, repo: Path) -> None:
