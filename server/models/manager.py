@@ -188,7 +188,7 @@ class ModelManager:
         entry = self._entry(name)
         started = time.monotonic()
         try:
-            members = await self._ensemble_members(name, config_text)
+            members = await self._ensemble_members(name, config_text, trigger)
         except ServerError as exc:  # a member that cannot load, a bad wiring: the index shows why
             entry.wanted = True
             self._mark_failed(entry, exc.message)
@@ -514,7 +514,9 @@ class ModelManager:
         return sum(v.memory_bytes for v in self.served_versions())
 
     # ---- building (runs in a worker thread) ------------------------------------------------------
-    async def _ensemble_members(self, name: str, config_text: str | None) -> dict[str, MemberTensors] | None:
+    async def _ensemble_members(
+        self, name: str, config_text: str | None, trigger: LoadTrigger = "explicit"
+    ) -> dict[str, MemberTensors] | None:
         """For an ensemble (None otherwise): load the members that are not served yet (a member's failure
         fails the ensemble's load, naming the step), and return each member's tensor names."""
         try:
@@ -540,7 +542,7 @@ class ModelManager:
                     served = bool(entry.served)
                 if not served:
                     try:
-                        await self.load(step.model_name)
+                        await self.load(step.model_name, trigger=trigger)  # on demand: its members too
                     except ServerError as exc:
                         raise LoadFailed(f"ensemble {name!r}: {step.label}: {exc.message}") from exc
                 try:

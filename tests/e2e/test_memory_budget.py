@@ -193,3 +193,36 @@ def test_without_on_demand_an_evicted_model_answers_404_until_loaded(tmp_path: P
     evicted = sorted(row["name"] for row in rows if "evicted for the memory budget" in row["reason"])
     assert evicted and set(evicted) <= set(ready)  # the models loaded at start, least recently used first
     assert sum(value for _, value in _metrics(server)["optiserve_model_evictions"]) == len(evicted)
+
+
+ENSEMBLE = """
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 256 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 10 ] } ]
+ensemble_scheduling { step [ { model_name: "m00" model_version: -1 input_map { key: "x" value: "IN" }
+  output_map { key: "y" value: "OUT" } } ] }
+"""
+
+
+def test_an_ensemble_loads_on_demand_with_its_members_and_keeps_them(tmp_path: Path, start_server: Any) -> None:
+    repo = _repo(tmp_path / "repo", 12)
+    (repo / "pipe" / "1").mkdir(parents=True)
+    (repo / "pipe" / "config.pbtxt").write_text(ENSEMBLE)
+    server: ServerProcess = start_server(repo, *_flags())
+    data = np.full(256, 0.1, dtype=np.float32).tolist()
+    body = {"inputs": [{"name": "IN", "shape": [1, 256], "datatype": "FP32", "data": data}]}
+    with httpx.Client() as http:
+        reply = http.post(f"{server.http_url}/v2/models/pipe/infer", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        direct = _infer(http, server, "m00").json()["outputs"][0]["data"]
+        assert reply.json()["outputs"][0]["data"] == direct
+        # Every other model, more than the budget holds, with the ensemble in use between them: a member of a
+        # loaded ensemble is never unloaded under it (the ensemble itself goes by LRU like any model, and
+        # its members with it).
+        for index in range(1, 12):
+            assert _infer(http, server, f"m{index:02d}").status_code == 200
+            assert http.post(f"{server.http_url}/v2/models/pipe/infer", json=body, timeout=60).status_code == 200
+    evicted = {labels["model"] for labels, _ in _metrics(server)["optiserve_model_evictions"]}
+    assert evicted and "m00" not in evicted and "pipe" not in evicted
+    assert httpx.get(f"{server.http_url}/v2/health/ready").status_code == 200
