@@ -25,7 +25,7 @@ from optimizers.modelinfo import analyze, sha256_file
 from optimizers.options import OptimizeOptions
 from optimizers.passes import ModelPass, default_passes
 from optimizers.providers import TARGET_PROVIDERS
-from optimizers.reference import NoRunnableInputs, SessionProbe, build_reference, find_samples
+from optimizers.reference import TRAFFIC_SUFFIX, NoRunnableInputs, SessionProbe, build_reference, find_samples
 from optimizers.report import Report, Step, summarize
 from optimizers.runtime import NO_GUARD, DeviceGuard, SessionSpec
 from optimizers.stages import OptimizationRun, Outcome
@@ -140,14 +140,16 @@ class Pipeline:
         model_sha = sha256_file(model_path)
         libraries = library_versions()
         key = self._result_key(model_sha, samples, options, libraries)
-        cached = self._from_cache(key, model_path, label, version, started)
+        # A server's traffic sample is its own: servers sharing the cache meet on the key without it.
+        fleet_key = self._fleet_key(model_path, model_sha, samples, options, libraries) or key
+        cached = self._shared(key, fleet_key, model_path, label, version, started)
         if cached is not None:
             notify("optimize: cache hit")
             return cached
-        waiting = f"optimize: waiting for another server optimizing the same model (lock {key[:12]})"
-        with self.cache.build_lock(key, on_wait=lambda: notify(waiting)) as waited:
+        waiting = f"optimize: waiting for another server optimizing the same model (lock {fleet_key[:12]})"
+        with self.cache.build_lock(fleet_key, on_wait=lambda: notify(waiting)) as waited:
             # Another server may have stored it since the miss above, or while we waited for its lock.
-            cached = self._from_cache(key, model_path, label, version, started, waited=waited)
+            cached = self._shared(key, fleet_key, model_path, label, version, started, waited=waited)
             if cached is not None:
                 notify("optimize: cache hit" + (" after waiting for another server" if waited else ""))
                 return cached
@@ -155,6 +157,8 @@ class Pipeline:
             outcome.report.summary = outcome.report.summary or summarize(outcome.report)
             outcome.report.duration_s = round(time.monotonic() - started, 3)
             self._store(key, outcome)
+            if fleet_key != key:  # shared before the lock is released, so a server waiting for it finds it
+                self._share(key, fleet_key)
         self._count("miss")
         notify(f"optimize: done, serving {outcome.report.selected}")
         log.info("optimized %s in %.2fs: %s", label, outcome.report.duration_s, outcome.report.selected)
@@ -177,6 +181,14 @@ class Pipeline:
         key = self._result_key(sha256_file(model_path), samples, options, library_versions())
         return self._from_cache(key, model_path, label, version, started)
 
+    def _share(self, key: str, other: str) -> bool:
+        """Store the result under ``key`` under ``other`` too, unless ``other`` has a result of its own."""
+        stored = self.cache.get_result(key)
+        if stored is None or self.cache.get_result(other) is not None:
+            return False
+        self.cache.put_result(other, stored)
+        return True
+
     def share_result(self, model_path: Path, ran: OptimizeOptions, options: OptimizeOptions) -> bool:
         """Let :meth:`lookup` with ``options`` answer with the cached result of a run with ``ran`` (the same model,
         options that differ only in ``samples_path``: a server's sample of real requests, deleted after the run),
@@ -184,13 +196,9 @@ class Pipeline:
         once, and no request data is kept for it. Call it while ``ran``'s samples file still exists."""
         model_path = Path(model_path)
         model_sha, libraries = sha256_file(model_path), library_versions()
-        ran_samples = find_samples(model_path, ran.samples_path)
-        stored = self.cache.get_result(self._result_key(model_sha, ran_samples, ran, libraries))
+        ran_key = self._result_key(model_sha, find_samples(model_path, ran.samples_path), ran, libraries)
         key = self._result_key(model_sha, find_samples(model_path, options.samples_path), options, libraries)
-        if stored is None or self.cache.get_result(key) is not None:
-            return False
-        self.cache.put_result(key, stored)
-        return True
+        return self._share(ran_key, key)
 
     def pending(
         self, model_path: Path, options: OptimizeOptions | None = None, *, name: str = "", version: str = ""
@@ -278,6 +286,41 @@ class Pipeline:
             return self._unchanged(model_path, report, f"optimization failed: {type(exc).__name__}: {exc}")
 
     # ---- cache ---------------------------------------------------------------------------------
+    def _fleet_key(
+        self,
+        model_path: Path,
+        model_sha: str,
+        samples: Path | None,
+        options: OptimizeOptions,
+        libraries: dict[str, str],
+    ) -> str | None:
+        """For a run on a server's sample of its traffic: the key of the same model and options without it, which
+        every server sharing the cache computes alike (see :meth:`share_result`); None for any other run."""
+        if samples is None or not samples.name.endswith(TRAFFIC_SUFFIX):
+            return None
+        base = options.model_copy(update={"samples_path": None})
+        return self._result_key(model_sha, find_samples(model_path, None), base, libraries)
+
+    def _shared(
+        self,
+        key: str,
+        fleet_key: str,
+        model_path: Path,
+        label: str,
+        version: str,
+        started: float,
+        *,
+        waited: bool = False,
+    ) -> PipelineResult | None:
+        """The result under this run's own key, else (a traffic run) one another server proved on its traffic."""
+        cached = self._from_cache(key, model_path, label, version, started, waited=waited)
+        if cached is not None or fleet_key == key:
+            return cached
+        stored = self.cache.get_result(fleet_key)
+        if stored is None or stored.get("report", {}).get("reference", {}).get("source") != "traffic":
+            return None  # a result checked on generated inputs does not stand in for a check on real requests
+        return self._from_cache(fleet_key, model_path, label, version, started, waited=waited)
+
     def _count(self, result: str) -> None:
         with self._counts_lock:
             self._counts[result] += 1

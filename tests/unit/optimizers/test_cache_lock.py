@@ -10,8 +10,11 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from optimizers import OptimizeOptions, Pipeline, PipelineResult
 from optimizers.cache import Cache
+from optimizers.reference import TRAFFIC_SUFFIX
 from optimizers.runtime import Feed, SessionSpec
 from optimizers.timing import Latencies
 from tests.unit.optimizers import models
@@ -21,6 +24,7 @@ FAST_INT8 = {"original": 10.0, "int8_dynamic": 5.0}
 HOLD = """
 import sys, time
 from optimizers.cache import Cache
+from optimizers.reference import TRAFFIC_SUFFIX
 with Cache(sys.argv[1]).build_lock(sys.argv[2]):
     print("locked", flush=True)
     time.sleep(120)
@@ -113,3 +117,53 @@ def test_locks_of_different_keys_do_not_wait(tmp_path: Path) -> None:
         assert (first, second) == (False, False)
     with cache.build_lock("a") as again:  # released and unlinked: taken at once
         assert again is False
+
+
+def _traffic(tmp_path: Path, server: str, rows: slice) -> OptimizeOptions:
+    """Options of a run on one server's own sample of its requests (a file only that server has)."""
+    path = tmp_path / server / f"digits-1-{server}{TRAFFIC_SUFFIX}"
+    path.parent.mkdir()
+    np.savez(path, x=models.trained_digits().x_test[rows])
+    return OptimizeOptions(time_budget_s=0.05, samples_path=path)
+
+
+def test_traffic_runs_of_two_servers_optimize_once(tmp_path: Path) -> None:
+    """Each server samples its own traffic, so their own keys differ; they meet on the key without the sample."""
+    model = models.save(models.trained_digits().model, tmp_path / "m")
+    held = HeldBenchmark()
+    first_server = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=held)
+    second_bench = FakeBenchmark(FAST_INT8)
+    second_server = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=second_bench)
+    results: dict[str, PipelineResult] = {}
+    waiting = threading.Event()
+    first_options, second_options = _traffic(tmp_path, "a", slice(0, 40)), _traffic(tmp_path, "b", slice(40, 80))
+
+    builder = threading.Thread(target=lambda: results.update(first=first_server.run(model, first_options)))
+    builder.start()
+    assert held.started.wait(60)
+    follower = threading.Thread(
+        target=lambda: results.update(
+            second=second_server.run(model, second_options, lambda s: waiting.set() if "waiting" in s else None)
+        )
+    )
+    follower.start()
+    assert waiting.wait(30), "the second server did not wait for the first one's run"
+    held.release.set()
+    builder.join(60)
+    follower.join(60)
+
+    assert results["first"].report["cache"] == "miss" and results["first"].report["reference"]["source"] == "traffic"
+    assert results["second"].report["cache"] == "waited" and second_bench.calls == []
+    assert results["second"].model_path == results["first"].model_path
+    # A later load without a sample (a restart, a new replica) finds it before READY.
+    assert second_server.lookup(model, OptimizeOptions(time_budget_s=0.05)) is not None
+
+
+def test_traffic_run_does_not_take_a_result_checked_on_generated_inputs(tmp_path: Path) -> None:
+    model = models.save(models.trained_digits().model, tmp_path / "m")
+    generated = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=FakeBenchmark(FAST_INT8))
+    assert generated.run(model, OptimizeOptions(time_budget_s=0.05)).report["reference"]["source"] == "random"
+    bench = FakeBenchmark(FAST_INT8)
+    on_traffic = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=bench)
+    result = on_traffic.run(model, _traffic(tmp_path, "a", slice(0, 40)))
+    assert result.report["cache"] == "miss" and result.report["reference"]["source"] == "traffic" and bench.calls
