@@ -50,3 +50,9 @@ class ModelEntry:
     """monotonic() times of its last load and of the last request that looked it up (the budget's LRU order)."""
     on_demand: asyncio.Task[None] | None = None
     """The on-demand load that concurrent first requests share."""
+    loads_in_flight: int = 0
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Loads of this model begun and not ended, and an event set whenever none is left: an ensemble whose member
+    is about to load (start-up loads every model at once) waits for that load instead of starting another."""
+    awaiting_members: bool = False
+    """An ensemble's load is loading its members: another ensemble must not wait for it (a cycle would hang)."""

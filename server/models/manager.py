@@ -186,6 +186,19 @@ class ModelManager:
         ``change`` (an upload) is published under the model's lock first, and withdrawn if the load fails.
         With a memory budget, idle models are unloaded first to make room (server/models/budget.py)."""
         entry = self._entry(name)
+        entry.loads_in_flight += 1
+        entry.settled.clear()
+        try:
+            return await self._load(entry, config_text, change, trigger)
+        finally:
+            entry.loads_in_flight -= 1
+            if not entry.loads_in_flight:
+                entry.settled.set()
+
+    async def _load(
+        self, entry: ModelEntry, config_text: str | None, change: RepositoryChange | None, trigger: LoadTrigger
+    ) -> list[int]:
+        name = entry.name
         started = time.monotonic()
         try:
             members = await self._ensemble_members(name, config_text, trigger)
@@ -529,6 +542,7 @@ class ModelManager:
         chain = _LOADING_ENSEMBLES.get()
         token = _LOADING_ENSEMBLES.set((*chain, name))
         members: dict[str, MemberTensors] = {}
+        self._entry(name).awaiting_members = True
         try:
             for step in steps:
                 if step.model_name in members:
@@ -538,7 +552,9 @@ class ModelManager:
                 if step.model_name not in self.repository.model_names():
                     raise LoadFailed(f"ensemble {name!r}: {step.label}: the model is not in the repository")
                 entry = self._entry(step.model_name)
-                async with entry.lock:  # a load under way (start-up loads every model at once) finishes first
+                if entry.loads_in_flight and not entry.awaiting_members:  # start-up loads every model at once:
+                    await entry.settled.wait()  # wait for its own load (not for an ensemble: a cycle would hang)
+                async with entry.lock:  # a load under way finishes first
                     served = bool(entry.served)
                 if not served:
                     try:
@@ -553,6 +569,7 @@ class ModelManager:
                     frozenset(t.name for t in member.inputs), frozenset(t.name for t in member.outputs)
                 )
         finally:
+            self._entry(name).awaiting_members = False
             _LOADING_ENSEMBLES.reset(token)
         return members
 
