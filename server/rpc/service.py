@@ -19,6 +19,7 @@ from server.errors import InternalError, InvalidInput, ServerError, wire_status
 from server.protocol import tensors
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.rpc.codec import decode_request, encode_response, from_json, parameter_value
+from server.rpc.wire import add_inference_service
 from server.settings import Settings
 from server.tracing import Tracer
 
@@ -291,8 +292,7 @@ def create_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(dataplane, limits, access, regions, tracer), server
-    )
+    # Large ModelInfer requests keep their tensors in the received buffer (server/rpc/wire.py).
+    add_inference_service(InferenceService(dataplane, limits, access, regions, tracer), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(dataplane), server)
     return server
