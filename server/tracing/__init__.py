@@ -50,7 +50,8 @@ class Tracer:
         self._tracer: Any = None
         self._propagator: Any = None
         self._root_sampler: Any = None
-        self._unsampled: Any = None
+        # Every unsampled request shares this one (it has no span and nothing is written to it): no allocation.
+        self._untraced = RequestTrace(self, None, sampled=False)
         self._server_kind: Any = None
         # Phase times come from time.monotonic_ns() (the statistics' clock); spans need wall-clock times.
         self._offset_ns = time.time_ns() - time.monotonic_ns()
@@ -62,7 +63,6 @@ class Tracer:
 
             self._tracer = provider.get_tracer("optiserve")
             self._propagator = TraceContextTextMapPropagator()
-            self._unsampled = otel.INVALID_SPAN
             self._server_kind = otel.SpanKind.SERVER
             ids = getattr(provider, "id_generator", None)
             self._root_sampler = ids if isinstance(ids, RootSampler) else None
@@ -108,7 +108,7 @@ class Tracer:
         else:
             parent = None
             if self._root_sampler is not None and not self._root_sampler.draw():
-                return RequestTrace(self, self._unsampled)
+                return self._untraced
         now = time.time_ns()
         span = self._tracer.start_span(
             f"infer {model}",
@@ -117,8 +117,9 @@ class Tracer:
             start_time=now,
             attributes={"rpc.system": protocol, "model.name": model, "model.version": version},
         )
-        if span.is_recording():
-            span.add_event("REQUEST_START", timestamp=now)
+        if not span.is_recording():
+            return self._untraced
+        span.add_event("REQUEST_START", timestamp=now)
         return RequestTrace(self, span)
 
     def request(
@@ -128,7 +129,7 @@ class Tracer:
         then the span closed with the error that escaped, if any. For edges that do not already hold the span.
         An unsampled request gets a shared do-nothing context (``None``): it is most requests at a low ratio."""
         trace = self.start(protocol, model, version, headers)
-        if not trace.span.is_recording():
+        if not trace.sampled:
             return _UNTRACED
         return _traced(trace)
 
@@ -138,12 +139,12 @@ class Tracer:
 
     def record_batch(self, traces: Sequence[RequestTrace], times: tuple[int, int, int, int], samples: int) -> None:
         """Worker thread, after a batch ran: a ``batch`` span linking the traced requests it served."""
-        from opentelemetry import trace as otel
-
         # Not is_recording(): the loop may already have ended a request's span (the answers are out by now).
-        sampled = [t.span for t in traces if t.span.get_span_context().trace_flags.sampled]
+        sampled = [t.span for t in traces if t.sampled]
         if not sampled:
             return
+        from opentelemetry import trace as otel
+
         start, _, _, finished = times
         attributes = {"batch.size": samples, "batch.requests": len(traces), "instance": threading.current_thread().name}
         span = self._tracer.start_span(
@@ -192,15 +193,21 @@ class RequestTrace:
     """monotonic ns: queued, compute start, input end (= infer start), infer end, compute end."""
     batch_size: int = 0
     instance: str = ""
+    sampled: bool = True
+    """False for the tracer's one shared stand-in for unsampled requests: every method then returns at once."""
 
     def ran(self, queued_ns: int, times: tuple[int, int, int, int], batch_size: int) -> None:
         """Worker thread: the request ran in a batch of ``batch_size`` samples at these times."""
+        if not self.sampled:
+            return
         self.times = (queued_ns, *times)
         self.batch_size = batch_size
         self.instance = threading.current_thread().name
 
     def finish(self, error: BaseException | None = None) -> None:
         """The response is out (or the request failed): write the phases and close the span."""
+        if not self.sampled:
+            return
         span = self.span
         end = time.time_ns()
         if span.is_recording():

@@ -111,3 +111,16 @@ def test_from_environment_installs_the_root_sampler(monkeypatch: pytest.MonkeyPa
         assert tracer.enabled and tracer._root_sampler is None
     finally:
         tracer.shutdown()
+
+
+def test_unsampled_requests_share_one_inert_trace() -> None:
+    """What the HTTP edge does (start, then the batcher's ran and record_batch, then finish) on requests the
+    ratio passes over, or whose caller did not sample: one shared object, nothing written, no span."""
+    tracer, exporter, _ = make(0.0)
+    first = tracer.start("http", "m", "1", {})
+    unsampled_parent = tracer.start("http", "m", "1", {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"})
+    assert first is unsampled_parent and not first.sampled
+    first.ran(1, (2, 3, 4, 5), 4)
+    tracer.record_batch([first, unsampled_parent], (2, 3, 4, 5), 4)
+    first.finish()
+    assert first.times is None and first.batch_size == 0 and exporter.get_finished_spans() == ()
