@@ -130,7 +130,13 @@ def _report(server: ServerProcess, name: str) -> dict[str, Any]:
 def test_the_optimizer_runs_once_for_replicas_sharing_the_cache(tmp_path: Path, start_server: Any) -> None:
     repo, cache = tmp_path / "repo", tmp_path / "cache"
     fixtures.write_model(repo, "base", fixtures.float_mlp())
-    env = {"OPTISERVE_CACHE_DIR": str(cache), "OPTISERVE_DEFAULT_PRECISION": "none", "OPTISERVE_OPTIMIZE_NICE": "0"}
+    # The optimizer starts at once (no wait for traffic samples) at normal priority, to keep the test short.
+    env = {
+        "OPTISERVE_CACHE_DIR": str(cache),
+        "OPTISERVE_DEFAULT_PRECISION": "none",
+        "OPTISERVE_OPTIMIZE_NICE": "0",
+        "OPTISERVE_OPTIMIZE_TRAFFIC_WAIT_S": "0",
+    }
     fleet = _start_fleet(start_server, repo, [(*POLL,)] * 3, env)
     a = fleet[0]
 
