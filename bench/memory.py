@@ -37,6 +37,7 @@ from bench.serving import ServerProcess, get_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
+NO_TRAFFIC_WAIT = ("--optimize-traffic-wait-s", "0")
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: ("FP32", np.float32), onnx.TensorProto.INT64: ("INT64", np.int64)}
 
 
@@ -97,7 +98,8 @@ def one_model(args: argparse.Namespace, work: Path, name: str, repeat: int) -> d
     for mode in ("before_ready", "background"):
         cache = work / f"cache-{name}-{mode}-{repeat}"
         shutil.rmtree(cache, ignore_errors=True)
-        flags = ("--load-on-demand", "--cache-dir", str(cache), "--optimize-mode", mode)
+        # No wait for request samples (the optimizer's traffic reference): this measures loads, not traffic.
+        flags = ("--load-on-demand", "--cache-dir", str(cache), "--optimize-mode", mode, *NO_TRAFFIC_WAIT)
         with ServerProcess(args.server_python, repo, work / f"{name}-{mode}.log", ROOT, flags) as server:
             server.wait_ready([])
             row[f"cold_{mode}_s"] = first_request_s(server, name, body)
