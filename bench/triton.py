@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import sys
 from collections.abc import Iterator
@@ -196,8 +197,13 @@ def run_all(args: argparse.Namespace, servers: dict[str, Served]) -> list[dict[s
     ]
 
 
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # so both servers are stopped on the way out
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     peer = peer_dir(ROOT)
