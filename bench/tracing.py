@@ -1,6 +1,7 @@
 """What OpenTelemetry request tracing costs: MLP throughput with tracing off, on at a 1% sample ratio, on at 100%.
 
 Usage: python -m bench.tracing [--rounds 5] [--protocol http|grpc] [--concurrency 16] [--interval-ms 3000]
+                               [--profile]
 
 Three servers of the same build run side by side (same model, optimizer off): one with tracing off (the
 default), two configured the OpenTelemetry way (OTEL_TRACES_EXPORTER=otlp, OTEL_TRACES_SAMPLER=
@@ -11,6 +12,11 @@ median throughput of each, its ratio to "off", and how many requests each traced
 
 "Off" has no build without tracing to be compared with; what it adds per request is timed directly instead
 (the edge's ``tracer.enabled`` test and the batcher's ``CURRENT.get()``) and set against a request's time.
+
+On a shared machine the throughput of two runs minutes apart can differ by more than the effect measured, so
+``--profile`` adds a measure that does not depend on the neighbours: py-spy (when installed) samples the 1%
+server under load, and the share of its busy samples inside tracing code (server/tracing/ or the OpenTelemetry
+packages) is the share of its CPU that tracing takes.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--interval-ms", type=int, default=3000)
+    parser.add_argument("--profile", action="store_true", help="also sample the 1%% server with py-spy")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     out = Path(tempfile.mkdtemp(prefix="tracing-cost-"))
@@ -180,9 +189,48 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_ + 1} tracing {label}: {line}", flush=True)
         for label, server in servers.items():
             figures[label].requests = served_requests(server)
-        time.sleep(1)  # the last spans leave the servers' batch processors
-    report(args, figures, sink.requests_by_service)
+        time.sleep(6)  # the last spans leave the servers' batch processors (OTEL_BSP_SCHEDULE_DELAY: 5 s)
+        spans = dict(sink.requests_by_service)  # before the profile's own load adds more
+        share = tracing_share(servers["1%"], args, out) if args.profile else None
+    report(args, figures, spans)
+    if args.profile:
+        print(
+            f"  py-spy: {share:.2%} of the 1% server's busy CPU samples are in tracing code"
+            if share is not None
+            else "  py-spy: not installed, no profile"
+        )
     return 0
+
+
+def tracing_share(server: ServerProcess, args: argparse.Namespace, out: Path) -> float | None:
+    """Share of the server's busy CPU samples (py-spy, 15 s under perf_analyzer's load) inside tracing code."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists() or server.proc is None:
+        return None
+    url = server.http_url if args.protocol == "http" else server.grpc_url
+    load = subprocess.Popen(
+        [
+            perf.perf_analyzer_path(), "-m", "mlp", "-i", args.protocol, "-u", url,
+            "--concurrency-range", f"{args.concurrency}:{args.concurrency}",
+            "--measurement-interval", "30000", "--stability-percentage", "999", "--max-trials", "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    raw = out / "profile.raw"
+    try:
+        time.sleep(3)
+        record = [spy, "record", "--format", "raw", "--rate", "250", "--duration", "15", "--nonblocking"]
+        subprocess.run([*record, "--output", str(raw), "--pid", str(server.proc.pid)], check=True, capture_output=True)
+    finally:
+        load.terminate()
+        load.wait()
+    total = traced = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        traced += int(count) if "tracing/" in stack or "opentelemetry" in stack else 0
+    return traced / total if total else None
 
 
 def report(args: argparse.Namespace, figures: dict[str, Figures], spans: dict[str, int]) -> None:
