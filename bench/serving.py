@@ -65,8 +65,11 @@ class ServerProcess:
             *extra_args,
         ]  # fmt: skip
         self.log_path = log_path
-        self.cwd = cwd
+        self.cwd: Path | None = cwd
         self.proc: subprocess.Popen[bytes] | None = None
+        self.term_group = False
+        """SIGTERM the whole process group (a launcher script and what it starts), not only the process."""
+        self.stop_grace_s = STOP_GRACE_S
 
     @property
     def http_url(self) -> str:
@@ -115,12 +118,16 @@ class ServerProcess:
         return time.monotonic() - start
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL (to the whole process group) after STOP_GRACE_S; returns the exit code."""
+        """SIGTERM, then SIGKILL (to the whole process group) after stop_grace_s; returns the exit code."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
+        if self.term_group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(STOP_GRACE_S)
+            return self.proc.wait(self.stop_grace_s)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
