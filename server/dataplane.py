@@ -25,7 +25,7 @@ from server.metrics import RequestCounters
 from server.models.batching import BatcherClosed
 from server.models.entry import ModelState
 from server.models.manager import ModelManager
-from server.models.version import ModelVersion
+from server.models.version import ModelVersion, scheduling_parameters
 from server.protocol.inference import InferenceRequest, InferenceResponse
 from server.repository.config import config_to_json
 from server.repository.layout import check_model_name
@@ -332,12 +332,10 @@ class InferenceCall:
 
 
 def _timeout_s(request: InferenceRequest) -> float | None:
-    """The request's own ``timeout`` parameter (microseconds, Triton's), bounding how long it waits for an
-    on-demand load; None: the server's --load-wait-s."""
-    timeout = request.parameters.get("timeout")
-    if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout > 0:
-        return timeout / 1e6
-    return None
+    """The request's own ``timeout`` parameter (Triton's, in microseconds, read as the batcher reads it), bounding
+    how long it waits for an on-demand load; None: the server's --load-wait-s."""
+    timeout_us = scheduling_parameters(request.parameters)[1]
+    return timeout_us / 1e6 if timeout_us else None
 
 
 # The failure reason of each error follows its wire status, so a new error class lands in the right bucket.

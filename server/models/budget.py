@@ -145,34 +145,26 @@ class MemoryBudget:
     async def _hold(self, ticket: int, name: str, need: int, snapshot: Snapshot, evict: Evict, deadline: float) -> None:
         while True:
             async with self._lock:
-                held = self._reserved.pop(ticket, 0)  # an adjusted ticket's own estimate does not count
+                others = self.reserved - self._reserved.get(ticket, 0)  # an adjusted ticket's estimate does not count
                 try:
                     victims = plan_evictions(
                         snapshot(),
                         name,
                         need,
                         self.limit,
-                        reserved=self.reserved,
+                        reserved=others,
                         now=time.monotonic(),
                         min_residency_s=self.min_residency_s,
                     )
                 except NoRoomYet:
-                    if held:
-                        self._reserved[ticket] = held
                     if time.monotonic() >= deadline:
                         raise
-                    victims = None
-                except BaseException:
-                    if held:
-                        self._reserved[ticket] = held
-                    raise
-                if victims is not None:
+                else:
                     evicted = [victim for victim in victims if await evict(victim)]
                     if len(evicted) == len(victims):
                         self._reserved[ticket] = need
                         return
-                    if held:  # a victim turned busy: plan again with what is idle now
-                        self._reserved[ticket] = held
+                    # a victim turned busy: plan again with what is idle now
             await asyncio.sleep(WAIT_STEP_S)  # nothing can go yet: look again
 
     def release(self, ticket: int) -> None:

@@ -8,7 +8,7 @@ import contextvars
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
 
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
@@ -479,8 +479,7 @@ class ModelManager:
             versions = list(entry.served.values())
             if not versions:
                 continue
-            in_use = any(v.in_flight or v.batcher.pending for v in versions)
-            busy = entry.lock.locked() or entry.name in members or in_use
+            busy = entry.lock.locked() or entry.name in members or _in_use(versions)
             rows.append(
                 Resident(
                     entry.name,
@@ -500,7 +499,7 @@ class ModelManager:
             return False
         async with entry.lock:  # free: taken at once, no request can look it up in between
             old = entry.served
-            if any(v.in_flight or v.batcher.pending for v in old.values()):
+            if _in_use(old.values()):
                 return False
             freed, idle_s = sum(v.memory_bytes for v in old.values()), time.monotonic() - entry.last_used
             entry.served, entry.wanted = {}, False
@@ -631,6 +630,11 @@ def is_pinned(config: ModelConfig) -> bool:
     budget (a Triton-valid way to say it: Triton's config has no field for this)."""
     parameter = config.parameters.get("pinned")
     return parameter is not None and parameter.string_value.strip().lower() in ("true", "1", "yes")
+
+
+def _in_use(versions: Iterable[ModelVersion]) -> bool:
+    """Requests queued, running, or looked up and on their way to the queue."""
+    return any(v.in_flight or v.batcher.pending for v in versions)
 
 
 def _files(version: ModelVersion) -> int:
