@@ -85,25 +85,34 @@ def test_loads_in_flight_count_through_their_reservations() -> None:
     assert plan([resident("a", 4, 1)], 4, reserved_mib=4) == ["a"]
 
 
+class Loaded:
+    """Resident models for MemoryBudget: ``snapshot`` lists them, ``evict`` removes one and records it."""
+
+    def __init__(self, *models: Resident) -> None:
+        self.models = {model.name: model for model in models}
+        self.evicted: list[str] = []
+
+    def snapshot(self) -> list[Resident]:
+        return list(self.models.values())
+
+    async def evict(self, name: str) -> bool:
+        self.evicted.append(name)
+        del self.models[name]
+        return True
+
+
 def test_reservations_keep_concurrent_loads_within_the_budget() -> None:
     async def scenario() -> tuple[list[str], float]:
         budget = MemoryBudget(10 * MIB, min_residency_s=0)
-        models = {"a": resident("a", 4, 1), "b": resident("b", 4, 2)}
-        evicted: list[str] = []
-
-        async def evict(name: str) -> bool:
-            evicted.append(name)
-            del models[name]
-            return True
-
+        loaded = Loaded(resident("a", 4, 1), resident("b", 4, 2))
         deadline = time.monotonic() + 5
-        first = await budget.reserve("x", 4 * MIB, lambda: list(models.values()), evict, deadline)
-        second = await budget.reserve("y", 4 * MIB, lambda: list(models.values()), evict, deadline)
+        first = await budget.reserve("x", 4 * MIB, loaded.snapshot, loaded.evict, deadline)
+        second = await budget.reserve("y", 4 * MIB, loaded.snapshot, loaded.evict, deadline)
         held = budget.reserved / MIB
         budget.release(first)
         budget.release(second)
         assert budget.reserved == 0
-        return evicted, held
+        return loaded.evicted, held
 
     evicted, held = asyncio.run(scenario())
     assert evicted == ["a", "b"] and held == 8
@@ -128,20 +137,13 @@ def test_a_load_waits_for_room_until_its_deadline() -> None:
 def test_a_measured_cost_above_the_estimate_makes_more_room() -> None:
     async def scenario() -> list[str]:
         budget = MemoryBudget(10 * MIB, min_residency_s=0)
-        models = {"a": resident("a", 3, 1), "b": resident("b", 3, 2)}
-        evicted: list[str] = []
-
-        async def evict(name: str) -> bool:
-            evicted.append(name)
-            del models[name]
-            return True
-
+        loaded = Loaded(resident("a", 3, 1), resident("b", 3, 2))
         deadline = time.monotonic() + 5
-        ticket = await budget.reserve("x", 4 * MIB, lambda: list(models.values()), evict, deadline)
-        assert evicted == []
-        await budget.adjust(ticket, "x", 6 * MIB, lambda: list(models.values()), evict, deadline)
+        ticket = await budget.reserve("x", 4 * MIB, loaded.snapshot, loaded.evict, deadline)
+        assert loaded.evicted == []
+        await budget.adjust(ticket, "x", 6 * MIB, loaded.snapshot, loaded.evict, deadline)
         assert budget.reserved == 6 * MIB
-        return evicted
+        return loaded.evicted
 
     assert asyncio.run(scenario()) == ["a"]
 
