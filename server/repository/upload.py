@@ -12,8 +12,9 @@ Layout of one upload::
     .staging/<id>/incoming/config.json       the config sent with the files, if any
     .staging/<id>/shared/<file>              model-level files: labels (``label_filename``) and
     .staging/<id>/shared/warmup/<file>       warmup data (``input_data_file``), published beside the config
-    .staging/<id>/model/<version>/<file>     renumbered at publish, under the model's lock
+    .staging/<id>/model/<version>/<file>     renumbered at publish, under the repository's publish lock
     .staging/<id>/COMMITTED                  {"model": name, "versions": [...], "config": true|false}
+    .staging/PUBLISH.lock                    flock-ed while one server numbers and renames (any server's)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -62,6 +64,10 @@ STAGING = ".staging"
 MARKER = "COMMITTED"
 LOCK_FILE = "LOCK"
 """In each staging folder: flock-ed by the server using the folder, for as long as it does."""
+PUBLISH_LOCK = "PUBLISH.lock"
+"""In ``.staging`` itself: flock-ed while versions are numbered and renamed into place (or withdrawn), so two
+servers on one repository never number two uploads alike. Recovery never deletes it: a lock file unlinked
+while held would let the next server lock a new one beside it."""
 NEXT_VERSION = 0
 UPLOADED_CONFIG = "config.json"
 MAX_VERSION = 2**63 - 1
@@ -392,7 +398,12 @@ class StagedUpload:
             log.error("could not withdraw versions %s of model %s: %s", self.versions, self.model_name, exc)
 
     def publish_now(self) -> list[int]:
-        """Number the versions, fsync, write the commit marker, then rename into place."""
+        """Number the versions, fsync, write the commit marker, then rename into place, all under the
+        repository's publish lock: the model's asyncio lock orders this server's loads only."""
+        with publish_lock(self.root):
+            return self._publish_locked()
+
+    def _publish_locked(self) -> list[int]:
         model_dir = self.root / self.model_name
         self._check_target(model_dir)
         existing = _numeric_folders(model_dir)
@@ -436,6 +447,11 @@ class StagedUpload:
     def withdraw_now(self) -> None:
         """Rename the published versions (or the model folder this upload created) into staging, then
         delete them there: each rename is atomic, and leftovers are cleaned at the next start."""
+        with publish_lock(self.root):
+            self._withdraw_locked()
+        log.warning("model %s: withdrew version(s) %s after a failed load", self.model_name, self.versions)
+
+    def _withdraw_locked(self) -> None:
         trash, lock = new_staging_dir(self.root)
         model_dir = self.root / self.model_name
         if self._created_model:
@@ -448,7 +464,6 @@ class StagedUpload:
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
         os.close(lock)
-        log.warning("model %s: withdrew version(s) %s after a failed load", self.model_name, self.versions)
 
     def discard(self) -> None:
         """Delete whatever is left in staging (nothing, once published). A committed upload whose renames
@@ -550,10 +565,7 @@ def recover_staging(root: Path) -> None:
     """At start: finish committed uploads, delete unfinished ones (and withdrawn leftovers). Several servers
     may share the repository: a staging folder whose lock a live server holds (an upload in flight) is left
     alone; the lock of a server that died went with its process."""
-    staging = root / STAGING
-    if not staging.is_dir():
-        return
-    for txn in sorted(staging.iterdir()):
+    for txn in staging_entries(root):
         lock = _try_lock(txn)
         if lock is None:
             log.info("left the staging folder %s alone: a live server is using it", txn.name)
@@ -568,7 +580,8 @@ def recover_staging(root: Path) -> None:
 def _recover(txn: Path, root: Path) -> None:
     if (txn / MARKER).is_file():
         try:
-            apply_committed(txn, root)
+            with publish_lock(root):
+                apply_committed(txn, root)
             log.info("finished publishing an interrupted upload (%s)", txn.name)
         except (OSError, ValueError, KeyError, InvalidInput) as exc:
             log.error("could not finish the interrupted upload %s: %s", txn, exc)
@@ -582,6 +595,27 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def staging_entries(root: Path) -> list[Path]:
+    """What is in ``.staging`` besides the publish lock: uploads in flight, committed or abandoned."""
+    staging = root / STAGING
+    if not staging.is_dir():
+        return []
+    return sorted(p for p in staging.iterdir() if p.name != PUBLISH_LOCK)
+
+
+@contextmanager
+def publish_lock(root: Path) -> Iterator[None]:
+    """Hold the repository-wide publish lock (blocking; publishing is a few renames and fsyncs)."""
+    staging = root / STAGING
+    staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(staging / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def new_staging_dir(root: Path) -> tuple[Path, int]:

@@ -234,6 +234,8 @@ def test_concurrent_uploads_through_two_replicas_stay_whole(tmp_path: Path, star
     assert all(r.status_code in (201, 409) for r in replies.values()), {s: r.text for s, r in replies.items()}
     published = {int(r.json()["version"]): seed for seed, r in replies.items() if r.status_code == 201}
     assert published, "no upload succeeded"
+    accepted = [seed for seed, r in replies.items() if r.status_code == 201]
+    assert len(published) == len(accepted), f"two uploads were told the same version: {replies}"
     on_disk = sorted(int(p.name) for p in (repo / "race").iterdir() if p.name.isdigit())
     assert on_disk == sorted(published)
     for version, seed in published.items():

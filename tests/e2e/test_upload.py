@@ -25,6 +25,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, external_data_helper, helper
 from tritonclient.utils import InferenceServerException
 
+from server.repository.upload import staging_entries
 from tests.conftest import ServerProcess
 from tests.e2e.conftest import reference_outputs
 from tests.models import fixtures
@@ -75,8 +76,8 @@ def snapshot(repo: Path) -> dict[str, int]:
 
 
 def staging(repo: Path) -> list[str]:
-    folder = repo / ".staging"
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    """Uploads left in staging (the repository-wide publish lock file is not one)."""
+    return [p.name for p in staging_entries(repo)]
 
 
 def wait_for(condition, timeout: float = 15.0, what: str = "condition") -> None:

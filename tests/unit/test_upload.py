@@ -9,6 +9,8 @@ import json
 import os
 import pickle
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,9 @@ from server.repository.upload import (
     files_receiver,
     parse_file_key,
     parse_version,
+    publish_lock,
     recover_staging,
+    staging_entries,
 )
 from tests.models import fixtures
 
@@ -209,10 +213,6 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if STAGING not in p.parts)
 
 
-def _staging(root: Path) -> list[Path]:
-    return list((root / STAGING).iterdir()) if (root / STAGING).is_dir() else []
-
-
 def _stage(root: Path, name: str, files: dict[str, bytes], config: str | None = None) -> StagedUpload:
     staged = StagedUpload(root, name, max_bytes=10 * 1024 * 1024)
     asyncio.run(files_receiver(files, config)(staged))
@@ -228,7 +228,7 @@ def test_publish_new_model_then_new_version(tmp_path: Path) -> None:
     staged.validate(32)
     assert staged.publish_now() == [1]
     assert _tree(tmp_path) == ["m", "m/1", "m/1/model.onnx", "m/config.json"]
-    assert _staging(tmp_path) == []
+    assert staging_entries(tmp_path) == []
     # The same key again becomes version 2; a config.pbtxt is replaced by the uploaded config.json.
     (tmp_path / "m" / "config.pbtxt").write_text("max_batch_size: 2")
     staged = _stage(tmp_path, "m", {"1/model.onnx": _model_bytes(1)}, config="{}")
@@ -237,6 +237,26 @@ def test_publish_new_model_then_new_version(tmp_path: Path) -> None:
     assert _tree(tmp_path) == ["m", "m/1", "m/1/model.onnx", "m/2", "m/2/model.onnx", "m/config.json"]
     assert (tmp_path / "m" / "config.json").read_text() == "{}"
     assert (tmp_path / "m" / "2" / "model.onnx").read_bytes() == _model_bytes(1)
+
+
+def test_publishing_waits_for_the_repository_publish_lock(tmp_path: Path) -> None:
+    """Two servers on one repository publish one at a time (the model's asyncio lock orders one server's
+    loads only): uploads queued behind another server's publish get distinct versions, each its own bytes."""
+    uploads = [_stage(tmp_path, "race", {"1/model.onnx": _model_bytes(seed)}) for seed in (1, 2)]
+    for staged in uploads:
+        staged.validate(32)
+    with publish_lock(tmp_path):  # what another server holds while it publishes
+        threads = [threading.Thread(target=staged.publish_now) for staged in uploads]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        assert all(thread.is_alive() for thread in threads) and not (tmp_path / "race").exists()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(v for staged in uploads for v in staged.versions) == [1, 2]
+    for seed, staged in zip((1, 2), uploads, strict=True):
+        assert (tmp_path / "race" / str(staged.versions[0]) / "model.onnx").read_bytes() == _model_bytes(seed)
+    assert staging_entries(tmp_path) == []
 
 
 def test_withdraw_restores_the_repository(tmp_path: Path) -> None:
@@ -248,13 +268,13 @@ def test_withdraw_restores_the_repository(tmp_path: Path) -> None:
     again.validate(32)
     assert again.publish_now() == [2]
     again.withdraw_now()
-    assert _tree(tmp_path) == before and _staging(tmp_path) == []
+    assert _tree(tmp_path) == before and staging_entries(tmp_path) == []
     # Withdrawing an upload that created the model removes the model folder.
     fresh = _stage(tmp_path, "fresh", {"1/model.onnx": _model_bytes()})
     fresh.validate(32)
     fresh.publish_now()
     fresh.withdraw_now()
-    assert _tree(tmp_path) == before and _staging(tmp_path) == []
+    assert _tree(tmp_path) == before and staging_entries(tmp_path) == []
 
 
 def test_publish_refuses_a_model_folder_linked_outside(tmp_path: Path) -> None:
@@ -268,7 +288,7 @@ def test_publish_refuses_a_model_folder_linked_outside(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="outside the model repository"):
         staged.publish_now()
     staged.discard()
-    assert list(outside.iterdir()) == [] and _staging(repo) == []
+    assert list(outside.iterdir()) == [] and staging_entries(repo) == []
 
 
 @pytest.mark.parametrize(
@@ -288,7 +308,7 @@ def test_invalid_uploads_are_refused(tmp_path: Path, files: dict, config: str | 
     with pytest.raises(error, match=match):
         staged.validate(32)
     staged.discard()
-    assert _tree(tmp_path) == [] and _staging(tmp_path) == []
+    assert _tree(tmp_path) == [] and staging_entries(tmp_path) == []
 
 
 def test_checker_failure_is_refused(tmp_path: Path) -> None:
@@ -319,7 +339,7 @@ def test_size_cap(tmp_path: Path) -> None:
     with pytest.raises(PayloadTooLarge):
         asyncio.run(files_receiver({"1/model.onnx": b"x" * 101}, None)(staged))
     staged.discard()
-    assert _staging(tmp_path) == []
+    assert staging_entries(tmp_path) == []
 
 
 def test_full_disk_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -331,7 +351,7 @@ def test_full_disk_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(OSError, match="No space"):
         asyncio.run(files_receiver({"1/model.onnx": _model_bytes()}, None)(staged))
     staged.discard()
-    assert _tree(tmp_path) == [] and _staging(tmp_path) == []
+    assert _tree(tmp_path) == [] and staging_entries(tmp_path) == []
 
 
 # ---- crash recovery ---------------------------------------------------------------------------------
@@ -339,7 +359,7 @@ def test_full_disk_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_recovery_removes_unfinished_and_finishes_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     unfinished = _stage(tmp_path, "half", {"1/model.onnx": _model_bytes()})
-    assert _staging(tmp_path) == [unfinished.dir]
+    assert staging_entries(tmp_path) == [unfinished.dir]
     # A crash right after the commit marker: nothing renamed yet.
     crashed = _stage(tmp_path, "m", {"1/model.onnx": _model_bytes()}, config="{}")
     crashed.validate(32)
@@ -357,7 +377,7 @@ def test_recovery_removes_unfinished_and_finishes_committed(tmp_path: Path, monk
     unfinished.release()  # the server that staged it died (its process held the lock)
     recover_staging(tmp_path)
     assert _tree(tmp_path) == ["m", "m/1", "m/1/model.onnx", "m/config.json"]
-    assert _staging(tmp_path) == []
+    assert staging_entries(tmp_path) == []
 
 
 def test_recovery_leaves_a_live_servers_upload_alone(tmp_path: Path) -> None:
@@ -372,14 +392,14 @@ def test_recovery_leaves_a_live_servers_upload_alone(tmp_path: Path) -> None:
     stray.write_text("x")
     # A live server's recovery runs in another process: the lock is per open file, so this one conflicts too.
     recover_staging(tmp_path)
-    assert sorted(_staging(tmp_path)) == sorted([in_flight.dir, committed.dir])
+    assert sorted(staging_entries(tmp_path)) == sorted([in_flight.dir, committed.dir])
     assert (in_flight.dir / "incoming" / "1" / "model.onnx").is_file()
     assert _tree(tmp_path) == []
     committed.publish_now()  # the live server goes on as if nothing happened
     committed.discard()
     assert _tree(tmp_path) == ["busy", "busy/1", "busy/1/model.onnx"]
     in_flight.discard()
-    assert _staging(tmp_path) == []
+    assert staging_entries(tmp_path) == []
 
 
 def test_staging_folder_deleted_before_its_lock_is_taken_is_replaced(
@@ -475,7 +495,7 @@ def test_form_is_streamed_into_staging(tmp_path: Path) -> None:
 def test_bad_forms(tmp_path: Path, body: bytes, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         _receive(tmp_path, body, max_bytes=4096)
-    assert _staging(tmp_path) == []
+    assert staging_entries(tmp_path) == []
 
 
 @pytest.mark.parametrize("content_type", ["", "application/json", "multipart/form-data", "text/plain; boundary=x"])

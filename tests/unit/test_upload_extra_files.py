@@ -14,7 +14,7 @@ import pytest
 
 from server.errors import InvalidInput, UnsupportedMediaType
 from server.http.multipart import form_receiver
-from server.repository.upload import STAGING, StagedUpload, files_receiver, parse_file_key
+from server.repository.upload import StagedUpload, files_receiver, parse_file_key, staging_entries
 from tests.models import fixtures
 
 LABELED = {
@@ -97,7 +97,7 @@ def test_labels_and_warmup_are_published_with_the_version(tmp_path: Path) -> Non
     staged.validate(32)
     assert staged.publish_now() == [1]
     assert (tmp_path / "m" / "labels.txt").read_bytes() == b"a\nb\n"
-    assert not list((tmp_path / STAGING).iterdir())
+    assert not staging_entries(tmp_path)
     # A second upload replaces the label file and adds warmup data beside what is there.
     (tmp_path / "m" / "warmup").mkdir()
     (tmp_path / "m" / "warmup" / "old.bin").write_bytes(b"o")
@@ -197,4 +197,4 @@ def test_bad_extra_fields(tmp_path: Path, parts: tuple, match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
         asyncio.run(form_receiver(f"multipart/form-data; boundary={BOUNDARY}", _chunks(body, 7), 1000)(staged))
     staged.discard()
-    assert not list((tmp_path / STAGING).iterdir())
+    assert not staging_entries(tmp_path)
