@@ -141,20 +141,21 @@ def served_requests(server: ServerProcess) -> int:
 class Figures:
     """One configuration's measurements, a value per round."""
 
-    infer_per_s: list[float] = field(default_factory=list)
-    cpu_us_per_request: list[float] = field(default_factory=list)
+    infer_per_s: dict[int, float] = field(default_factory=dict)
+    """Round -> throughput, for the rounds that succeeded."""
+    cpu_us_per_request: dict[int, float] = field(default_factory=dict)
     requests: int = 0
 
 
-def measure(server: ServerProcess, args: argparse.Namespace, out: Path, figures: Figures) -> str:
+def measure(server: ServerProcess, args: argparse.Namespace, out: Path, figures: Figures, round_: int) -> str:
     """One perf_analyzer run against ``server``: its throughput and the server's CPU time per request."""
     url = server.http_url if args.protocol == "http" else server.grpc_url
     cpu, requests = server_cpu_s(server), served_requests(server)
     run = perf.run_perf("mlp", args.protocol, url, args.concurrency, args.interval_ms, out, [])
     cpu, requests = server_cpu_s(server) - cpu, served_requests(server) - requests
     if run.infer_per_s and requests:
-        figures.infer_per_s.append(run.infer_per_s)
-        figures.cpu_us_per_request.append(cpu / requests * 1e6)
+        figures.infer_per_s[round_] = run.infer_per_s
+        figures.cpu_us_per_request[round_] = cpu / requests * 1e6
     return f"{run.infer_per_s} infer/s, {cpu / max(requests, 1) * 1e6:.0f} us CPU/request {run.error or ''}"
 
 
@@ -171,27 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     repo = out / "repo"
     models.write_repo(repo, ["mlp"])
     figures = {label: Figures() for label in CONFIGS}
-    with span_sink() as sink, contextlib.ExitStack() as stack:
-        servers: dict[str, ServerProcess] = {}
-        for label, ratio in CONFIGS.items():
-            (out / label).mkdir()
-            server = ServerProcess(
-                sys.executable, repo, out / f"{label}.log", cwd=ROOT, extra_args=("--default-precision", "none")
-            )
-            with mock.patch.dict("os.environ", tracing_env(label, ratio, sink.endpoint)):
-                servers[label] = stack.enter_context(server)  # the child copies the environment as it starts
-        for server in servers.values():
-            server.wait_ready(["mlp"])
-        labels = list(CONFIGS)
+    labels = list(CONFIGS)
+    with span_sink() as sink:
         for round_ in range(args.rounds):
-            for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
-                line = measure(servers[label], args, out / label, figures[label])
-                print(f"round {round_ + 1} tracing {label}: {line}", flush=True)
-        for label, server in servers.items():
-            figures[label].requests = served_requests(server)
-        time.sleep(6)  # the last spans leave the servers' batch processors (OTEL_BSP_SCHEDULE_DELAY: 5 s)
-        spans = dict(sink.requests_by_service)  # before the profile's own load adds more
-        share = tracing_share(servers["1%"], args, out) if args.profile else None
+            # Fresh servers every round: two processes of one build differ by up to ~6% here (an A/A run showed
+            # it), so servers kept for the whole run would pass their own luck off as the configuration's.
+            with started(labels, repo, out, sink.endpoint) as servers:
+                for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
+                    line = measure(servers[label], args, out / label, figures[label], round_)
+                    print(f"round {round_ + 1} tracing {label}: {line}", flush=True)
+                for label, server in servers.items():
+                    figures[label].requests += served_requests(server)
+            # Stopping a server flushes the spans its batch processor still held.
+        spans = dict(sink.requests_by_service)
+        share = None
+        if args.profile:
+            with started(["1%"], repo, out, sink.endpoint) as servers:
+                share = tracing_share(servers["1%"], args, out)
     report(args, figures, spans)
     if args.profile:
         print(
@@ -200,6 +197,23 @@ def main(argv: list[str] | None = None) -> int:
             else "  py-spy: not installed, no profile"
         )
     return 0
+
+
+@contextlib.contextmanager
+def started(labels: list[str], repo: Path, out: Path, endpoint: str) -> Iterator[dict[str, ServerProcess]]:
+    """One fresh server per configuration, ready to serve the MLP; all stopped on the way out."""
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, ServerProcess] = {}
+        for label in labels:
+            (out / label).mkdir(exist_ok=True)
+            server = ServerProcess(
+                sys.executable, repo, out / f"{label}.log", cwd=ROOT, extra_args=("--default-precision", "none")
+            )
+            with mock.patch.dict("os.environ", tracing_env(label, CONFIGS[label], endpoint)):
+                servers[label] = stack.enter_context(server)  # the child copies the environment as it starts
+        for server in servers.values():
+            server.wait_ready(["mlp"])
+        yield servers
 
 
 def tracing_share(server: ServerProcess, args: argparse.Namespace, out: Path) -> float | None:
@@ -234,23 +248,39 @@ def tracing_share(server: ServerProcess, args: argparse.Namespace, out: Path) ->
 
 
 def report(args: argparse.Namespace, figures: dict[str, Figures], spans: dict[str, int]) -> None:
-    """Medians of the rounds, each against "off"; the sampled fraction; the off path's own cost."""
-    print(f"MLP {args.protocol} c={args.concurrency}, {args.rounds} rounds, perf_analyzer, medians:")
+    """Per configuration: the median of its rounds, and the median of its ratios to "off" in the same round (the
+    paired figure, which the machine's drift between rounds does not move); what the sampled spans alone explain
+    (the 100% server's extra CPU per request times the ratio); the off path's own cost."""
+    print(f"MLP {args.protocol} c={args.concurrency}, {args.rounds} rounds of fresh servers, perf_analyzer:")
     off = figures["off"]
-    base_rate, base_cpu = statistics.median(off.infer_per_s), statistics.median(off.cpu_us_per_request)
+    base_cpu = statistics.median(off.cpu_us_per_request.values()) if off.cpu_us_per_request else 0.0
     for label, f in figures.items():
         if not f.infer_per_s:
             print(f"  tracing {label:>4}: no successful run")
             continue
-        rate, cpu = statistics.median(f.infer_per_s), statistics.median(f.cpu_us_per_request)
-        spread = f"{min(f.infer_per_s):,.0f}..{max(f.infer_per_s):,.0f}"
-        sampled = f", sampled {spans.get(f'bench-{label}', 0)}/{f.requests} requests" if label != "off" else ""
+        rate, cpu = statistics.median(f.infer_per_s.values()), statistics.median(f.cpu_us_per_request.values())
+        spread = f"{min(f.infer_per_s.values()):,.0f}..{max(f.infer_per_s.values()):,.0f}"
+        paired = ""
+        if label != "off":
+            rates = [f.infer_per_s[r] / off.infer_per_s[r] for r in f.infer_per_s if r in off.infer_per_s]
+            cpus = [f.cpu_us_per_request[r] / off.cpu_us_per_request[r] for r in f.infer_per_s if r in off.infer_per_s]
+            if rates:
+                paired = (
+                    f"; paired with off: throughput {statistics.median(rates):.3f} "
+                    f"(rounds {min(rates):.2f}..{max(rates):.2f}), CPU {statistics.median(cpus):.3f}"
+                )
+            paired += f", sampled {spans.get(f'bench-{label}', 0)}/{f.requests} requests"
+        print(f"  tracing {label:>4}: {rate:,.0f} infer/s (rounds {spread}), server CPU {cpu:.0f} us/request{paired}")
+    full = figures.get("100%")
+    if full is not None and full.cpu_us_per_request and base_cpu:
+        extra = statistics.median(full.cpu_us_per_request.values()) - base_cpu
         print(
-            f"  tracing {label:>4}: {rate:,.0f} infer/s (rounds {spread}) = {rate / base_rate:.3f} of off; "
-            f"server CPU {cpu:.0f} us/request = {cpu / base_cpu:.3f} of off{sampled}"
+            f"  a traced request costs {extra:.0f} us more CPU, so at 1% the spans alone explain "
+            f"{extra * 0.01 / base_cpu:.2%} of a request's CPU"
         )
     cost = off_path_ns()
-    print(f"  tracing off adds {cost:.0f} ns per request = {cost / (base_cpu * 1e3):.4%} of its server CPU time")
+    if base_cpu:
+        print(f"  tracing off adds {cost:.0f} ns per request = {cost / (base_cpu * 1e3):.4%} of its server CPU time")
 
 
 if __name__ == "__main__":
