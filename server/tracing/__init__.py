@@ -7,11 +7,16 @@ On when ``--tracing`` is given or ``OTEL_TRACES_EXPORTER`` names an exporter (``
 tracing off, the edges test one boolean and nothing else runs.
 
 Each inference request gets one SERVER span (``infer <model>``), a child of the caller's W3C ``traceparent``
-when it sent one, with Triton's trace timestamps as events (REQUEST_START, QUEUE_START, COMPUTE_START,
-COMPUTE_INPUT_END, COMPUTE_OUTPUT_START, COMPUTE_END, REQUEST_END) and one child span per phase (``queue``,
-``compute input``, ``compute infer``, ``compute output``). The phase times are the ones the batcher already
-takes for the statistics. A ``batch`` span (a child of the first traced request it served) links every traced
-request of the batch and carries the batch size and the instance that ran it.
+when it sent one, laid out as Triton's own OpenTelemetry traces are: the request span holds the events
+REQUEST_START, QUEUE_START and REQUEST_END, and its child span ``compute`` runs from COMPUTE_START to
+COMPUTE_END with the events COMPUTE_START, COMPUTE_INPUT_END, COMPUTE_OUTPUT_START and COMPUTE_END. So the queue
+is the gap before ``compute``, and compute input, infer and output lie between its events. The phase times are
+the ones the batcher already takes for the statistics. A ``batch`` span (a child of the first traced request it
+served) links every traced request of the batch and carries the batch size and the instance that ran it.
+
+Why events and not a span per phase: the SDK spends ~20 us of CPU to make a span and as much again to export
+it, and a traced request used to cost six spans; at a 1% sample ratio those spans were most of tracing's cost
+(BENCHMARKS.md, "Tracing"). Three spans per traced request keep every phase's times.
 """
 
 from __future__ import annotations
@@ -179,8 +184,9 @@ def _traced(trace: RequestTrace) -> Iterator[RequestTrace]:
         trace.finish(error)
 
 
-PHASES = ("queue", "compute input", "compute infer", "compute output")
-EVENTS = ("QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END")
+REQUEST_EVENTS = ("REQUEST_START", "QUEUE_START", "REQUEST_END")
+COMPUTE_EVENTS = ("COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END")
+"""The events of the request span and of its ``compute`` child, in their order (Triton's trace timestamps)."""
 
 
 @dataclass(eq=False)
@@ -212,16 +218,17 @@ class RequestTrace:
         end = time.time_ns()
         if span.is_recording():
             if self.times is not None:
-                tracer, wall = self.tracer._tracer, [self.tracer.wall_ns(t) for t in self.times]
-                for name, at in zip(EVENTS, wall, strict=True):
-                    span.add_event(name, timestamp=at)
+                queued, *compute = (self.tracer.wall_ns(t) for t in self.times)
+                span.add_event("QUEUE_START", timestamp=queued)
                 from opentelemetry import trace as otel
 
-                context = otel.set_span_in_context(span)
-                for name, begin, until in zip(PHASES, wall, wall[1:], strict=False):
-                    tracer.start_span(name, context=context, start_time=begin).end(end_time=until)
-                span.set_attribute("batch.size", self.batch_size)
-                span.set_attribute("instance", self.instance)
+                child = self.tracer._tracer.start_span(
+                    "compute", context=otel.set_span_in_context(span), start_time=compute[0]
+                )
+                for name, at in zip(COMPUTE_EVENTS, compute, strict=True):
+                    child.add_event(name, timestamp=at)
+                child.end(end_time=compute[-1])
+                span.set_attributes({"batch.size": self.batch_size, "instance": self.instance})
             if error is not None:
                 from opentelemetry.trace import Status, StatusCode
 
