@@ -42,10 +42,12 @@ def test_jaeger_receives_otlp_from_the_server_and_publishes_its_ui() -> None:
     assert "jaeger" in services()["optiserve"]["depends_on"]
 
 
-def test_the_image_has_the_tracing_extra() -> None:
+def test_the_images_have_the_tracing_extra() -> None:
     extra = re.search(r"^tracing = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     assert extra is not None and '"opentelemetry-exporter-otlp-proto-http' in extra.group(1)
     assert 'pip install --no-cache-dir "./[tracing]"' in (ROOT / "Dockerfile").read_text()
+    gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    assert '"./[${EXTRAS},tracing]"' in gpu  # whichever GPU extra the build picks
 
 
 def test_the_servers_otel_variables_start_a_ratio_sampled_otlp_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
