@@ -6,8 +6,11 @@ zeros (``zero_data``), random values (``random_data``: [0, 1) for floats, 0 or 1
 empty strings for BYTES, which Triton also leaves unrandomized) or the raw bytes of a file in the model's
 ``warmup/`` folder (``input_data_file``: one sample in row-major order; BYTES elements as a 4-byte little-endian
 length and the bytes). A failing entry fails the load, naming the entry. Without ``model_warmup``, one batch of
-zeros in the configured shapes (dynamic dims as 1) runs on every instance so the first request does not pay the
-session's initialization; when that shape cannot be made or the run fails, the load goes on with a warning.
+zeros in the configured shapes runs on every instance so the first request does not pay the session's
+initialization. Dynamic dims are 1 first; when that does not run (a detector wants multiples of 32, an audio model
+a sequence longer than its padding) the sizes the optimizer's reference search tries follow, on one instance, for
+at most :data:`DEFAULT_SEARCH_S`; the first that runs warms every instance. When none runs, or no shape can be
+made, the load goes on with a warning.
 
 Entries were checked against the config when it was parsed and completed
 (:func:`server.repository.config.check_warmup`). Runs go straight to the instances on the calling thread, so
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from optimizers.reference import DYNAMIC_DIM, SEARCH_SIZES
 from server.backends.base import Backend, Tensors
 from server.errors import LoadFailed, ServerError
 from server.protocol import datatypes
@@ -35,6 +39,10 @@ from server.repository.layout import Repository
 log = logging.getLogger("optiserve.warmup")
 WARMUP_FOLDER = "warmup"
 """The folder next to config.pbtxt holding ``input_data_file`` files, as in Triton."""
+DEFAULT_SIZES = (1, DYNAMIC_DIM, *SEARCH_SIZES)
+"""Sizes tried, in order, for the dynamic dims of the default warmup."""
+DEFAULT_SEARCH_S = 10.0
+"""Time the default warmup may spend on sizes that do not run before it gives up (with a warning)."""
 
 
 @dataclass
@@ -65,8 +73,7 @@ def warm_up(
         return {"source": "model_warmup", "duration_s": time.monotonic() - started, "entries": entries}
     report: dict[str, Any] = {"source": "default", "entries": []}
     try:
-        sample = default_sample(config)
-        report["entries"].append(_run(backends, sample, f"{label}: default warmup"))
+        report["entries"].append(_run_default(backends, config, f"{label}: default warmup"))
     except (ServerError, ValueError, KeyError) as exc:
         reason = getattr(exc, "message", None) or str(exc)
         log.warning("%s: default warmup skipped, the first request pays session initialization: %s", label, reason)
@@ -99,8 +106,38 @@ def warmup_samples(config: ModelConfig, model_dir: Path, repository: Repository,
     return samples
 
 
-def default_sample(config: ModelConfig) -> WarmupSample:
-    """One batch of zeros in the configured shapes, dynamic dims as 1; ValueError when there is no shape."""
+def _run_default(backends: Sequence[Backend], config: ModelConfig, where: str) -> dict[str, Any]:
+    """The first default sample that runs on the first instance (see the module's docstring), then run on the
+    others; LoadFailed with the first size's reason when none runs."""
+    first: LoadFailed | None = None
+    deadline = time.monotonic() + DEFAULT_SEARCH_S
+    for sample in default_samples(config):
+        try:
+            entry = _run(backends[:1], sample, where)
+        except LoadFailed as exc:
+            first = first or exc
+            if time.monotonic() > deadline:
+                break
+            continue
+        if len(backends) > 1:
+            entry = _run(backends[1:], sample, where)
+            entry["instances"] = len(backends)
+        if sample.name != "default":
+            log.info("%s: ran with the dynamic dims as %s (1 did not run)", where, sample.name.split("=")[1])
+        return entry
+    assert first is not None  # default_samples yields at least one sample
+    raise first
+
+
+def default_samples(config: ModelConfig) -> list[WarmupSample]:
+    """:func:`default_sample` for each size in :data:`DEFAULT_SIZES` (just the one when no dim is dynamic)."""
+    dynamic = any(int(d) == -1 for tensor in config.input for d in tensor.dims)
+    return [default_sample(config, size) for size in (DEFAULT_SIZES if dynamic else (1,))]
+
+
+def default_sample(config: ModelConfig, size: int = 1) -> WarmupSample:
+    """One batch of zeros in the configured shapes, dynamic dims as ``size``; ValueError when there is no
+    shape. Named ``default``, or ``default, dynamic dims=<size>`` for a size other than 1."""
     if not config.input:
         raise ValueError("the config lists no inputs")
     inputs: Tensors = {}
@@ -108,11 +145,11 @@ def default_sample(config: ModelConfig) -> WarmupSample:
         if tensor.data_type == mc.TYPE_INVALID:
             raise ValueError(f"input {tensor.name!r} has no data_type")
         dtype = datatypes.BY_CONFIG_NAME[mc.DataType.Name(tensor.data_type)]
-        dims = tuple(1 if int(d) == -1 else int(d) for d in tensor.dims)
+        dims = tuple(size if int(d) == -1 else int(d) for d in tensor.dims)
         if int(config.max_batch_size) > 0:
             dims = (1, *dims)
         inputs[tensor.name] = _zeros(dtype, dims)
-    return WarmupSample("default", 1, 1, inputs)
+    return WarmupSample("default" if size == 1 else f"default, dynamic dims={size}", 1, 1, inputs)
 
 
 def _run(backends: Sequence[Backend], sample: WarmupSample, where: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Triton's model_warmup (server.models.warmup, server.repository.config.check_warmup): entries checked when
 the config is parsed and completed, naming the field; zero, random and file data in Triton's shapes; count
 repeats; every instance runs every entry; a failing entry fails the load naming it; without model_warmup one
-default batch of zeros runs, and its failure only warns."""
+default batch of zeros runs (dynamic dims searched when 1 does not run), and its failure only warns."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from server.backends.base import Backend, Tensors
 from server.backends.onnxruntime import OnnxRuntimeBackend, SessionConfig
 from server.errors import LoadFailed, ServerError
-from server.models.warmup import default_sample, warm_up, warmup_samples
+from server.models.warmup import DEFAULT_SIZES, default_sample, warm_up, warmup_samples
 from server.repository.config import (
     MAX_WARMUP_COUNT,
     MAX_WARMUP_ELEMENTS,
@@ -53,6 +53,7 @@ class Recorder(Backend):
     def __init__(self, name: str, fail: bool = False) -> None:
         super().__init__(name)
         self.runs: list[Tensors] = []
+        self.attempts = 0
         self.fail = fail
         self.load()
 
@@ -60,6 +61,7 @@ class Recorder(Backend):
         return None
 
     def infer_impl(self, inputs: Tensors) -> Tensors:
+        self.attempts += 1
         if self.fail:
             raise RuntimeError("kernel exploded")
         self.runs.append(inputs)
@@ -245,6 +247,39 @@ def test_a_failing_default_warmup_only_warns(repo: tuple[Repository, Path], capl
     assert "kernel exploded" in report["skipped"]
     assert "default warmup skipped" in caplog.text
     assert "no inputs" in warm_up([Recorder("m:1#0")], ModelConfig(), model_dir, repository)["skipped"]
+
+
+def test_the_default_warmup_searches_dynamic_dims_that_run(repo: tuple[Repository, Path], tmp_path: Path) -> None:
+    """A YOLO-shaped detector runs only with height and width multiples of 32: dims as 1 (and 8) fail in a neck
+    Concat, so the default warmup goes on to 32 on the first instance, then warms the other with it."""
+    from tests.unit.optimizers import models
+
+    repository, model_dir = repo
+    detector = models.yolo_detector()
+    path = fixtures.write_model(tmp_path, "d", detector) / "model.onnx"
+    backends: list[Backend] = [OnnxRuntimeBackend(f"d:1#{i}", path, SessionConfig()) for i in range(2)]
+    for backend in backends:
+        backend.load()
+    try:
+        config = _completed({}, detector)
+        assert [int(d) for d in config.input[0].dims] == [3, -1, -1]
+        report = warm_up(backends, config, model_dir, repository)
+        (entry,) = report["entries"]
+        assert "skipped" not in report and entry["instances"] == 2
+        assert entry["name"] == "default, dynamic dims=32" and DEFAULT_SIZES[:3] == (1, 8, 32)
+    finally:
+        for backend in backends:
+            backend.unload()
+
+
+def test_only_dynamic_dims_are_searched(repo: tuple[Repository, Path]) -> None:
+    repository, model_dir = repo
+    fixed = Recorder("m:1#0", fail=True)
+    report = warm_up([fixed], _completed({}), model_dir, repository)  # the MLP: x [batch, 8], nothing to search
+    assert "kernel exploded" in report["skipped"] and fixed.attempts == 1
+    dynamic = Recorder("m:1#0", fail=True)
+    report = warm_up([dynamic], _completed({}, fixtures.dynamic_seq()), model_dir, repository)  # tokens [batch, -1]
+    assert "kernel exploded" in report["skipped"] and dynamic.attempts == len(DEFAULT_SIZES)
 
 
 def test_real_sessions_warm_up(repo: tuple[Repository, Path], tmp_path: Path) -> None:
