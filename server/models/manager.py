@@ -5,28 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 from server.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, ServerError, ServerUnavailable
 from server.metrics import Metric, ServerMetrics, memory_families, state_families
 from server.models.background import BackgroundOptimizer
-from server.models.budget import MIB, MemoryBudget, NeverFits, NoRoomYet, Resident
+from server.models.budget import NoRoomYet
 from server.models.ensemble import EnsembleVersion, MemberTensors, build_ensemble, is_ensemble, parse_steps
 from server.models.entry import ModelEntry, ModelState, VersionStatus
 from server.models.loader import VersionLoader
-from server.models.memory import estimate, files_bytes, prime_onnxruntime, release_freed_memory
+from server.models.memory import prime_onnxruntime, release_freed_memory
+from server.models.residency import Residency, close_all, is_pinned
 from server.models.response_cache import ResponseCache
 from server.models.stats import ModelStats
 from server.models.threads import in_daemon_thread
 from server.models.version import ModelVersion
 from server.protocol.numbers import parse_uint
-from server.repository.config import LoadedConfig, ModelConfig, read_config
+from server.repository.config import LoadedConfig, read_config
 from server.repository.layout import Repository, select_versions
-from server.settings import Settings, parse_budget
+from server.settings import Settings
 
 log = logging.getLogger("optiserve.models")
 NOT_LOADED_YET = "not loaded; loads on its first request (--load-on-demand)"
@@ -65,7 +65,16 @@ class ModelManager:
         self._draining = False
         self._startup_done = False
         self.background = BackgroundOptimizer(self.loader, settings, metrics, self._retire)
-        self.budget = MemoryBudget(parse_budget(settings.model_memory_budget), settings.model_min_residency_s)
+        self.residency = Residency(
+            self._entries,
+            repository,
+            settings,
+            metrics,
+            self.background,
+            retire=self._retire,
+            config_of=self._read_config,
+            load_on_demand=lambda name: self.load(name, trigger="on_demand"),
+        )
 
     # ---- queries -------------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
@@ -122,7 +131,7 @@ class ModelManager:
         memory = [(v.name, str(v.version), "cpu", v.memory_bytes) for v in self.served_versions()]
         return [
             *state_families(states, pending, variants),
-            *memory_families(memory, self.budget.limit, self.memory_used()),
+            *memory_families(memory, self.residency.budget.limit, self.residency.memory_used()),
         ]
 
     def pending(self) -> int:
@@ -160,7 +169,7 @@ class ModelManager:
         if self.settings.load_on_demand:  # the rest load when a request first needs them
             for name in names:
                 self._entry(name).model_status = VersionStatus(ModelState.UNAVAILABLE, NOT_LOADED_YET)
-            names = [name for name in names if await asyncio.to_thread(self._pinned_on_disk, name)]
+            names = [name for name in names if await asyncio.to_thread(self.residency.pinned_on_disk, name)]
         for name in names:
             entry = self._entry(name)
             entry.wanted = True
@@ -216,11 +225,11 @@ class ModelManager:
             entry.model_status = VersionStatus(ModelState.LOADING, "loading")
             ticket = None
             try:
-                ticket = await self._make_room(name, config_text, trigger)
+                ticket = await self.residency.make_room(name, config_text, trigger)
                 built = await in_daemon_thread(
-                    lambda: self._build_all(name, config_text, entry, members), name=f"load-{name}", orphan=_close_all
+                    lambda: self._build_all(name, config_text, entry, members), name=f"load-{name}", orphan=close_all
                 )
-                await self._fit_measured(name, built, ticket, trigger)
+                await self.residency.fit_measured(name, built, ticket, trigger)
             except asyncio.CancelledError:
                 # The caller went away (a client timeout, shutdown): the build finishes on its own and its
                 # result is closed; the model must not stay LOADING, nor an upload stay half-published.
@@ -242,7 +251,7 @@ class ModelManager:
                 raise LoadFailed(f"model {name!r}: {exc}") from exc
             finally:
                 if ticket is not None:
-                    self.budget.release(ticket)
+                    self.residency.budget.release(ticket)
             old = entry.served
             entry.served = built
             entry.status = {v: _ready_status(built[v]) for v in built}
@@ -364,7 +373,11 @@ class ModelManager:
             entry = self._entries[name] = ModelEntry(name)
         return entry
 
-    # ---- memory budget and on-demand loading ------------------------------------------------------
+    def _count_load(self, name: str, trigger: LoadTrigger) -> None:
+        if self.metrics is not None and self.metrics.enabled:
+            self.metrics.loads.labels(name, trigger).inc()
+
+    # ---- on-demand loading ----------------------------------------------------------------------
     async def acquire(self, name: str, version: str = "", timeout_s: float | None = None) -> ModelVersion:
         """:meth:`get`, and with --load-on-demand, a model of the repository that is not loaded is loaded
         first: the request waits up to ``timeout_s`` (else --load-wait-s), sharing one load with every other
@@ -373,157 +386,10 @@ class ModelManager:
         try:
             return self.get(name, version)
         except (ModelNotFound, ModelNotReady):
-            if not self._loads_on_demand(name):
+            if self._draining or not self.residency.loads_on_demand(name):
                 raise
-        entry = self._entry(name)
-        if entry.failed is not None:
-            current = await asyncio.to_thread(self.repository.fingerprint, name)
-            if current == entry.failed:
-                raise ModelNotFound(f"model {name!r} is not loaded ({entry.model_status.reason})")
-        if entry.on_demand is None or entry.on_demand.done():
-            entry.on_demand = asyncio.get_running_loop().create_task(self._load_on_demand(entry))
-        wait = timeout_s if timeout_s is not None else self.settings.load_wait_s
-        try:
-            await asyncio.wait_for(asyncio.shield(entry.on_demand), wait)
-        except TimeoutError:
-            raise ServerUnavailable(
-                f"model {name!r} is loading on demand and was not ready within {wait:g}s", retry_after_s=1
-            ) from None
-        except (NoRoomYet, NeverFits):
-            raise
-        except ServerError as exc:
-            raise ModelNotFound(f"model {name!r} could not be loaded on demand: {exc.message}") from None
+        await self.residency.load_for_request(self._entry(name), timeout_s)
         return self.get(name, version)
-
-    def _loads_on_demand(self, name: str) -> bool:
-        """Whether a request may load this model now: on-demand loading is on, the server is not draining, and
-        the model is in the repository but serves nothing."""
-        if not self.settings.load_on_demand or self._draining:
-            return False
-        entry = self._entries.get(name)
-        if entry is not None and entry.served:
-            return False  # loaded: a missing version is the request's error, not a reason to load
-        try:
-            return name in self.repository.model_names()
-        except ServerError:
-            return False
-
-    async def _load_on_demand(self, entry: ModelEntry) -> None:
-        async with entry.lock:  # a load already under way (an upload, a poll) finishes first
-            loaded = bool(entry.served)
-        if not loaded:
-            await self.load(entry.name, trigger="on_demand")
-
-    async def _make_room(self, name: str, config_text: str | None, trigger: LoadTrigger) -> int | None:
-        """With a budget: unload idle models until this load's estimated cost fits, and hold that room for it
-        (a ticket for MemoryBudget.release)."""
-        if not self.budget.enabled:
-            return None
-        need = await asyncio.to_thread(self._estimate, name, config_text)
-        snapshot, deadline = self._room_rules(trigger)
-        return await self.budget.reserve(name, need, snapshot, self._evict, deadline)
-
-    async def _fit_measured(
-        self, name: str, built: dict[int, ModelVersion], ticket: int | None, trigger: LoadTrigger
-    ) -> None:
-        """Replace the estimate by what the new versions measured; if they need more room than was held and
-        it cannot be made, they are released and the load fails (what served before keeps serving)."""
-        for version in built.values():
-            self.budget.remember(name, version.version, _files(version), version.memory_bytes)
-        if ticket is None:
-            return
-        measured = sum(v.memory_bytes for v in built.values())
-        snapshot, deadline = self._room_rules(trigger)
-        try:
-            await self.budget.adjust(ticket, name, measured, snapshot, self._evict, deadline)
-        except BaseException:
-            await asyncio.to_thread(_close_all, built)
-            raise
-
-    def _room_rules(self, trigger: LoadTrigger) -> tuple[Callable[[], list[Resident]], float]:
-        """Who may be unloaded for a load, and until when it waits for room: start-up fills the budget without
-        waiting and models loaded at start never evict each other; other loads wait up to --load-wait-s."""
-        if trigger == "startup":
-            return (lambda: [dataclasses.replace(r, busy=True) for r in self._residents()]), time.monotonic()
-        return self._residents, time.monotonic() + self.settings.load_wait_s
-
-    def _estimate(self, name: str, config_text: str | None) -> int:
-        """Bytes the versions this load will serve are expected to hold: what they measured when last loaded
-        here, else a multiple of their files (server/models/memory.py). 0 when the config cannot be read (the
-        build reports why)."""
-        try:
-            loaded = self._read_config(name, config_text)
-            versions = select_versions(loaded.config.version_policy, self.repository.versions(name))
-        except ServerError:
-            return 0
-        instances = max(1, sum(group.count or 1 for group in loaded.config.instance_group))
-        total = 0
-        for version in versions:
-            file_bytes = files_bytes(self.repository.version_dir(name, version))
-            known = self.budget.known_cost(name, version, file_bytes)
-            total += known if known is not None else estimate(file_bytes, instances)
-        return total
-
-    def _residents(self) -> list[Resident]:
-        """The budget's view of every loaded model. Members of a loaded ensemble count as busy: the ensemble
-        looks them up per request."""
-        members = {
-            step.model_name
-            for entry in self._entries.values()
-            for version in entry.served.values()
-            if isinstance(version, EnsembleVersion)
-            for step in version.steps
-        }
-        rows = []
-        for entry in list(self._entries.values()):
-            versions = list(entry.served.values())
-            if not versions:
-                continue
-            busy = entry.lock.locked() or entry.name in members or _in_use(versions)
-            rows.append(
-                Resident(
-                    entry.name,
-                    sum(v.memory_bytes for v in versions),
-                    entry.last_used,
-                    entry.loaded_at,
-                    pinned=entry.pinned,
-                    busy=busy,
-                )
-            )
-        return rows
-
-    async def _evict(self, name: str) -> bool:
-        """Unload an idle model for the budget; False (and nothing changes) if it became busy meanwhile."""
-        entry = self._entries.get(name)
-        if entry is None or not entry.served or entry.lock.locked():
-            return False
-        async with entry.lock:  # free: taken at once, no request can look it up in between
-            old = entry.served
-            if _in_use(old.values()):
-                return False
-            freed, idle_s = sum(v.memory_bytes for v in old.values()), time.monotonic() - entry.last_used
-            entry.served, entry.wanted = {}, False
-            self.background.cancel(name)
-            reason = "evicted for the memory budget"
-            if self.settings.load_on_demand:
-                reason += "; loads on its next request"
-            for version in old:
-                entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, reason)
-            entry.model_status = VersionStatus(ModelState.UNAVAILABLE, reason)
-        await self._retire(old)
-        await asyncio.to_thread(release_freed_memory)
-        if self.metrics is not None and self.metrics.enabled:
-            self.metrics.evictions.labels(name).inc()
-        log.info("model %s evicted for the memory budget: %.1f MiB freed, idle for %.1fs", name, freed / MIB, idle_s)
-        return True
-
-    def _count_load(self, name: str, trigger: LoadTrigger) -> None:
-        if self.metrics is not None and self.metrics.enabled:
-            self.metrics.loads.labels(name, trigger).inc()
-
-    def memory_used(self) -> int:
-        """Bytes every loaded version holds, as the budget counts them."""
-        return sum(v.memory_bytes for v in self.served_versions())
 
     # ---- building (runs in a worker thread) ------------------------------------------------------
     async def _ensemble_members(
@@ -575,12 +441,6 @@ class ModelManager:
     def _ensemble_stats(self, name: str, version: int) -> ModelStats:
         return ModelStats(self.metrics.for_version(name, str(version)) if self.metrics else None)
 
-    def _pinned_on_disk(self, name: str) -> bool:
-        try:
-            return is_pinned(read_config(self.repository.model_dir(name)).config)
-        except ServerError:
-            return True  # a config that cannot be read: load it now, so the index shows why
-
     def _read_config(self, name: str, config_text: str | None) -> LoadedConfig:
         from server.repository.config import parse_config
 
@@ -617,25 +477,3 @@ class ModelManager:
 def _ready_status(served: ModelVersion) -> VersionStatus:
     """READY; the reason says when the optimizer still has to run for it."""
     return VersionStatus(ModelState.READY, "optimizing: waiting" if served.pending is not None else "")
-
-
-def _close_all(versions: dict[int, ModelVersion]) -> None:
-    """Release versions built for a load nobody waits for any more."""
-    for version in versions.values():
-        version.close(0)
-
-
-def is_pinned(config: ModelConfig) -> bool:
-    """A config's ``parameters { key: "pinned" value { string_value: "true" } }``: never unloaded for the memory
-    budget (a Triton-valid way to say it: Triton's config has no field for this)."""
-    parameter = config.parameters.get("pinned")
-    return parameter is not None and parameter.string_value.strip().lower() in ("true", "1", "yes")
-
-
-def _in_use(versions: Iterable[ModelVersion]) -> bool:
-    """Requests queued, running, or looked up and on their way to the queue."""
-    return any(v.in_flight or v.batcher.pending for v in versions)
-
-
-def _files(version: ModelVersion) -> int:
-    return int(version.report.get("memory", {}).get("files_bytes", 0))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from server.models.budget import MIB, MemoryBudget, NeverFits, NoRoomYet, Resident, plan_evictions
-from server.models.manager import is_pinned
 from server.models.memory import charge, estimate, measure_resident
+from server.models.residency import is_pinned
 from server.repository.config import parse_config
 from server.settings import parse_budget
 
