@@ -16,7 +16,7 @@ served) links every traced request of the batch and carries the batch size and t
 
 Why events and not a span per phase: the SDK spends ~20 us of CPU to make a span and as much again to export
 it, and a traced request used to cost six spans; at a 1% sample ratio those spans were most of tracing's cost
-(BENCHMARKS.md, "Tracing"). Three spans per traced request keep every phase's times.
+(BENCHMARKS.md §11, "What request tracing costs"). Three spans per traced request keep every phase's times.
 """
 
 from __future__ import annotations
