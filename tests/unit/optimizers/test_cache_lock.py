@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,20 @@ class HeldBenchmark(FakeBenchmark):
         return super().__call__(label, model_path, spec, feeds)
 
 
-def test_a_second_server_waits_for_the_first_build_and_reuses_it(tmp_path: Path) -> None:
-    model = models.save(models.trained_digits().model, tmp_path / "m")
-    options = OptimizeOptions(time_budget_s=0.05)
+@dataclass
+class Race:
+    """Two servers' runs of one model on one cache, the second started while the first held its build."""
+
+    first_server: Pipeline
+    second_server: Pipeline
+    second_bench: FakeBenchmark
+    built: PipelineResult
+    reused: PipelineResult
+
+
+def _race(tmp_path: Path, model: Path, first_options: OptimizeOptions, second_options: OptimizeOptions) -> Race:
+    """The first server's run is held at its first timing until the second is seen waiting for the first's
+    lock; then both finish."""
     held = HeldBenchmark()
     first_server = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=held)
     second_bench = FakeBenchmark(FAST_INT8)
@@ -56,10 +68,12 @@ def test_a_second_server_waits_for_the_first_build_and_reuses_it(tmp_path: Path)
     waiting = threading.Event()
 
     def first() -> None:
-        results["first"] = first_server.run(model, options)
+        results["first"] = first_server.run(model, first_options)
 
     def second() -> None:
-        results["second"] = second_server.run(model, options, lambda step: waiting.set() if "waiting" in step else None)
+        results["second"] = second_server.run(
+            model, second_options, lambda step: waiting.set() if "waiting" in step else None
+        )
 
     builder = threading.Thread(target=first)
     builder.start()
@@ -70,8 +84,16 @@ def test_a_second_server_waits_for_the_first_build_and_reuses_it(tmp_path: Path)
     held.release.set()
     builder.join(60)
     follower.join(60)
+    return Race(first_server, second_server, second_bench, results["first"], results["second"])
 
-    built, reused = results["first"], results["second"]
+
+def test_a_second_server_waits_for_the_first_build_and_reuses_it(tmp_path: Path) -> None:
+    model = models.save(models.trained_digits().model, tmp_path / "m")
+    options = OptimizeOptions(time_budget_s=0.05)
+    race = _race(tmp_path, model, options, options)
+    first_server, second_server, second_bench = race.first_server, race.second_server, race.second_bench
+
+    built, reused = race.built, race.reused
     assert built.report["cache"] == "miss" and not built.report["cache_hit"]
     assert reused.report["cache"] == "waited" and reused.report["cache_hit"]
     assert reused.model_path == built.model_path
@@ -130,33 +152,14 @@ def _traffic(tmp_path: Path, server: str, rows: slice) -> OptimizeOptions:
 def test_traffic_runs_of_two_servers_optimize_once(tmp_path: Path) -> None:
     """Each server samples its own traffic, so their own keys differ; they meet on the key without the sample."""
     model = models.save(models.trained_digits().model, tmp_path / "m")
-    held = HeldBenchmark()
-    first_server = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=held)
-    second_bench = FakeBenchmark(FAST_INT8)
-    second_server = Pipeline(tmp_path / "cache", device=fake_device(), benchmark=second_bench)
-    results: dict[str, PipelineResult] = {}
-    waiting = threading.Event()
     first_options, second_options = _traffic(tmp_path, "a", slice(0, 40)), _traffic(tmp_path, "b", slice(40, 80))
+    race = _race(tmp_path, model, first_options, second_options)
 
-    builder = threading.Thread(target=lambda: results.update(first=first_server.run(model, first_options)))
-    builder.start()
-    assert held.started.wait(60)
-    follower = threading.Thread(
-        target=lambda: results.update(
-            second=second_server.run(model, second_options, lambda s: waiting.set() if "waiting" in s else None)
-        )
-    )
-    follower.start()
-    assert waiting.wait(30), "the second server did not wait for the first one's run"
-    held.release.set()
-    builder.join(60)
-    follower.join(60)
-
-    assert results["first"].report["cache"] == "miss" and results["first"].report["reference"]["source"] == "traffic"
-    assert results["second"].report["cache"] == "waited" and second_bench.calls == []
-    assert results["second"].model_path == results["first"].model_path
+    assert race.built.report["cache"] == "miss" and race.built.report["reference"]["source"] == "traffic"
+    assert race.reused.report["cache"] == "waited" and race.second_bench.calls == []
+    assert race.reused.model_path == race.built.model_path
     # A later load without a sample (a restart, a new replica) finds it before READY.
-    assert second_server.lookup(model, OptimizeOptions(time_budget_s=0.05)) is not None
+    assert race.second_server.lookup(model, OptimizeOptions(time_budget_s=0.05)) is not None
 
 
 def test_traffic_run_does_not_take_a_result_checked_on_generated_inputs(tmp_path: Path) -> None:
