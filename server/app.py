@@ -72,7 +72,9 @@ class OptiServe:
         registry = self.metrics.registry if settings.metrics else None
         # One set of client shared-memory regions, registered and used through either edge.
         self.shared_memory = SharedMemoryRegistry(settings.allow_client_shm, settings.max_shm_regions)
-        self.http_app = create_http_app(self.dataplane, settings, access, registry, self.shared_memory, self.fleet)
+        self.http_app = create_http_app(
+            self.dataplane, settings, access, registry, self.shared_memory, self.fleet, self.tracer
+        )
         # Inference is served in front of FastAPI, skipping its middleware and routing (server/http/fast.py).
         self.asgi_app = InferFastPath(
             self.http_app, self.dataplane, settings.max_request_bytes, limits, access, self.shared_memory, self.tracer

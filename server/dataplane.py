@@ -48,6 +48,7 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "statistics",
     "system_shared_memory",
+    "trace",
 ]
 
 
@@ -194,6 +195,11 @@ class DataPlane:
         """Every model in the repository with its state and the reason of any failure."""
         rows = self.models.index()
         return [row for row in rows if row["state"] == "READY"] if ready_only else rows
+
+    def require_model(self, name: str) -> None:
+        """Raise ModelNotFound unless ``name`` is in the repository (loaded or not): for per-model settings."""
+        if name not in self.models.repository.model_names():
+            raise ModelNotFound(f"model {name!r} is not in the repository")
 
     async def load_model(
         self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None

@@ -26,6 +26,7 @@ from server.protocol.numbers import is_ascii_uint
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.repository.replicas import Fleet
 from server.settings import Settings
+from server.tracing import Tracer
 
 UPLOAD_FORM = {
     "requestBody": {
@@ -107,6 +108,7 @@ def create_http_app(
     registry: CollectorRegistry | None = None,
     regions: SharedMemoryRegistry | None = None,
     fleet: Fleet | None = None,
+    tracer: Tracer | None = None,
 ) -> FastAPI:
     """Build the FastAPI application around one DataPlane (and its metrics registry, if metrics are on): every
     route but inference, which server/http/fast.py serves in front of it (here it is only documented)."""
@@ -119,6 +121,7 @@ def create_http_app(
     _add_shared_memory_routes(app, regions or SharedMemoryRegistry(enabled=False), settings, access)
     if fleet is not None:
         _add_fleet_route(app, fleet, _guard(access, Scope.INFERENCE))
+    _add_trace_routes(app, dataplane, tracer or Tracer(), access)
     if registry is not None:
         _add_metrics_route(app, registry)
     return app
@@ -155,6 +158,37 @@ def _add_shared_memory_routes(
     async def shm_unregister(name: str) -> Response:
         regions.unregister(name)
         return json_response({})
+
+
+def _add_trace_routes(app: FastAPI, dataplane: DataPlane, tracer: Tracer, access: AccessPolicy) -> None:
+    """Triton's trace extension (server/tracing/control.py): reading the settings is an inference-scope read,
+    changing them takes the admin scope."""
+    guard = _guard(access, Scope.INFERENCE)
+    admin = _guard(access, Scope.ADMIN)
+
+    @app.get("/v2/trace/setting", tags=["tracing"], dependencies=guard)
+    async def trace_settings() -> Response:
+        return json_response(tracer.control.settings())
+
+    @app.post("/v2/trace/setting", tags=["tracing"], dependencies=admin)
+    async def update_trace_settings(request: Request) -> Response:
+        return json_response(tracer.control.update(None, await _settings_body(request)))
+
+    @app.get("/v2/models/{model_name}/trace/setting", tags=["tracing"], dependencies=guard)
+    async def model_trace_settings(model_name: str) -> Response:
+        dataplane.require_model(model_name)
+        return json_response(tracer.control.settings(model_name))
+
+    @app.post("/v2/models/{model_name}/trace/setting", tags=["tracing"], dependencies=admin)
+    async def update_model_trace_settings(request: Request, model_name: str) -> Response:
+        dataplane.require_model(model_name)
+        return json_response(tracer.control.update(model_name, await _settings_body(request)))
+
+
+async def _settings_body(request: Request) -> dict[str, Any]:
+    """A trace setting request's JSON object (Triton: setting name -> string, list of strings or null)."""
+    body = await read_request_body(request, 64 * 1024)
+    return parse_json_object(body, "trace settings") if body.strip() else {}
 
 
 def _add_fleet_route(app: FastAPI, fleet: Fleet, guard: list[Any]) -> None:

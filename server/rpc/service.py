@@ -209,6 +209,22 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return pb.CudaSharedMemoryUnregisterResponse()
 
     @translate_errors
+    async def TraceSetting(self, request: Any, context: Any) -> Any:
+        """Triton's trace extension (server/tracing/control.py): no settings reads them, settings change them
+        (admin scope); an empty value clears a model's own setting."""
+        changes = {key: list(value.value) for key, value in request.settings.items()}
+        self._authorize(context, Scope.ADMIN if changes else Scope.INFERENCE)
+        model = request.model_name or None
+        if model is not None:
+            self.dataplane.require_model(model)
+        control = self.tracer.control
+        settings = control.update(model, changes) if changes else control.settings(model)
+        reply = pb.TraceSettingResponse()
+        for key, value in settings.items():
+            reply.settings[key].value.extend(value if isinstance(value, list) else [value])
+        return reply
+
+    @translate_errors
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         self._authorize(context, Scope.INFERENCE)
         rows = self.dataplane.repository_index(request.ready)

@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server.tracing.control import TRACE_ID_SPACE, TraceControl
+
 log = logging.getLogger("optiserve.tracing")
 
 CURRENT: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar("optiserve_trace", default=None)
@@ -47,14 +49,19 @@ def wanted(flag: bool, environ: Mapping[str, str] = os.environ) -> bool:
 class Tracer:
     """The server's tracer: built once by the composition root, handed to both edges."""
 
-    def __init__(self, provider: Any = None) -> None:
+    def __init__(self, provider: Any = None, control: TraceControl | None = None, *, parent_based: bool = True) -> None:
         """``provider``: an OpenTelemetry SDK TracerProvider, or None for tracing off. When its id generator is a
-        :class:`server.tracing.sampling.RootSampler`, root requests are sampled before any span is made."""
+        :class:`server.tracing.sampling.RootSampler`, this tracer samples every request before any span is made
+        (``parent_based``: a caller's ``traceparent`` flag decides for its request), at the ratios ``control``
+        (Triton's trace settings) holds; otherwise the provider's sampler decides and ``control`` only turns
+        tracing off or counts."""
         self.enabled = provider is not None
         self._provider = provider
         self._tracer: Any = None
         self._propagator: Any = None
         self._root_sampler: Any = None
+        self._parent_based = parent_based
+        self._span_context_of: Any = None
         # Every unsampled request shares this one (it has no span and nothing is written to it): no allocation.
         self._untraced = RequestTrace(self, None, sampled=False)
         self._server_kind: Any = None
@@ -69,8 +76,13 @@ class Tracer:
             self._tracer = provider.get_tracer("optiserve")
             self._propagator = TraceContextTextMapPropagator()
             self._server_kind = otel.SpanKind.SERVER
+            self._span_context_of = lambda context: otel.get_current_span(context).get_span_context()
             ids = getattr(provider, "id_generator", None)
             self._root_sampler = ids if isinstance(ids, RootSampler) else None
+        gated = self._root_sampler is not None
+        self.control = control or TraceControl(
+            enabled=self.enabled, ratio=self._root_sampler.ratio if gated else 1.0, rate_settable=gated
+        )
 
     @classmethod
     def from_environment(cls, flag: bool) -> Tracer:
@@ -84,6 +96,7 @@ class Tracer:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+            from opentelemetry.sdk.trace.sampling import ALWAYS_ON
         except ImportError as exc:
             raise RuntimeError("tracing needs the OpenTelemetry packages: pip install 'optiserve[tracing]'") from exc
         exporter: SpanExporter
@@ -93,26 +106,34 @@ class Tracer:
             exporter = OTLPSpanExporter()  # OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _HEADERS, _TIMEOUT
         else:
             exporter = ConsoleSpanExporter()
-        from server.tracing.sampling import RootSampler, root_ratio
+        from server.tracing.sampling import RootSampler, standard_sampler
 
         service = os.environ.get("OTEL_SERVICE_NAME") or "optiserve"
-        ratio = root_ratio()
-        provider = TracerProvider(  # the sampler: OTEL_TRACES_SAMPLER[_ARG], read by the SDK
-            resource=Resource.create({"service.name": service}),
-            id_generator=RootSampler(ratio) if ratio is not None else None,
-        )
+        resource = Resource.create({"service.name": service})
+        standard = standard_sampler()
+        if standard is None:  # another sampler (jaeger_remote, say): the SDK reads OTEL_TRACES_SAMPLER and decides
+            provider = TracerProvider(resource=resource)
+            parent_based = True
+        else:  # this tracer samples (see sampling.py); the SDK records whatever it is handed
+            ratio, parent_based = standard
+            provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=RootSampler(ratio))
         provider.add_span_processor(BatchSpanProcessor(exporter))
         log.info("tracing on: exporter=%s service=%s", exporter_name, service)
-        return cls(provider)
+        return cls(provider, parent_based=parent_based)
 
     def start(self, protocol: str, model: str, version: str, headers: Mapping[str, str]) -> RequestTrace:
         """Open a request's span at its arrival, under the caller's ``traceparent`` when there is one. A root
-        request the ratio sampler passes over gets a non-recording span without asking the SDK."""
+        request the ratio sampler passes over gets the shared inert trace without asking the SDK."""
+        policy = self.control.policy_for(model)
+        if not policy.on:
+            return self._untraced
         if "traceparent" in headers:
             parent = self._propagator.extract(headers)
+            if self._root_sampler is not None and not self._follows(parent, policy.bound):
+                return self._untraced
         else:
             parent = None
-            if self._root_sampler is not None and not self._root_sampler.draw():
+            if self._root_sampler is not None and not self._root_sampler.draw(policy.bound):
                 return self._untraced
         now = time.time_ns()
         span = self._tracer.start_span(
@@ -122,10 +143,19 @@ class Tracer:
             start_time=now,
             attributes={"rpc.system": protocol, "model.name": model, "model.version": version},
         )
-        if not span.is_recording():
-            return self._untraced
+        if not span.is_recording() or not policy.countdown.take():
+            return self._untraced  # an unended span is never exported
         span.add_event("REQUEST_START", timestamp=now)
         return RequestTrace(self, span)
+
+    def _follows(self, parent: Any, bound: int) -> bool:
+        """Whether a request sent with a ``traceparent`` (extracted as ``parent``) is sampled."""
+        caller = self._span_context_of(parent)
+        if not caller.is_valid:  # an unreadable traceparent: a root request
+            return bool(self._root_sampler.draw(bound))
+        if self._parent_based:
+            return bool(caller.trace_flags.sampled)
+        return bool(caller.trace_id & (TRACE_ID_SPACE - 1) < bound)
 
     def request(
         self, protocol: str, model: str, version: str, headers: Mapping[str, str]

@@ -176,3 +176,93 @@ def test_grpc_metadata_traceparent_unary_and_streaming(traced_server: ServerProc
         assert_request_span(spans, request, "grpc", 1)
     linked = {link.span_id for s in spans if s.name == "batch" for link in s.links}
     assert {s.span_id for s in [unary, *streamed]} <= linked
+
+
+OFF_TRACE = "6e0c63257de34c926f9efcd03919bb85"
+BACK_TRACE = "1f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+def traced_infer(url: str, trace_id: str) -> None:
+    body = {"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [0.5] * 8}]}
+    headers = {"traceparent": f"00-{trace_id}-{PARENT_ID}-01"}
+    reply = httpx.post(f"{url}/v2/models/mlp/infer", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.text
+
+
+def test_trace_settings_change_tracing_while_serving(traced_server: ServerProcess, receiver: Receiver) -> None:
+    """Triton's trace extension through tritonclient, HTTP and gRPC: a model's trace_level OFF stops its spans
+    (even for a caller that sampled), clearing it brings them back, and trace_count counts down to none."""
+    import tritonclient.http as httpclient
+
+    http = httpclient.InferenceServerClient(traced_server.http_address)
+    grpc = grpcclient.InferenceServerClient(traced_server.grpc_address)
+    started = http.get_trace_settings()
+    assert started["trace_level"] == ["TIMESTAMPS"] and started["trace_rate"] == "1"
+    assert started["trace_count"] == "-1" and started["trace_mode"] == "opentelemetry"
+
+    off = http.update_trace_settings(model_name="mlp", settings={"trace_level": ["OFF"]})
+    assert off["trace_level"] == ["OFF"] and off["trace_rate"] == "1"
+    assert http.get_trace_settings()["trace_level"] == ["TIMESTAMPS"]  # the global setting is untouched
+    for _ in range(3):
+        traced_infer(traced_server.http_url, OFF_TRACE)
+
+    cleared = grpc.update_trace_settings(model_name="mlp", settings={"trace_level": None}, as_json=True)
+    assert cleared["settings"]["trace_level"]["value"] == ["TIMESTAMPS"]
+    traced_infer(traced_server.http_url, BACK_TRACE)
+    spans = wait_for(receiver, lambda spans: any(s.name == "infer mlp" for s in in_trace(spans, BACK_TRACE)))
+    assert [s.name for s in in_trace(spans, BACK_TRACE) if s.name == "infer mlp"] == ["infer mlp"]
+    assert in_trace(spans, OFF_TRACE) == []  # exported in order: those requests would have come first
+
+    counted = grpc.update_trace_settings(settings={"trace_count": "1"}, as_json=True)
+    assert counted["settings"]["trace_count"]["value"] == ["1"]
+    before = len([s for s in receiver.spans if s.name == "infer mlp"])
+    for _ in range(3):
+        traced_infer(traced_server.http_url, TRACE_ID)
+    assert http.get_trace_settings(model_name="mlp")["trace_count"] == "0"
+    spans = wait_for(receiver, lambda spans: len([s for s in spans if s.name == "infer mlp"]) > before)
+    time.sleep(0.3)  # a few export intervals: nothing more is coming
+    assert len([s for s in receiver.spans if s.name == "infer mlp"]) == before + 1
+    http.close()
+    grpc.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "named"),
+    [
+        ("/v2/trace/setting", {"trace_level": ["TENSORS"]}, 400, "trace_level"),
+        ("/v2/trace/setting", {"trace_rate": "often"}, 400, "trace_rate"),
+        ("/v2/trace/setting", {"trace_rate": None}, 400, "trace_rate"),
+        ("/v2/trace/setting", {"trace_file": "/tmp/t.json"}, 400, "trace_file"),
+        ("/v2/trace/setting", {"sample": "1"}, 400, "sample"),
+        ("/v2/models/nope/trace/setting", {"trace_rate": "2"}, 404, "nope"),
+    ],
+    ids=["tensors-level", "rate-not-a-number", "clear-global", "file-mode", "unknown-key", "unknown-model"],
+)
+def test_bad_trace_settings_are_refused_and_change_nothing(
+    traced_server: ServerProcess, path: str, body: dict[str, Any], status: int, named: str
+) -> None:
+    reply = httpx.post(f"{traced_server.http_url}{path}", json=body, timeout=10)
+    assert reply.status_code == status and named in reply.json()["error"], reply.text
+    assert httpx.get(f"{traced_server.http_url}/v2/trace/setting", timeout=10).json()["trace_rate"] == "1"
+
+
+def test_trace_settings_over_grpc_name_the_bad_field(traced_server: ServerProcess) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(traced_server.grpc_address)
+    with pytest.raises(InferenceServerException, match="trace_count") as caught:
+        client.update_trace_settings(settings={"trace_count": "-5"})
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="'nope'") as caught:
+        client.get_trace_settings(model_name="nope")
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+    assert client.update_trace_settings(settings={"trace_rate": "100"}).settings["trace_rate"].value == ["100"]
+    client.close()
+
+
+def test_trace_settings_when_tracing_is_off(server: ServerProcess) -> None:
+    """The default server has no tracer: the settings say OFF, and turning tracing on at run time says how."""
+    shown = httpx.get(f"{server.http_url}/v2/trace/setting", timeout=10).json()
+    assert shown["trace_level"] == ["OFF"]
+    reply = httpx.post(f"{server.http_url}/v2/trace/setting", json={"trace_level": ["TIMESTAMPS"]}, timeout=10)
+    assert reply.status_code == 400 and "--tracing" in reply.json()["error"]

@@ -12,10 +12,11 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBasedTraceIdRatio, TraceIdRatioBased
 
+from server.errors import InvalidInput
 from server.tracing import CURRENT, Tracer
-from server.tracing.sampling import RootSampler, root_ratio
+from server.tracing.sampling import RootSampler, standard_sampler
 
 pytestmark = pytest.mark.unit
 
@@ -83,34 +84,60 @@ def test_other_spans_still_get_random_trace_ids() -> None:
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [
-        ({}, None),
-        ({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}, None),
-        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, 0.25),
-        ({"OTEL_TRACES_SAMPLER": " ParentBased_TraceIdRatio ", "OTEL_TRACES_SAMPLER_ARG": "0.01"}, 0.01),
-        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"}, 1.0),
+        ({}, (1.0, True)),
+        ({"OTEL_TRACES_SAMPLER": "always_on"}, (1.0, False)),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, (0.0, True)),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, (0.25, False)),
+        ({"OTEL_TRACES_SAMPLER": " ParentBased_TraceIdRatio ", "OTEL_TRACES_SAMPLER_ARG": "0.01"}, (0.01, True)),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"}, (1.0, True)),
+        ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, None),
     ],
-    ids=["unset", "always-on", "ratio", "parent-based-ratio", "unreadable-arg"],
+    ids=["unset", "always-on", "parent-based-off", "ratio", "parent-based-ratio", "unreadable-arg", "other"],
 )
-def test_root_ratio_reads_the_sdk_variables(environ: dict[str, str], expected: float | None) -> None:
-    assert root_ratio(environ) == expected
+def test_standard_sampler_reads_the_sdk_variables(environ: dict[str, str], expected: tuple[float, bool] | None) -> None:
+    assert standard_sampler(environ) == expected
 
 
-def test_from_environment_installs_the_root_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_ratio_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"OTEL_TRACES_SAMPLER_ARG=1\.5"):
+        standard_sampler({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"})
+
+
+def test_from_environment_samples_the_standard_samplers_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.01")
     tracer = Tracer.from_environment(False)
     try:
         assert tracer.enabled and isinstance(tracer._root_sampler, RootSampler)
-        assert tracer._root_sampler.bound == TraceIdRatioBased.get_bound_for_rate(0.01)
+        assert tracer.control.policy.bound == TraceIdRatioBased.get_bound_for_rate(0.01)
+        assert tracer.control.settings()["trace_rate"] == "100"
     finally:
         tracer.shutdown()
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "jaeger_remote")  # not one of the six: the SDK decides alone
     tracer = Tracer.from_environment(False)
     try:
         assert tracer.enabled and tracer._root_sampler is None
+        with pytest.raises(InvalidInput, match="trace_rate: OTEL_TRACES_SAMPLER names a sampler"):
+            tracer.control.update(None, {"trace_rate": "10"})
+        tracer.control.update(None, {"trace_level": ["OFF"]})  # the level still applies
+        assert tracer.start("http", "m", "1", {}) is tracer._untraced
     finally:
         tracer.shutdown()
+
+
+def test_a_callers_trace_id_decides_under_traceidratio() -> None:
+    """Not parent-based: a request with a traceparent is sampled by the ratio rule on the caller's trace id,
+    whatever the caller's flag, as the SDK's TraceIdRatioBased would."""
+    ids = RootSampler(0.5)
+    provider = TracerProvider(sampler=ALWAYS_ON, id_generator=ids)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = Tracer(provider, parent_based=False)
+    low, high = "0" * 31 + "1", "f" * 32  # low 64 bits far under and far over half the id space
+    assert serve(tracer, 3, {"traceparent": f"00-{low}-{PARENT_ID}-00"}) == 3
+    assert serve(tracer, 3, {"traceparent": f"00-{high}-{PARENT_ID}-01"}) == 0
+    assert {format(s.context.trace_id, "032x") for s in exporter.get_finished_spans() if s.context} == {low}
 
 
 def test_unsampled_requests_share_one_inert_trace() -> None:
