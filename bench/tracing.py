@@ -1,7 +1,7 @@
 """What OpenTelemetry request tracing costs: MLP throughput with tracing off, on at a 1% sample ratio, on at 100%.
 
 Usage: python -m bench.tracing [--rounds 5] [--protocol http|grpc] [--concurrency 16] [--interval-ms 3000]
-                               [--profile]
+                               [--profile] [--same-process]
 
 Three servers of the same build run side by side (same model, optimizer off): one with tracing off (the
 default), two configured the OpenTelemetry way (OTEL_TRACES_EXPORTER=otlp, OTEL_TRACES_SAMPLER=
@@ -9,6 +9,11 @@ parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG 0.01 or 1.0) exporting over OT
 process, which counts the spans and drops them. perf_analyzer (which sends no traceparent, so the ratio decides)
 drives them in turn, the order rotating every round so a shared machine's drift hits all alike. Prints the
 median throughput of each, its ratio to "off", and how many requests each traced server really sampled.
+
+``--same-process`` measures the three settings inside one traced server instead (a fresh one per round), switched
+between windows through Triton's trace settings (``POST /v2/trace/setting``: trace_level OFF, trace_rate 100, 1):
+two processes of one build differ by ~6% here, which this takes out of the comparison. Its "off" is tracing
+started with nothing sampled, which the separate-servers mode shows to cost the same as tracing never started.
 
 "Off" has no build without tracing to be compared with; what it adds per request is timed directly instead
 (the edge's ``tracer.enabled`` test and the batcher's ``CURRENT.get()``) and set against a request's time.
@@ -40,12 +45,19 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import httpx
+
 from bench import models, perf
 from bench.serving import ServerProcess
 from server.tracing import CURRENT, Tracer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"off": None, "1%": "0.01", "100%": "1.0"}
+SETTINGS = {  # --same-process: each configuration as Triton's trace settings
+    "off": {"trace_level": ["OFF"]},
+    "1%": {"trace_level": ["TIMESTAMPS"], "trace_rate": "100"},
+    "100%": {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"},
+}
 
 
 class SpanSink(ThreadingHTTPServer):
@@ -191,6 +203,7 @@ def measure(server: ServerProcess, args: argparse.Namespace, out: Path, figures:
     cpu, requests = server_cpu_s(server), served_requests(server)
     run = perf.run_perf("mlp", args.protocol, url, args.concurrency, args.interval_ms, out, [])
     cpu, requests = server_cpu_s(server) - cpu, served_requests(server) - requests
+    figures.requests += requests
     if run.infer_per_s and requests:
         figures.infer_per_s[round_] = run.infer_per_s
         figures.cpu_us_per_request[round_] = cpu / requests * 1e6
@@ -204,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--interval-ms", type=int, default=3000)
     parser.add_argument("--profile", action="store_true", help="also sample the 1%% server with py-spy")
+    parser.add_argument("--same-process", action="store_true", help="switch one server's trace settings instead")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     out = Path(tempfile.mkdtemp(prefix="tracing-cost-"))
@@ -215,12 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             # Fresh servers every round: two processes of one build differ by up to ~6% here (an A/A run showed
             # it), so servers kept for the whole run would pass their own luck off as the configuration's.
-            with started(labels, repo, out, sink.endpoint) as servers:
+            with started(["1%"] if args.same_process else labels, repo, out, sink.endpoint) as servers:
                 for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
-                    line = measure(servers[label], args, out / label, figures[label], round_)
+                    server = servers["1%"] if args.same_process else servers[label]
+                    if args.same_process:
+                        switch(server, label)
+                    line = measure(server, args, out / label, figures[label], round_)
                     print(f"round {round_ + 1} tracing {label}: {line}", flush=True)
-                for label, server in servers.items():
-                    figures[label].requests += served_requests(server)
             # Stopping a server flushes the spans its batch processor still held.
         spans = dict(sink.requests_by_service)
         share = None
@@ -235,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
             else "  py-spy: not installed, no profile"
         )
     return 0
+
+
+def switch(server: ServerProcess, label: str) -> None:
+    """--same-process: put ``label``'s trace settings in force on the traced server."""
+    reply = httpx.post(f"http://{server.http_url}/v2/trace/setting", json=SETTINGS[label], timeout=10)
+    reply.raise_for_status()
 
 
 @contextlib.contextmanager
@@ -289,7 +310,8 @@ def report(args: argparse.Namespace, figures: dict[str, Figures], spans: dict[st
     """Per configuration: the median of its rounds, and the median of its ratios to "off" in the same round (the
     paired figure, which the machine's drift between rounds does not move); what the sampled spans alone explain
     (the 100% server's extra CPU per request times the ratio); the off path's own cost."""
-    print(f"MLP {args.protocol} c={args.concurrency}, {args.rounds} rounds of fresh servers, perf_analyzer:")
+    how = "one server per round, its trace settings switched" if args.same_process else "fresh servers per round"
+    print(f"MLP {args.protocol} c={args.concurrency}, {args.rounds} rounds, {how}, perf_analyzer:")
     off = figures["off"]
     base_cpu = statistics.median(off.cpu_us_per_request.values()) if off.cpu_us_per_request else 0.0
     for label, f in figures.items():
@@ -307,8 +329,12 @@ def report(args: argparse.Namespace, figures: dict[str, Figures], spans: dict[st
                     f"; paired with off: throughput {statistics.median(rates):.3f} "
                     f"(rounds {min(rates):.2f}..{max(rates):.2f}), CPU {statistics.median(cpus):.3f}"
                 )
-            paired += f", sampled {spans.get(f'bench-{label}', 0)}/{f.requests} requests"
+            if not args.same_process:
+                paired += f", sampled {spans.get(f'bench-{label}', 0)}/{f.requests} requests"
         print(f"  tracing {label:>4}: {rate:,.0f} infer/s (rounds {spread}), server CPU {cpu:.0f} us/request{paired}")
+    if args.same_process:
+        expected = figures["1%"].requests * 0.01 + figures["100%"].requests
+        print(f"  spans received: {sum(spans.values())} request spans, ~{expected:,.0f} expected from the settings")
     full = figures.get("100%")
     if full is not None and full.cpu_us_per_request and base_cpu:
         extra = statistics.median(full.cpu_us_per_request.values()) - base_cpu
