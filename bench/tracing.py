@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     models.write_repo(repo, ["mlp"])
     figures = {label: Figures() for label in CONFIGS}
     labels = list(CONFIGS)
+    for label in labels:
+        (out / label).mkdir()
     with span_sink() as sink:
         for round_ in range(args.rounds):
             # Fresh servers every round: two processes of one build differ by up to ~6% here (an A/A run showed
@@ -264,7 +266,6 @@ def started(labels: list[str], repo: Path, out: Path, endpoint: str) -> Iterator
     with contextlib.ExitStack() as stack:
         servers: dict[str, ServerProcess] = {}
         for label in labels:
-            (out / label).mkdir(exist_ok=True)
             server = ServerProcess(
                 sys.executable, repo, out / f"{label}.log", cwd=ROOT, extra_args=("--default-precision", "none")
             )
