@@ -49,9 +49,18 @@ class Backend(ABC):
 
     def infer(self, inputs: Tensors) -> Tensors:
         """Run one (possibly batched) execution; the inputs were validated by the caller."""
+        self._check_loaded()
+        return self.infer_impl(inputs)
+
+    def probe(self, inputs: Tensors) -> Tensors:
+        """:meth:`infer` for a run that may well fail and whose caller reports the failure itself (the default
+        warmup trying sizes for dynamic dims): the runtime keeps its own error log quiet."""
+        self._check_loaded()
+        return self.probe_impl(inputs)
+
+    def _check_loaded(self) -> None:
         if self._state is not Lifecycle.LOADED:
             raise ModelNotReady(f"{self.name}: backend is {self._state.value}, not loaded")
-        return self.infer_impl(inputs)
 
     def prepare(self) -> None:
         """Called once on the worker thread that will run this instance, before its first batch: for work tied to
@@ -77,6 +86,10 @@ class Backend(ABC):
     @abstractmethod
     def infer_impl(self, inputs: Tensors) -> Tensors:
         """Compute every output of the model for ``inputs``."""
+
+    def probe_impl(self, inputs: Tensors) -> Tensors:
+        """:meth:`probe`'s run: :meth:`infer_impl` unless the runtime logs failures of its own."""
+        return self.infer_impl(inputs)
 
     @abstractmethod
     def unload_impl(self) -> None:

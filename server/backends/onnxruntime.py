@@ -271,12 +271,22 @@ class OnnxRuntimeBackend(Backend):
         return "cpu" if self.gpu_device is None else f"gpu:{self.gpu_device}"
 
     def infer_impl(self, inputs: Tensors) -> Tensors:
+        return self._infer(inputs, None)
+
+    def probe_impl(self, inputs: Tensors) -> Tensors:
+        """A run whose failure the caller reports: onnxruntime's own ``[E:onnxruntime ...]`` line for a failing
+        node would otherwise reach stderr at every size the warmup tries (the GPU path logs as usual)."""
+        quiet = self._ort.RunOptions()
+        quiet.log_severity_level = 4  # fatal only
+        return self._infer(inputs, quiet)
+
+    def _infer(self, inputs: Tensors, cpu_run_options: Any) -> Tensors:
         for name in self._image_inputs:
             image_guard.check_images(name, inputs[name])
         feed = {name: _as_ort_strings(name, a) if name in self._string_inputs else a for name, a in inputs.items()}
         names = [name for name, _ in self._outputs]
         if self.gpu_device is None:
-            results = self._session.run(None, feed)
+            results = self._session.run(None, feed, cpu_run_options)
         else:
             with CUDA_CAPTURE.shared():
                 replayed = self._graphs.run(feed) if self._graphs is not None else None

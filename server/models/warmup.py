@@ -113,7 +113,7 @@ def _run_default(backends: Sequence[Backend], config: ModelConfig, where: str) -
     deadline = time.monotonic() + DEFAULT_SEARCH_S
     for sample in default_samples(config):
         try:
-            entry = _run(backends[:1], sample, where)
+            entry = _run(backends[:1], sample, where, probe=True)
         except LoadFailed as exc:
             first = first or exc
             if time.monotonic() > deadline:
@@ -152,12 +152,14 @@ def default_sample(config: ModelConfig, size: int = 1) -> WarmupSample:
     return WarmupSample("default" if size == 1 else f"default, dynamic dims={size}", 1, 1, inputs)
 
 
-def _run(backends: Sequence[Backend], sample: WarmupSample, where: str) -> dict[str, Any]:
+def _run(backends: Sequence[Backend], sample: WarmupSample, where: str, probe: bool = False) -> dict[str, Any]:
+    """Run ``sample`` on every backend; ``probe``: a failure is expected and reported here, not by the runtime."""
     started = time.monotonic()
     for backend in backends:
+        run = backend.probe if probe else backend.infer
         for _ in range(sample.count):
             try:
-                backend.infer(sample.inputs)
+                run(sample.inputs)
             except Exception as exc:
                 reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
                 raise LoadFailed(f"{where} failed on instance {backend.name}: {reason}") from None
