@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from server.auth import AccessPolicy
 from server.dataplane import DataPlane
+from server.heap import HeapKeeper
 from server.http.app import create_http_app
 from server.http.fast import InferFastPath
 from server.http.protocol import bounded_headers_protocol
@@ -122,10 +123,21 @@ class OptiServe:
         serving = asyncio.create_task(http_server.serve(sockets=[http_socket]))
         # Ends (removing this replica's heartbeat) as soon as the drain begins.
         beating = asyncio.create_task(self.fleet.run(self._stop)) if self.fleet.heartbeats else None
+        keeping = asyncio.create_task(self._keep_heap()) if settings.gc_freeze else None
         await self._stop.wait()
         await self._shutdown(http_server, serving, loading)
         if beating is not None:
             await beating
+        if keeping is not None:
+            await keeping
+
+    async def _keep_heap(self) -> None:
+        """The served versions' heap frozen out of full collections (server/heap.py), from the first load on."""
+
+        def served() -> frozenset[tuple[str, int, int]]:
+            return frozenset((v.name, v.version, id(v)) for v in self.models.served_versions())
+
+        await HeapKeeper(served).run(self._stop)
 
     async def _load_and_poll(self) -> None:
         """Load every model, then (--model-control-mode poll) rescan the repository every

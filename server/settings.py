@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     """Let onnxruntime's idle threads busy-wait for work: ~0.1 ms lower latency for an idle server, but
     under load the spinning threads take CPU from the event loop (off by default)."""
 
+    gc_freeze: bool = True
+    """Keep start-up objects and loaded models out of Python's full garbage collections (gc.freeze, redone
+    whenever the served models change): under load these otherwise stop the server for ~60 ms every few
+    seconds (server/heap.py)."""
+
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
     """onnxruntime graph optimization level for every session."""
 
