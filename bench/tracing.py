@@ -1,7 +1,7 @@
 """What OpenTelemetry request tracing costs: MLP throughput with tracing off, on at a 1% sample ratio, on at 100%.
 
 Usage: python -m bench.tracing [--rounds 5] [--protocol http|grpc] [--concurrency 16] [--interval-ms 3000]
-                               [--profile] [--same-process]
+                               [--profile] [--same-process] [--interleave SECONDS [--segments N] [--control]]
 
 Three servers of the same build run side by side (same model, optimizer off): one with tracing off (the
 default), two configured the OpenTelemetry way (OTEL_TRACES_EXPORTER=otlp, OTEL_TRACES_SAMPLER=
@@ -14,6 +14,12 @@ median throughput of each, its ratio to "off", and how many requests each traced
 between windows through Triton's trace settings (``POST /v2/trace/setting``: trace_level OFF, trace_rate 100, 1):
 two processes of one build differ by ~6% here, which this takes out of the comparison. Its "off" is tracing
 started with nothing sampled, which the separate-servers mode shows to cost the same as tracing never started.
+
+``--interleave S`` goes further: one perf_analyzer load runs without a break while the settings alternate between
+off and 1% every S seconds (off, 1%, 1%, off, ...: each pair of neighbours compared), and the server's CPU and
+answered requests are read at every switch. Neighbouring segments share the host's weather, which moves the
+other modes' separate runs by ±15% here; 100% is left out (its export backlog would spill into the next segment).
+``--control`` keeps every segment off (an A/A run): what the method reads when there is nothing to find.
 
 "Off" has no build without tracing to be compared with; what it adds per request is timed directly instead
 (the edge's ``tracer.enabled`` test and the batcher's ``CURRENT.get()``) and set against a request's time.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -218,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=int, default=3000)
     parser.add_argument("--profile", action="store_true", help="also sample the 1%% server with py-spy")
     parser.add_argument("--same-process", action="store_true", help="switch one server's trace settings instead")
+    parser.add_argument("--interleave", type=float, help="seconds per segment of one unbroken load (see above)")
+    parser.add_argument("--segments", type=int, default=64, help="--interleave: segments, half of them at 1%%")
+    parser.add_argument("--control", action="store_true", help="--interleave: A/A, the '1%%' segments stay off too")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     out = Path(tempfile.mkdtemp(prefix="tracing-cost-"))
@@ -227,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = list(CONFIGS)
     for label in labels:
         (out / label).mkdir()
+    if args.interleave:
+        with span_sink() as sink, started(["1%"], repo, out, sink.endpoint) as servers:
+            interleaved(servers["1%"], args)
+        return 0
     with span_sink() as sink:
         for round_ in range(args.rounds):
             # Fresh servers every round: two processes of one build differ by up to ~6% here (an A/A run showed
@@ -252,6 +266,56 @@ def main(argv: list[str] | None = None) -> int:
             else "  py-spy: not installed, no profile"
         )
     return 0
+
+
+def interleaved(server: ServerProcess, args: argparse.Namespace) -> None:
+    """--interleave: off and 1% in alternating segments under one unbroken perf_analyzer load; prints the medians of
+    the neighbouring pairs' ratios (CPU per request and throughput, 1% over off)."""
+    url = server.http_url if args.protocol == "http" else server.grpc_url
+    seconds = args.interleave * args.segments + 30
+    load = subprocess.Popen(
+        [
+            perf.perf_analyzer_path(), "-m", "mlp", "-i", args.protocol, "-u", url,
+            "--concurrency-range", f"{args.concurrency}:{args.concurrency}",
+            "--measurement-interval", str(int(seconds * 1000)), "--stability-percentage", "999", "--max-trials", "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    segments: list[tuple[str, float, float]] = []  # (label, CPU us per request, requests per second)
+    try:
+        switch(server, "off")
+        time.sleep(5)  # the load settles
+        for index in range(args.segments):
+            label = "off" if index % 4 in (0, 3) else "1%"
+            switch(server, "off" if args.control else label)
+            time.sleep(0.2)  # requests already queued finish under the old setting
+            cpu, requests, started_at = server_cpu_s(server), served_requests(server), time.monotonic()
+            time.sleep(args.interleave)
+            cpu, requests = server_cpu_s(server) - cpu, served_requests(server) - requests
+            elapsed = time.monotonic() - started_at
+            if requests:
+                segments.append((label, cpu / requests * 1e6, requests / elapsed))
+                shown = f"{requests / elapsed:,.0f} infer/s, {cpu / requests * 1e6:.0f} us CPU/request"
+                print(f"segment {index + 1} {label} (from {time.time() - elapsed:.2f}): {shown}", flush=True)
+    finally:
+        load.terminate()
+        load.wait()
+    pairs = [(a, b) for a, b in itertools.pairwise(segments) if {a[0], b[0]} == {"off", "1%"}]
+    cpu = [(b[1] / a[1]) if a[0] == "off" else (a[1] / b[1]) for a, b in pairs]
+    rate = [(b[2] / a[2]) if a[0] == "off" else (a[2] / b[2]) for a, b in pairs]
+    off = [s[1] for s in segments if s[0] == "off"]
+    print(
+        f"MLP {args.protocol} c={args.concurrency}, {len(segments)} segments of {args.interleave:g} s under one load, "
+        f"off and 1% alternating (median off: {statistics.median(off):.0f} us CPU/request):\n"
+        f"  1% / off over {len(pairs)} neighbouring pairs: CPU per request {statistics.median(cpu):.3f} "
+        f"(quartiles {_quartiles(cpu)}), throughput {statistics.median(rate):.3f} (quartiles {_quartiles(rate)})"
+    )
+
+
+def _quartiles(values: list[float]) -> str:
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{q1:.3f}..{q3:.3f}"
 
 
 def order(labels: list[str], round_: int, same_process: bool) -> list[str]:
