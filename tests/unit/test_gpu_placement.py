@@ -342,7 +342,7 @@ class FakeSession:
         assert run_options is None  # no CUDA graphs asked for: onnxruntime's default run options
         self.calls.append(("run_with_iobinding",))
 
-    def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[Any]:
+    def run(self, names: Any, feed: dict[str, np.ndarray], run_options: Any = None) -> list[Any]:
         self.calls.append(("run", sorted(feed)))
         return [feed["x"] * 2, np.array([["a"], ["b"]], dtype=object)]
 

@@ -68,7 +68,10 @@ def test_run_stops_with_the_server_and_leaves_nothing_frozen() -> None:
     async def main() -> None:
         stop = asyncio.Event()
         task = asyncio.ensure_future(keeper.run(stop))
-        await asyncio.sleep(0.1)
+        for _ in range(1000):  # each settle is a full collection of this test process: give it time
+            if keeper.settled == 2:
+                break
+            await asyncio.sleep(0.01)
         assert keeper.settled == 2 and gc.get_freeze_count() > 0
         stop.set()
         await asyncio.wait_for(task, 5)
