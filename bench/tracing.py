@@ -163,6 +163,7 @@ def traced_request_us(requests: int = 1000) -> tuple[float, float, int]:
         trace.ran(now, times, 1)
         tracer.record_batch([trace], times, 1)
         trace.finish(None)
+        tracer.flush()  # the server's span writer makes these spans on its own thread, many at a time
 
     for _ in range(requests // 10):  # warm up
         one()

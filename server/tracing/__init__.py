@@ -17,6 +17,8 @@ served) links every traced request of the batch and carries the batch size and t
 Why events and not a span per phase: the SDK spends ~20 us of CPU to make a span and as much again to export
 it, and a traced request used to cost six spans; at a 1% sample ratio those spans were most of tracing's cost
 (BENCHMARKS.md §11, "What request tracing costs"). Three spans per traced request keep every phase's times.
+The spans are not made on the request's threads: a sampled request keeps plain values, and the span writer
+(server/tracing/writer.py) makes its spans with their original timestamps, many at a time, on its own thread.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from server.tracing.control import TRACE_ID_SPACE, TraceControl
+from server.tracing.writer import SpanWriter
 
 log = logging.getLogger("optiserve.tracing")
 
@@ -63,7 +66,8 @@ class Tracer:
         self._parent_based = parent_based
         self._span_context_of: Any = None
         # Every unsampled request shares this one (it has no span and nothing is written to it): no allocation.
-        self._untraced = RequestTrace(self, None, sampled=False)
+        self._untraced = RequestTrace(self, sampled=False)
+        self.writer = SpanWriter()
         self._server_kind: Any = None
         # Phase times come from time.monotonic_ns() (the statistics' clock); spans need wall-clock times.
         self._offset_ns = time.time_ns() - time.monotonic_ns()
@@ -127,35 +131,34 @@ class Tracer:
         policy = self.control.policy_for(model)
         if not policy.on:
             return self._untraced
+        trace_id: int | None = None
         if "traceparent" in headers:
             parent = self._propagator.extract(headers)
-            if self._root_sampler is not None and not self._follows(parent, policy.bound):
-                return self._untraced
+            if self._root_sampler is not None:
+                sampled, trace_id = self._follows(parent, policy.bound)
+                if not sampled:
+                    return self._untraced
         else:
             parent = None
-            if self._root_sampler is not None and not self._root_sampler.draw(policy.bound):
-                return self._untraced
-        now = time.time_ns()
-        span = self._tracer.start_span(
-            f"infer {model}",
-            context=parent,
-            kind=self._server_kind,
-            start_time=now,
-            attributes={"rpc.system": protocol, "model.name": model, "model.version": version},
-        )
-        if not span.is_recording() or not policy.countdown.take():
-            return self._untraced  # an unended span is never exported
-        span.add_event("REQUEST_START", timestamp=now)
-        return RequestTrace(self, span)
+            if self._root_sampler is not None:
+                trace_id = self._root_sampler.draw(policy.bound)
+                if trace_id is None:
+                    return self._untraced
+        if not policy.countdown.take():
+            return self._untraced
+        attributes = {"rpc.system": protocol, "model.name": model, "model.version": version}
+        return RequestTrace(self, parent=parent, trace_id=trace_id, name=f"infer {model}", attributes=attributes)
 
-    def _follows(self, parent: Any, bound: int) -> bool:
-        """Whether a request sent with a ``traceparent`` (extracted as ``parent``) is sampled."""
+    def _follows(self, parent: Any, bound: int) -> tuple[bool, int | None]:
+        """Whether a request sent with a ``traceparent`` (extracted as ``parent``) is sampled, and the root trace
+        id drawn for it when the traceparent could not be read."""
         caller = self._span_context_of(parent)
         if not caller.is_valid:  # an unreadable traceparent: a root request
-            return bool(self._root_sampler.draw(bound))
+            trace_id = self._root_sampler.draw(bound)
+            return trace_id is not None, trace_id
         if self._parent_based:
-            return bool(caller.trace_flags.sampled)
-        return bool(caller.trace_id & (TRACE_ID_SPACE - 1) < bound)
+            return bool(caller.trace_flags.sampled), None
+        return bool(caller.trace_id & (TRACE_ID_SPACE - 1) < bound), None
 
     def request(
         self, protocol: str, model: str, version: str, headers: Mapping[str, str]
@@ -173,27 +176,26 @@ class Tracer:
         return monotonic_ns + self._offset_ns
 
     def record_batch(self, traces: Sequence[RequestTrace], times: tuple[int, int, int, int], samples: int) -> None:
-        """Worker thread, after a batch ran: a ``batch`` span linking the traced requests it served."""
-        # Not is_recording(): the loop may already have ended a request's span (the answers are out by now).
-        sampled = [t.span for t in traces if t.sampled]
-        if not sampled:
-            return
-        from opentelemetry import trace as otel
+        """Worker thread, after a batch ran: a ``batch`` span linking the traced requests it served (written
+        with them, by the span writer)."""
+        sampled = [t for t in traces if t.sampled]
+        if sampled:
+            start, _, _, finished = times
+            attributes = {
+                "batch.size": samples,
+                "batch.requests": len(traces),
+                "instance": threading.current_thread().name,
+            }
+            self.writer.put(BatchTrace(self, sampled, self.wall_ns(start), self.wall_ns(finished), attributes))
 
-        start, _, _, finished = times
-        attributes = {"batch.size": samples, "batch.requests": len(traces), "instance": threading.current_thread().name}
-        span = self._tracer.start_span(
-            "batch",
-            context=otel.set_span_in_context(sampled[0]),
-            links=[otel.Link(s.get_span_context()) for s in sampled],
-            start_time=self.wall_ns(start),
-            attributes=attributes,
-        )
-        span.end(end_time=self.wall_ns(finished))
+    def flush(self) -> None:
+        """Make the spans of every request finished so far now (tests; the server's writer does it on its own)."""
+        self.writer.flush()
 
     def shutdown(self) -> None:
-        """Flush and stop the exporter (at exit)."""
+        """Write what is left, then flush and stop the exporter (at exit)."""
         if self._provider is not None:
+            self.writer.close()
             self._provider.shutdown()
 
 
@@ -221,16 +223,27 @@ COMPUTE_EVENTS = ("COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", 
 
 @dataclass(eq=False)
 class RequestTrace:
-    """One request's span, and the phase times the batcher leaves for it."""
+    """One sampled request as plain values while it is served; its spans are made later (:meth:`write`)."""
 
     tracer: Tracer
-    span: Any
+    parent: Any = None
+    """The caller's context (from ``traceparent``), or None for a root request."""
+    trace_id: int | None = None
+    """The root trace id the sampler drew for it (None: the parent's, or the SDK's own)."""
+    name: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    sampled: bool = True
+    """False for the tracer's one shared stand-in for unsampled requests: every method then returns at once."""
+    start_ns: int = field(default_factory=time.time_ns)
     times: tuple[int, int, int, int, int] | None = None
     """monotonic ns: queued, compute start, input end (= infer start), infer end, compute end."""
     batch_size: int = 0
     instance: str = ""
-    sampled: bool = True
-    """False for the tracer's one shared stand-in for unsampled requests: every method then returns at once."""
+    end_ns: int = 0
+    error: str | None = None
+    span: Any = None
+    """The request's SDK span once written (a batch span links it)."""
+    written: bool = False
 
     def ran(self, queued_ns: int, times: tuple[int, int, int, int], batch_size: int) -> None:
         """Worker thread: the request ran in a batch of ``batch_size`` samples at these times."""
@@ -241,27 +254,73 @@ class RequestTrace:
         self.instance = threading.current_thread().name
 
     def finish(self, error: BaseException | None = None) -> None:
-        """The response is out (or the request failed): write the phases and close the span."""
+        """The response is out (or the request failed): hand the request to the span writer."""
         if not self.sampled:
             return
-        span = self.span
-        end = time.time_ns()
-        if span.is_recording():
-            if self.times is not None:
-                queued, *compute = (self.tracer.wall_ns(t) for t in self.times)
-                span.add_event("QUEUE_START", timestamp=queued)
-                from opentelemetry import trace as otel
+        self.end_ns = time.time_ns()
+        if error is not None:
+            self.error = f"{type(error).__name__}: {error}"
+        self.tracer.writer.put(self)
 
-                child = self.tracer._tracer.start_span(
-                    "compute", context=otel.set_span_in_context(span), start_time=compute[0]
-                )
-                for name, at in zip(COMPUTE_EVENTS, compute, strict=True):
-                    child.add_event(name, timestamp=at)
-                child.end(end_time=compute[-1])
-                span.set_attributes({"batch.size": self.batch_size, "instance": self.instance})
-            if error is not None:
-                from opentelemetry.trace import Status, StatusCode
+    def write(self, force: bool) -> bool:
+        """Span writer's thread: the request span with its events, and its ``compute`` child."""
+        from opentelemetry import trace as otel
 
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-            span.add_event("REQUEST_END", timestamp=end)
-        span.end(end_time=end)
+        tracer = self.tracer
+        if self.trace_id is not None:
+            tracer._root_sampler.hand_over(self.trace_id)
+        span = tracer._tracer.start_span(
+            self.name,
+            context=self.parent,
+            kind=tracer._server_kind,
+            start_time=self.start_ns,
+            attributes=self.attributes,
+        )
+        self.written = True
+        if not span.is_recording():  # a sampler of the SDK's own said no
+            return True
+        span.add_event("REQUEST_START", timestamp=self.start_ns)
+        if self.times is not None:
+            queued, *compute = (tracer.wall_ns(t) for t in self.times)
+            span.add_event("QUEUE_START", timestamp=queued)
+            child = tracer._tracer.start_span("compute", context=otel.set_span_in_context(span), start_time=compute[0])
+            for name, at in zip(COMPUTE_EVENTS, compute, strict=True):
+                child.add_event(name, timestamp=at)
+            child.end(end_time=compute[-1])
+            span.set_attributes({"batch.size": self.batch_size, "instance": self.instance})
+        if self.error is not None:
+            span.set_status(otel.Status(otel.StatusCode.ERROR, self.error))
+        span.add_event("REQUEST_END", timestamp=self.end_ns)
+        span.end(end_time=self.end_ns)
+        self.span = span
+        return True
+
+
+@dataclass(eq=False)
+class BatchTrace:
+    """One batch that served sampled requests: its span is written once theirs are (it links them)."""
+
+    tracer: Tracer
+    requests: list[RequestTrace]
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+
+    def write(self, force: bool) -> bool:
+        """Span writer's thread: the ``batch`` span, a child of its first request, linking all of them."""
+        if not force and not all(r.written for r in self.requests):
+            return False
+        spans = [r.span for r in self.requests if r.span is not None]
+        if not spans:
+            return True
+        from opentelemetry import trace as otel
+
+        span = self.tracer._tracer.start_span(
+            "batch",
+            context=otel.set_span_in_context(spans[0]),
+            links=[otel.Link(s.get_span_context()) for s in spans],
+            start_time=self.start_ns,
+            attributes=self.attributes,
+        )
+        span.end(end_time=self.end_ns)
+        return True

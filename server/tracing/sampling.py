@@ -58,20 +58,22 @@ class RootSampler(RandomIdGenerator):
         self.bound = TraceIdRatioBased.get_bound_for_rate(ratio)
         self._drawn = threading.local()
 
-    def draw(self, bound: int | None = None) -> bool:
-        """Draw the next root trace id on this thread; True when it falls under ``bound`` (default: the
-        starting ratio's), and then the span is to be started on this thread next: :meth:`generate_trace_id`
-        hands the SDK this id."""
+    def draw(self, bound: int | None = None) -> int | None:
+        """Draw a root trace id; the id when it falls under ``bound`` (default: the starting ratio's), else None.
+        The span is made later, on the span writer's thread, after :meth:`hand_over` of this id there."""
         trace_id = random.getrandbits(128)
         while trace_id == trace.INVALID_TRACE_ID:
             trace_id = random.getrandbits(128)
         if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT >= (self.bound if bound is None else bound):
-            return False
+            return None
+        return trace_id
+
+    def hand_over(self, trace_id: int) -> None:
+        """The next root span started on this thread gets ``trace_id`` (:meth:`generate_trace_id`)."""
         self._drawn.trace_id = trace_id
-        return True
 
     def generate_trace_id(self) -> int:
-        """The id :meth:`draw` kept for this thread's next root span, else a fresh random one."""
+        """The id :meth:`hand_over` gave this thread for its next root span, else a fresh random one."""
         trace_id: int | None = getattr(self._drawn, "trace_id", None)
         if trace_id is None:
             return super().generate_trace_id()

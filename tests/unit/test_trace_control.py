@@ -103,6 +103,7 @@ def test_the_tracer_samples_by_the_settings_at_once() -> None:
         traces = [tracer.start("http", model, "1", headers or {}) for _ in range(count)]
         for trace in traces:
             trace.finish()
+        tracer.flush()
         return sum(trace.sampled for trace in traces)
 
     assert sampled("m", 50) == 50

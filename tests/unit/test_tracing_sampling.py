@@ -38,6 +38,7 @@ def serve(tracer: Tracer, count: int, headers: dict[str, str]) -> int:
     for _ in range(count):
         with tracer.request("grpc", "m", "1", headers):
             seen += CURRENT.get() is not None
+    tracer.flush()
     return seen
 
 
@@ -76,8 +77,9 @@ def test_other_spans_still_get_random_trace_ids() -> None:
     first, second = ids.generate_trace_id(), ids.generate_trace_id()
     assert first != second and first != 0
     random.seed(3)
-    assert ids.draw()
-    drawn = ids._drawn.trace_id
+    drawn = ids.draw()
+    assert drawn is not None
+    ids.hand_over(drawn)  # on the span writer's thread, before it starts the request's span
     assert ids.generate_trace_id() == drawn and ids.generate_trace_id() != drawn  # handed out once
 
 
