@@ -115,7 +115,7 @@ class Tracer:
         service = os.environ.get("OTEL_SERVICE_NAME") or "optiserve"
         resource = Resource.create({"service.name": service})
         standard = standard_sampler()
-        if standard is None:  # another sampler (jaeger_remote, say): the SDK reads OTEL_TRACES_SAMPLER and decides
+        if standard is None:  # a name outside the six: the SDK reads it (warns, and samples parentbased_always_on)
             provider = TracerProvider(resource=resource)
             parent_based = True
         else:  # this tracer samples (see sampling.py); the SDK records whatever it is handed
@@ -126,8 +126,9 @@ class Tracer:
         return cls(provider, parent_based=parent_based)
 
     def start(self, protocol: str, model: str, version: str, headers: Mapping[str, str]) -> RequestTrace:
-        """Open a request's span at its arrival, under the caller's ``traceparent`` when there is one. A root
-        request the ratio sampler passes over gets the shared inert trace without asking the SDK."""
+        """Sample a request at its arrival and, when it is sampled, start recording it (its spans, under the
+        caller's ``traceparent`` when there is one, are made by the span writer after it finishes). A request
+        that is not sampled gets the shared inert trace without asking the SDK."""
         policy = self.control.policy_for(model)
         if not policy.on:
             return self._untraced
