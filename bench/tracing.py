@@ -1,7 +1,7 @@
 """What OpenTelemetry request tracing costs: MLP throughput with tracing off, on at a 1% sample ratio, on at 100%.
 
 Usage: python -m bench.tracing [--rounds 5] [--protocol http|grpc] [--concurrency 16] [--interval-ms 3000]
-                               [--profile] [--same-process] [--interleave SECONDS [--segments N] [--control]]
+                               [--profile] [--same-process] [--interleave SECONDS [--segments N] [--control] [--rate N]]
 
 Three servers of the same build run side by side (same model, optimizer off): one with tracing off (the
 default), two configured the OpenTelemetry way (OTEL_TRACES_EXPORTER=otlp, OTEL_TRACES_SAMPLER=
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleave", type=float, help="seconds per segment of one unbroken load (see above)")
     parser.add_argument("--segments", type=int, default=64, help="--interleave: segments, half of them at 1%%")
     parser.add_argument("--control", action="store_true", help="--interleave: A/A, the '1%%' segments stay off too")
+    parser.add_argument("--rate", type=int, default=100, help="--interleave: trace 1 in RATE in the traced segments")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     out = Path(tempfile.mkdtemp(prefix="tracing-cost-"))
@@ -289,7 +290,7 @@ def interleaved(server: ServerProcess, args: argparse.Namespace) -> None:
         time.sleep(5)  # the load settles
         for index in range(args.segments):
             label = "off" if index % 4 in (0, 3) else "1%"
-            switch(server, "off" if args.control else label)
+            switch(server, "off" if args.control else label, args.rate)
             time.sleep(0.2)  # requests already queued finish under the old setting
             cpu, requests, started_at = server_cpu_s(server), served_requests(server), time.monotonic()
             time.sleep(args.interleave)
@@ -308,8 +309,8 @@ def interleaved(server: ServerProcess, args: argparse.Namespace) -> None:
     off = [s[1] for s in segments if s[0] == "off"]
     print(
         f"MLP {args.protocol} c={args.concurrency}, {len(segments)} segments of {args.interleave:g} s under one load, "
-        f"off and 1% alternating (median off: {statistics.median(off):.0f} us CPU/request):\n"
-        f"  1% / off over {len(pairs)} neighbouring pairs: CPU per request {statistics.median(cpu):.3f} "
+        f"off and 1 in {args.rate} alternating (median off: {statistics.median(off):.0f} us CPU/request):\n"
+        f"  traced / off over {len(pairs)} neighbouring pairs: CPU per request {statistics.median(cpu):.3f} "
         f"(quartiles {_quartiles(cpu)}), throughput {statistics.median(rate):.3f} (quartiles {_quartiles(rate)})"
     )
 
@@ -328,9 +329,10 @@ def order(labels: list[str], round_: int, same_process: bool) -> list[str]:
     return labels[round_ % len(labels) :] + labels[: round_ % len(labels)]
 
 
-def switch(server: ServerProcess, label: str) -> None:
-    """--same-process: put ``label``'s trace settings in force on the traced server."""
-    reply = httpx.post(f"http://{server.http_url}/v2/trace/setting", json=SETTINGS[label], timeout=10)
+def switch(server: ServerProcess, label: str, rate: int = 100) -> None:
+    """--same-process: put ``label``'s trace settings in force on the traced server ("1%" at 1 in ``rate``)."""
+    settings = SETTINGS[label] | ({"trace_rate": str(rate)} if label == "1%" else {})
+    reply = httpx.post(f"http://{server.http_url}/v2/trace/setting", json=settings, timeout=10)
     reply.raise_for_status()
 
 
