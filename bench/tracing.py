@@ -183,10 +183,18 @@ def traced_request_us(requests: int = 1000) -> tuple[float, float, int]:
 
 
 def server_cpu_s(server: ServerProcess) -> float:
-    """CPU seconds (user + system) the server process has used so far, from /proc (Linux)."""
+    """CPU seconds (user + system) the server process and its live children (the span export process) have
+    used so far, from /proc (Linux)."""
     assert server.proc is not None
-    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(server.proc.pid) or fields[1] == str(server.proc.pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def served_requests(server: ServerProcess) -> int:

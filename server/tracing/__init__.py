@@ -31,10 +31,13 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.tracing.control import TRACE_ID_SPACE, TraceControl
 from server.tracing.writer import SpanWriter
+
+if TYPE_CHECKING:
+    from server.tracing.export_process import ExportProcess
 
 log = logging.getLogger("optiserve.tracing")
 
@@ -52,12 +55,20 @@ def wanted(flag: bool, environ: Mapping[str, str] = os.environ) -> bool:
 class Tracer:
     """The server's tracer: built once by the composition root, handed to both edges."""
 
-    def __init__(self, provider: Any = None, control: TraceControl | None = None, *, parent_based: bool = True) -> None:
+    def __init__(
+        self,
+        provider: Any = None,
+        control: TraceControl | None = None,
+        *,
+        parent_based: bool = True,
+        export: ExportProcess | None = None,
+    ) -> None:
         """``provider``: an OpenTelemetry SDK TracerProvider, or None for tracing off. When its id generator is a
         :class:`server.tracing.sampling.RootSampler`, this tracer samples every request before any span is made
         (``parent_based``: a caller's ``traceparent`` flag decides for its request), at the ratios ``control``
         (Triton's trace settings) holds; otherwise the provider's sampler decides and ``control`` only turns
-        tracing off or counts."""
+        tracing off or counts. ``export``: the helper process that makes and exports the spans (the server's
+        case, export_process.py); without it they are made here, on the span writer's thread."""
         self.enabled = provider is not None
         self._provider = provider
         self._tracer: Any = None
@@ -67,7 +78,8 @@ class Tracer:
         self._span_context_of: Any = None
         # Every unsampled request shares this one (it has no span and nothing is written to it): no allocation.
         self._untraced = RequestTrace(self, sampled=False)
-        self.writer = SpanWriter()
+        self._export = export
+        self.writer = SpanWriter(on_round=export.send if export is not None else None)
         self._server_kind: Any = None
         # Phase times come from time.monotonic_ns() (the statistics' clock); spans need wall-clock times.
         self._offset_ns = time.time_ns() - time.monotonic_ns()
@@ -89,8 +101,9 @@ class Tracer:
         )
 
     @classmethod
-    def from_environment(cls, flag: bool) -> Tracer:
-        """Tracing as the flag and the standard OTEL_* environment variables say."""
+    def from_environment(cls, flag: bool, *, helper: bool = True) -> Tracer:
+        """Tracing as the flag and the standard OTEL_* environment variables say; ``helper``: export from a
+        helper process (export_process.py, which calls this with False)."""
         if not wanted(flag):
             return cls()
         exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
@@ -123,7 +136,9 @@ class Tracer:
             provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=RootSampler(ratio))
         provider.add_span_processor(BatchSpanProcessor(exporter))
         log.info("tracing on: exporter=%s service=%s", exporter_name, service)
-        return cls(provider, parent_based=parent_based)
+        from server.tracing.export_process import ExportProcess
+
+        return cls(provider, parent_based=parent_based, export=ExportProcess() if helper else None)
 
     def start(self, protocol: str, model: str, version: str, headers: Mapping[str, str]) -> RequestTrace:
         """Sample a request at its arrival and, when it is sampled, start recording it (its spans, under the
@@ -133,8 +148,10 @@ class Tracer:
         if not policy.on:
             return self._untraced
         trace_id: int | None = None
+        carrier: dict[str, str] | None = None
         if "traceparent" in headers:
-            parent = self._propagator.extract(headers)
+            carrier = {key: headers[key] for key in ("traceparent", "tracestate") if key in headers}
+            parent = self._propagator.extract(carrier)
             if self._root_sampler is not None:
                 sampled, trace_id = self._follows(parent, policy.bound)
                 if not sampled:
@@ -148,7 +165,8 @@ class Tracer:
         if not policy.countdown.take():
             return self._untraced
         attributes = {"rpc.system": protocol, "model.name": model, "model.version": version}
-        return RequestTrace(self, parent=parent, trace_id=trace_id, name=f"infer {model}", attributes=attributes)
+        name = f"infer {model}"
+        return RequestTrace(self, parent=parent, carrier=carrier, trace_id=trace_id, name=name, attributes=attributes)
 
     def _follows(self, parent: Any, bound: int) -> tuple[bool, int | None]:
         """Whether a request sent with a ``traceparent`` (extracted as ``parent``) is sampled, and the root trace
@@ -197,6 +215,8 @@ class Tracer:
         """Write what is left, then flush and stop the exporter (at exit)."""
         if self._provider is not None:
             self.writer.close()
+            if self._export is not None:
+                self._export.close()
             self._provider.shutdown()
 
 
@@ -229,6 +249,8 @@ class RequestTrace:
     tracer: Tracer
     parent: Any = None
     """The caller's context (from ``traceparent``), or None for a root request."""
+    carrier: dict[str, str] | None = None
+    """The caller's ``traceparent`` and ``tracestate`` headers, for the export process to read again."""
     trace_id: int | None = None
     """The root trace id the sampler drew for it (None: the parent's, or the SDK's own)."""
     name: str = ""
@@ -245,6 +267,8 @@ class RequestTrace:
     span: Any = None
     """The request's SDK span once written (a batch span links it)."""
     written: bool = False
+    sequence: int | None = None
+    """Its number in the export process's stream (batches name their requests by it)."""
 
     def ran(self, queued_ns: int, times: tuple[int, int, int, int], batch_size: int) -> None:
         """Worker thread: the request ran in a batch of ``batch_size`` samples at these times."""
@@ -264,10 +288,15 @@ class RequestTrace:
         self.tracer.writer.put(self)
 
     def write(self, force: bool) -> bool:
-        """Span writer's thread: the request span with its events, and its ``compute`` child."""
+        """Span writer's thread: the request span with its events, and its ``compute`` child (or the request,
+        queued for the export process)."""
         from opentelemetry import trace as otel
 
         tracer = self.tracer
+        if tracer._export is not None:
+            tracer._export.request(self)
+            self.written = True
+            return True
         if self.trace_id is not None:
             tracer._root_sampler.hand_over(self.trace_id)
         span = tracer._tracer.start_span(
@@ -311,6 +340,9 @@ class BatchTrace:
         """Span writer's thread: the ``batch`` span, a child of its first request, linking all of them."""
         if not force and not all(r.written for r in self.requests):
             return False
+        if self.tracer._export is not None:
+            self.tracer._export.batch(self)
+            return True
         spans = [r.span for r in self.requests if r.span is not None]
         if not spans:
             return True

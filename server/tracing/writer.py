@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 PERIOD_S = 0.2
@@ -31,7 +32,8 @@ class Record(Protocol):
 class SpanWriter:
     """Queues finished records and writes them on its own thread (started with the first record)."""
 
-    def __init__(self, period_s: float = PERIOD_S) -> None:
+    def __init__(self, period_s: float = PERIOD_S, on_round: Callable[[], None] | None = None) -> None:
+        """``on_round``: called after each round of writes (the export process's pipe is written then)."""
         self._queue: collections.deque[Record] = collections.deque()
         self._waiting: list[tuple[Record, int]] = []
         self._period_s = period_s
@@ -39,6 +41,7 @@ class SpanWriter:
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._on_round = on_round
 
     def put(self, record: Record) -> None:
         """Any thread: queue a record (a deque append; nothing else happens on the caller's thread)."""
@@ -80,3 +83,5 @@ class SpanWriter:
         for record, waits in waiting:
             if not record.write(force or waits >= MAX_WAITS):
                 self._waiting.append((record, waits + 1))
+        if self._on_round is not None:
+            self._on_round()

@@ -77,3 +77,17 @@ def test_unsampled_and_sampled_requests_leave_the_request_path_without_sdk_spans
     assert exporter.get_finished_spans() == ()  # queued, not made
     tracer.shutdown()  # writes what is queued before the exporter stops
     assert sorted(s.name for s in exporter.get_finished_spans()) == ["batch", "compute", "infer m"]
+
+
+def test_a_dead_export_process_drops_spans_without_failing_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from server.tracing.export_process import ExportProcess
+
+    export = ExportProcess()
+    export._proc.kill()
+    export._proc.wait()
+    export._lines.append(b'{"kind": "batch", "requests": [], "start_ns": 1, "end_ns": 2, "attributes": {}}\n')
+    export.send()  # the pipe is broken: logged, not raised
+    export.send()
+    export.close()
+    assert len([r for r in caplog.records if "export process is gone" in r.message]) == 1
