@@ -18,7 +18,9 @@ Why events and not a span per phase: the SDK spends ~20 us of CPU to make a span
 it, and a traced request used to cost six spans; at a 1% sample ratio those spans were most of tracing's cost
 (BENCHMARKS.md §11, "What request tracing costs"). Three spans per traced request keep every phase's times.
 The spans are not made on the request's threads: a sampled request keeps plain values, and the span writer
-(server/tracing/writer.py) makes its spans with their original timestamps, many at a time, on its own thread.
+(server/tracing/writer.py) hands them, many at a time, to the export process (export_process.py), which makes the
+spans with their original timestamps and exports them. A tracer built around an SDK provider without one (the
+unit tests) makes the spans on the writer's thread instead.
 """
 
 from __future__ import annotations
@@ -290,13 +292,13 @@ class RequestTrace:
     def write(self, force: bool) -> bool:
         """Span writer's thread: the request span with its events, and its ``compute`` child (or the request,
         queued for the export process)."""
-        from opentelemetry import trace as otel
-
         tracer = self.tracer
         if tracer._export is not None:
             tracer._export.request(self)
             self.written = True
             return True
+        from opentelemetry import trace as otel
+
         if self.trace_id is not None:
             tracer._root_sampler.hand_over(self.trace_id)
         span = tracer._tracer.start_span(

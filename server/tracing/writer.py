@@ -1,11 +1,11 @@
 """Writing a sampled request's spans off the request path, many at a time.
 
 A request keeps only plain values while it is served (its arrival, the batcher's phase times, its end, its
-error); this writer's thread turns them into OpenTelemetry SDK spans a few times a second, with their original
-timestamps, and the SDK's span processor exports them as before. Why: at a 1% ratio a sampled request comes
-among ~100 others, and by then the SDK's code is cold: recording its three spans took 250 to 270 µs of CPU on the
-request's threads, against 65 µs when spans are made one after another (BENCHMARKS.md §11). Made here in a run,
-they cost what they cost in a tight loop, and the event loop and the workers no longer pay for them.
+error). A few times a second this writer's thread hands the finished ones on: in the server to the export process
+(export_process.py), which makes and exports the spans; in a tracer without one (the unit tests), it makes the
+OpenTelemetry SDK spans itself, with their original timestamps. Why not on the request's threads: at a 1% ratio a
+sampled request comes among ~100 others, and by then the SDK's code is cold: recording its three spans took 250
+to 270 µs of CPU there, against 65 µs when spans are made one after another (BENCHMARKS.md §11).
 """
 
 from __future__ import annotations
