@@ -198,8 +198,7 @@ class DataPlane:
 
     def require_model(self, name: str) -> None:
         """Raise ModelNotFound unless ``name`` is in the repository (loaded or not): for per-model settings."""
-        if name not in self.models.repository.model_names():
-            raise ModelNotFound(f"model {name!r} is not in the repository")
+        self.models.repository.model_dir(name)
 
     async def load_model(
         self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
@@ -216,8 +215,7 @@ class DataPlane:
             if result.failed:
                 raise LoadFailed(result.reason)
             return
-        if name not in self.models.repository.model_names():
-            raise ModelNotFound(f"model {name!r} is not in the repository")
+        self.require_model(name)
         await self.models.load(name, config_json)
 
     async def unload_model(self, name: str) -> None:
