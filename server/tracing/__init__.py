@@ -114,17 +114,15 @@ class Tracer:
         try:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
             from opentelemetry.sdk.trace.sampling import ALWAYS_ON
         except ImportError as exc:
             raise RuntimeError("tracing needs the OpenTelemetry packages: pip install 'optiserve[tracing]'") from exc
-        exporter: SpanExporter
-        if exporter_name == "otlp":
+        exporter_class: Any = ConsoleSpanExporter
+        if exporter_name == "otlp":  # imported here too, so a missing exporter package stops the start
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter()  # OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _HEADERS, _TIMEOUT
-        else:
-            exporter = ConsoleSpanExporter()
+            exporter_class = OTLPSpanExporter  # OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _HEADERS, _TIMEOUT
         from server.tracing.sampling import RootSampler, standard_sampler
 
         service = os.environ.get("OTEL_SERVICE_NAME") or "optiserve"
@@ -136,11 +134,14 @@ class Tracer:
         else:  # this tracer samples (see sampling.py); the SDK records whatever it is handed
             ratio, parent_based = standard
             provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=RootSampler(ratio))
-        provider.add_span_processor(BatchSpanProcessor(exporter))
         log.info("tracing on: exporter=%s service=%s", exporter_name, service)
+        if not helper:  # the export process: it exports what it is sent
+            provider.add_span_processor(BatchSpanProcessor(exporter_class()))
+            return cls(provider, parent_based=parent_based)
         from server.tracing.export_process import ExportProcess
 
-        return cls(provider, parent_based=parent_based, export=ExportProcess() if helper else None)
+        # The server: its provider only draws ids; the export process makes, batches and exports the spans.
+        return cls(provider, parent_based=parent_based, export=ExportProcess())
 
     def start(self, protocol: str, model: str, version: str, headers: Mapping[str, str]) -> RequestTrace:
         """Sample a request at its arrival and, when it is sampled, start recording it (its spans, under the

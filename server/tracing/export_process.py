@@ -86,7 +86,7 @@ class ExportProcess:
             with self._lock:
                 self._proc.stdin.write(b"".join(lines))
                 self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError) as exc:
+        except (OSError, ValueError) as exc:  # a broken pipe, or a closed one
             self._broken = True
             log.error("the span export process is gone (%s): spans are dropped from now on", exc)
 
