@@ -278,12 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def interleaved(server: ServerProcess, args: argparse.Namespace) -> None:
-    """--interleave: off and 1% in alternating segments under one unbroken perf_analyzer load; prints the medians of
-    the neighbouring pairs' ratios (CPU per request and throughput, 1% over off)."""
+def background_load(server: ServerProcess, args: argparse.Namespace, seconds: float) -> subprocess.Popen[bytes]:
+    """perf_analyzer loading the MLP for about ``seconds`` (one measurement window), to be terminated when done."""
     url = server.http_url if args.protocol == "http" else server.grpc_url
-    seconds = args.interleave * args.segments + 30
-    load = subprocess.Popen(
+    return subprocess.Popen(
         [
             perf.perf_analyzer_path(), "-m", "mlp", "-i", args.protocol, "-u", url,
             "--concurrency-range", f"{args.concurrency}:{args.concurrency}",
@@ -292,6 +290,12 @@ def interleaved(server: ServerProcess, args: argparse.Namespace) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def interleaved(server: ServerProcess, args: argparse.Namespace) -> None:
+    """--interleave: off and 1% in alternating segments under one unbroken perf_analyzer load; prints the medians of
+    the neighbouring pairs' ratios (CPU per request and throughput, 1% over off)."""
+    load = background_load(server, args, args.interleave * args.segments + 30)
     segments: list[tuple[str, float, float]] = []  # (label, CPU us per request, requests per second)
     try:
         switch(server, "off")
@@ -365,16 +369,7 @@ def tracing_share(server: ServerProcess, args: argparse.Namespace, out: Path) ->
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists() or server.proc is None:
         return None
-    url = server.http_url if args.protocol == "http" else server.grpc_url
-    load = subprocess.Popen(
-        [
-            perf.perf_analyzer_path(), "-m", "mlp", "-i", args.protocol, "-u", url,
-            "--concurrency-range", f"{args.concurrency}:{args.concurrency}",
-            "--measurement-interval", "30000", "--stability-percentage", "999", "--max-trials", "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    load = background_load(server, args, 30)
     raw = out / "profile.raw"
     try:
         time.sleep(3)
