@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     """Let onnxruntime's idle threads busy-wait for work: ~0.1 ms lower latency for an idle server, but
     under load the spinning threads take CPU from the event loop (off by default)."""
 
+    inline_compute_us: int = Field(500, ge=0)
+    """At low load, run a request on the event loop instead of handing it to a worker thread and back (two
+    thread wake-ups, ~0.1-0.15 ms on 2 vCPUs) when its model's CPU instances answer one request in under this
+    many microseconds; 0 = always use the workers. Batching is unchanged under load (README, Batching)."""
+
     gc_freeze: bool = True
     """Keep start-up objects and loaded models out of Python's full garbage collections (gc.freeze, redone
     whenever the served models change): under load these otherwise stop the server for ~60 ms every few

@@ -67,6 +67,12 @@ class Backend(ABC):
         that thread (CUDA graphs). Nothing by default."""
         return None
 
+    @property
+    def any_thread(self) -> bool:
+        """Whether ``infer`` may run on any thread, the event loop's included (the batcher's inline runs at low
+        load), rather than only on the worker thread that ran ``prepare``. No by default."""
+        return False
+
     def staging_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray | None:
         """A buffer the batcher may concatenate input ``name`` of the next batch into, valid until that batch
         has run (pinned host memory on a GPU instance); None: let numpy allocate."""

@@ -244,6 +244,12 @@ class OnnxRuntimeBackend(Backend):
         return None if self._graphs is None else self._graphs.sizes
 
     @property
+    def any_thread(self) -> bool:
+        """A CPU session (onnxruntime's or OpenVINO's) runs from any thread; a GPU one keeps to its worker
+        (CUDA graphs are captured per thread, and GPU compute is too long to run on the event loop anyway)."""
+        return self.gpu_device is None
+
+    @property
     def pinned(self) -> bool:
         """Whether batches are staged in pinned host memory (false again once pinned memory was refused)."""
         return self._staging is not None and self._staging.active

@@ -10,6 +10,12 @@ Design choices (README, "Batching"):
 - Full queues reject at once (503 + Retry-After); queue timeouts reject (503 / DEADLINE_EXCEEDED) or
   demote (Triton's DELAY); cancelled requests are dropped before they run.
 - Workers are threads: onnxruntime releases the GIL while it computes.
+- Inline at low load. Handing a request to a worker thread and its answer back costs two thread wake-ups
+  (~0.1-0.15 ms on 2 vCPUs, more than a small model's compute). When the version has been idle for the last
+  ``QUIET_BEFORE_INLINE`` submissions and its single-request runs take under ``inline_below_ns``, a request
+  runs on the caller's thread (the event loop) instead. Running inline hides concurrency (the loop is busy,
+  so nothing else arrives), so every ``PROBE_EVERY``-th quiet request still goes through a worker: requests
+  arriving meanwhile find it busy, the quiet streak ends, and batching resumes.
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ Tensors = dict[str, np.ndarray]
 Runner = Callable[[Tensors], Tensors]
 Stager = Callable[[str, tuple[int, ...], np.dtype[Any]], np.ndarray | None]
 """An instance's staging buffers (``Backend.staging_buffer``): where to concatenate one input of its next batch."""
+
+
+QUIET_BEFORE_INLINE = 8
+"""Submissions in a row that found the version idle before requests may run inline."""
+PROBE_EVERY = 4
+"""While quiet, every PROBE_EVERY-th request still takes a worker, so that concurrency can show."""
 
 
 class BatcherClosed(ServerUnavailable):
@@ -135,9 +147,12 @@ class Batcher:
         policy: BatchPolicy | None = None,
         stagers: list[Stager] | None = None,
         preparers: list[Callable[[], None]] | None = None,
+        inline_below_ns: int = 0,
     ) -> None:
         """``stagers``, one per runner, give each instance's batches a buffer to be concatenated into;
-        ``preparers``, one per runner, run on the runner's worker thread before its first batch."""
+        ``preparers``, one per runner, run on the runner's worker thread before its first batch;
+        ``inline_below_ns`` > 0 lets an idle version run a request on the caller's thread when its
+        single-request runs take less (only for runners that may run on any thread)."""
         self.name = name
         self.max_batch_size = max_batch_size
         self.stats = stats
@@ -151,9 +166,21 @@ class Batcher:
         count = len(runners)
         self._ready = [threading.Event() for _ in range(count)]
         self._prepare_errors: list[BaseException] = []
+        self._instance_locks = [threading.Lock() for _ in range(count)]
+        """Held while an instance runs, by its worker or by an inline run: one execution per instance at a time."""
+        self._runners = list(runners)
+        self._inline_below_ns = inline_below_ns
+        self._single_run_ns = float("inf")
+        """Moving average of single-request runs; unknown (never inline) until one ran through a worker."""
+        self._quiet = 0
         workers = zip(runners, stagers or [_no_staging] * count, preparers or [_nothing] * count, strict=True)
         self._threads = [
-            threading.Thread(target=self._work, args=(*worker, self._ready[i]), name=f"{name}-worker-{i}", daemon=True)
+            threading.Thread(
+                target=self._work,
+                args=(*worker, self._ready[i], self._instance_locks[i]),
+                name=f"{name}-worker-{i}",
+                daemon=True,
+            )
             for i, worker in enumerate(workers)
         ]
         sizes = [s for s in self.policy.preferred_batch_sizes if 0 < s <= max_batch_size]
@@ -197,9 +224,13 @@ class Batcher:
                     f"model {self.name!r}: queue is full ({queue_policy.max_queue_size} requests); retry later",
                     retry_after_s=1,
                 )
-            queue.append(item)
-            self._queued += 1
-            self._cond.notify()
+            inline = self._claim_inline()
+            if not inline:
+                queue.append(item)
+                self._queued += 1
+                self._cond.notify()
+        if inline:
+            return self._run_inline(item)
         if timeout_ns and item.reject_on_timeout:
             item.timer = loop.call_later(timeout_ns / 1e9, self._expire, item)
         try:
@@ -212,6 +243,34 @@ class Batcher:
                     if not item.dispatched:  # the client went away while queued: free its slot now
                         item.dispatched = True
                         self._forget(item)
+
+    def _claim_inline(self) -> bool:
+        """Under the lock: whether this request runs inline (then it counts as busy until it has run)."""
+        if self._queued or self._busy:
+            self._quiet = 0
+            return False
+        self._quiet += 1
+        inline = (
+            self._quiet >= QUIET_BEFORE_INLINE
+            and self._quiet % PROBE_EVERY != 0
+            and self._single_run_ns < self._inline_below_ns
+        )
+        if inline:
+            self._busy += 1
+        return inline
+
+    def _run_inline(self, item: WorkItem) -> Tensors:
+        """Run one request on this thread, with the bookkeeping of a worker's batch; errors reach the caller."""
+        item.dispatched = True
+        try:
+            with self._instance_locks[0]:
+                (outputs,), times = self._execute(self._runners[0], [item], _no_staging)
+        finally:
+            with self._cond:
+                self._busy -= 1
+        self._account([item], times)
+        self._trace_batch([item], times)
+        return outputs
 
     def _level(self, priority: int) -> int:
         levels = self.policy.priority_levels
@@ -266,7 +325,14 @@ class Batcher:
         _deliver_errors(leftover, error)
 
     # ---- worker side (threads) ---------------------------------------------------------------------
-    def _work(self, runner: Runner, stager: Stager, prepare: Callable[[], None], ready: threading.Event) -> None:
+    def _work(
+        self,
+        runner: Runner,
+        stager: Stager,
+        prepare: Callable[[], None],
+        ready: threading.Event,
+        instance_lock: threading.Lock,
+    ) -> None:
         """Worker loop: prepare, then take a batch, run it, deliver the results."""
         try:
             prepare()
@@ -286,11 +352,14 @@ class Batcher:
                     self._form_batch(batch)
                     self._busy += 1
                 try:
-                    if batch:
-                        self._run(runner, batch, stager)
+                    ran = self._run(runner, batch, stager, instance_lock) if batch else None
                 finally:
                     with self._cond:
                         self._busy -= 1
+                if ran is not None:  # delivered once idle, so that the next request finds the version idle
+                    results, times = ran
+                    _deliver(zip(batch, results, strict=True))
+                    self._trace_batch(batch, times)
             except BaseException as exc:  # whatever it is, it fails its batch; the worker and the queue live on
                 log.exception(
                     "model %r: worker failed on a batch of %d requests; they get an error", self.name, len(batch)
@@ -361,36 +430,58 @@ class Batcher:
             queue.extend(kept)
         return taken
 
-    def _run(self, runner: Runner, batch: list[WorkItem], stager: Stager) -> None:
-        """Execute one batch and hand each request its slice of the outputs."""
-        start = time.monotonic_ns()
+    def _run(
+        self, runner: Runner, batch: list[WorkItem], stager: Stager, instance_lock: threading.Lock
+    ) -> tuple[list[Tensors], tuple[int, int, int, int]] | None:
+        """Execute one batch: each request's slice of the outputs and the batch's times, for the caller to
+        deliver; None when it failed (the requests already have the error)."""
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else _concat(batch, stager)
-            ran = time.monotonic_ns()
-            outputs = runner(inputs)
-            done = time.monotonic_ns()
-            results = [outputs] if len(batch) == 1 else _split(outputs, [item.samples for item in batch])
+            with instance_lock:
+                results, times = self._execute(runner, batch, stager)
         except Exception as exc:  # a runtime failure must reach the clients, not kill the worker
             _deliver_errors(batch, exc)
-            return
-        finished = time.monotonic_ns()
+            return None
+        self._account(batch, times)
+        return results, times
+
+    def _execute(
+        self, runner: Runner, batch: list[WorkItem], stager: Stager
+    ) -> tuple[list[Tensors], tuple[int, int, int, int]]:
+        """Run ``batch``: each request's outputs, and the batch's (start, inputs ready, computed, split) times."""
+        start = time.monotonic_ns()
+        inputs = batch[0].inputs if len(batch) == 1 else _concat(batch, stager)
+        ran = time.monotonic_ns()
+        outputs = runner(inputs)
+        done = time.monotonic_ns()
+        results = [outputs] if len(batch) == 1 else _split(outputs, [item.samples for item in batch])
+        if len(batch) == 1:
+            previous = self._single_run_ns
+            self._single_run_ns = done - ran if previous == float("inf") else 0.8 * previous + 0.2 * (done - ran)
+        return results, (start, ran, done, time.monotonic_ns())
+
+    def _account(self, batch: list[WorkItem], times: tuple[int, int, int, int]) -> None:
+        """Statistics and the requests' span phases (before delivery: the loop reads them)."""
+        start, ran, done, finished = times
         samples = sum(item.samples for item in batch)
-        traced = [item.trace for item in batch if item.trace is not None]
         try:
             self.stats.record_execution(
                 samples, [start - item.enqueued_ns for item in batch], ran - start, done - ran, finished - done
             )
-            for item in batch:  # the same times, for the request spans (before delivery: the loop reads them)
+            for item in batch:
                 if item.trace is not None:
-                    item.trace.ran(item.enqueued_ns, (start, ran, done, finished), samples)
+                    item.trace.ran(item.enqueued_ns, times, samples)
         except Exception:  # the answers are computed: bookkeeping must not cost the clients them
             log.exception("model %r: recording the statistics of a batch failed", self.name)
-        _deliver(zip(batch, results, strict=True))
-        if traced:
-            try:
-                traced[0].tracer.record_batch(traced, (start, ran, done, finished), samples)
-            except Exception:
-                log.exception("model %r: tracing a batch failed", self.name)
+
+    def _trace_batch(self, batch: list[WorkItem], times: tuple[int, int, int, int]) -> None:
+        """The batch's own span, linking the traced requests it served."""
+        traced = [item.trace for item in batch if item.trace is not None]
+        if not traced:
+            return
+        try:
+            traced[0].tracer.record_batch(traced, times, sum(item.samples for item in batch))
+        except Exception:
+            log.exception("model %r: tracing a batch failed", self.name)
 
 
 def _nothing() -> None:

@@ -340,6 +340,7 @@ def _make_batcher(
         [b.infer for b in backends],
         stagers=[b.staging_buffer for b in backends],
         preparers=[b.prepare for b in backends],
+        inline_below_ns=settings.inline_compute_us * 1000 if all(b.any_thread for b in backends) else 0,
         max_batch_size=batching,
         max_queue_size=policy.default_queue.max_queue_size,
         stats=stats,

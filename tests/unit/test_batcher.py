@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from server.errors import InternalError, InvalidInput, ServerUnavailable
-from server.models.batching import Batcher, BatchPolicy, Tensors
+from server.models.batching import PROBE_EVERY, QUIET_BEFORE_INLINE, Batcher, BatchPolicy, Tensors
 from server.models.stats import ModelStats
 
 WAIT_S = 5.0
@@ -713,4 +713,160 @@ def test_a_queue_delay_beyond_what_threads_can_wait_does_not_kill_the_worker() -
         _run(scenario)
     finally:
         busy.gate.set()
+        batcher.close(1)
+
+
+# ---- inline runs at low load ---------------------------------------------------------------------------------
+class ThreadRecordingRunner(FakeRunner):
+    """A FakeRunner that also notes which thread ran each call; its gate holds worker threads only (an inline
+    run on the test's own thread must never block)."""
+
+    def __init__(self, *, fail_on_negative: bool = False, delay_s: float = 0.0) -> None:
+        super().__init__(fail_on_negative=fail_on_negative)
+        self.threads: list[str] = []
+        self.delay_s = delay_s
+        self.caller = threading.current_thread()
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        self.threads.append(threading.current_thread().name)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if threading.current_thread() is self.caller:
+            self.gate, held = threading.Event(), self.gate
+            self.gate.set()
+            try:
+                return super().__call__(inputs)
+            finally:
+                self.gate = held
+        return super().__call__(inputs)
+
+
+def _inline_batcher(runner: FakeRunner, inline_below_ns: int = 1_000_000_000, max_batch_size: int = 8) -> Batcher:
+    batcher = Batcher(
+        "m",
+        [runner],
+        max_batch_size=max_batch_size,
+        max_queue_size=0,
+        stats=ModelStats(),
+        inline_below_ns=inline_below_ns,
+    )
+    batcher.start()
+    return batcher
+
+
+def test_an_idle_version_runs_requests_inline_after_a_quiet_streak_and_still_probes_its_workers() -> None:
+    """One request at a time: the first QUIET_BEFORE_INLINE go through the worker, then the caller's thread runs
+    them, except every PROBE_EVERY-th quiet one, which still takes a worker; answers and statistics are the same."""
+    runner = ThreadRecordingRunner()
+    batcher = _inline_batcher(runner)
+    loop_thread = runner.caller.name
+    count = 24
+
+    async def scenario() -> None:
+        for i in range(count):
+            x = _rows(i, 1)
+            _check(await _submit(batcher, x), x)
+
+    try:
+        _run(scenario)
+    finally:
+        batcher.close(1)
+    expected = [
+        "worker" if quiet < QUIET_BEFORE_INLINE or quiet % PROBE_EVERY == 0 else "inline"
+        for quiet in range(1, count + 1)
+    ]
+    assert ["inline" if name == loop_thread else "worker" for name in runner.threads] == expected
+    assert "inline" in expected and expected.count("worker") > QUIET_BEFORE_INLINE - 1
+    assert batcher.stats.inference_count == count
+    assert batcher.stats.execution_count == count
+    assert batcher.pending == 0
+
+
+def test_concurrent_requests_still_batch_when_inline_runs_are_allowed() -> None:
+    """Once the version is quiet enough to run inline, a burst still leaves as batches: the probe request holds the
+    worker while the burst arrives, which ends the quiet streak."""
+    runner = ThreadRecordingRunner()
+    batcher = _inline_batcher(runner)
+
+    async def scenario() -> None:
+        for i in range(QUIET_BEFORE_INLINE + 1):  # quiet: the last one ran inline
+            await _submit(batcher, _rows(i, 1))
+        assert runner.threads[-1] == runner.caller.name
+        runner.gate.clear()  # from now on a request that reaches the worker stays there until released
+        probe: asyncio.Task[Tensors] | None = None
+        for i in range(PROBE_EVERY):  # inline ones finish at once; the probe takes the worker
+            runner.entered.clear()
+            task = _spawn(batcher, _rows(100 + i, 1))
+            await _until(lambda: task.done() or runner.entered.is_set(), "the request to run")  # noqa: B023
+            if not task.done():
+                probe = task
+                break
+        assert probe is not None, "no request went to the worker while the version was quiet"
+        xs = [_rows(200 + i, 1) for i in range(6)]
+        burst = [_spawn(batcher, x) for x in xs]
+        await _until(lambda: batcher.pending == 7, "the burst to queue behind the probe")
+        runner.gate.set()
+        for result, x in zip(await _wait_all(burst), xs, strict=True):
+            _check(result, x)
+        await probe
+
+    try:
+        _run(scenario)
+    finally:
+        runner.gate.set()
+        batcher.close(1)
+    assert runner.sizes()[-1] == 6  # the burst left as one batch, not inline one by one
+
+
+def test_a_slow_model_never_runs_inline() -> None:
+    runner = ThreadRecordingRunner(delay_s=0.002)
+    batcher = _inline_batcher(runner, inline_below_ns=1_000_000)  # 1 ms: under the runner's 2 ms
+    loop_thread = threading.current_thread().name
+
+    async def scenario() -> None:
+        for i in range(3 * QUIET_BEFORE_INLINE):
+            await _submit(batcher, _rows(i, 1))
+
+    try:
+        _run(scenario)
+    finally:
+        batcher.close(1)
+    assert len(runner.threads) == 3 * QUIET_BEFORE_INLINE
+    assert loop_thread not in runner.threads
+
+
+def test_inline_runs_are_off_by_default() -> None:
+    runner = ThreadRecordingRunner()
+    batcher = _batcher([runner])
+    loop_thread = threading.current_thread().name
+
+    async def scenario() -> None:
+        for i in range(3 * QUIET_BEFORE_INLINE):
+            await _submit(batcher, _rows(i, 1))
+
+    try:
+        _run(scenario)
+    finally:
+        batcher.close(1)
+    assert loop_thread not in runner.threads
+
+
+def test_an_inline_failure_reaches_its_caller_and_the_version_serves_on() -> None:
+    runner = ThreadRecordingRunner(fail_on_negative=True)
+    batcher = _inline_batcher(runner)
+    loop_thread = threading.current_thread().name
+
+    async def scenario() -> None:
+        for i in range(QUIET_BEFORE_INLINE):
+            await _submit(batcher, _rows(i, 1))
+        with pytest.raises(ValueError, match="negative input"):
+            await _submit(batcher, _rows(-5, 1))
+        assert runner.threads[-1] == loop_thread  # it did run inline
+        assert batcher.pending == 0
+        x = _rows(7, 1)
+        _check(await _submit(batcher, x), x)
+
+    try:
+        _run(scenario)
+    finally:
         batcher.close(1)
