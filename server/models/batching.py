@@ -12,10 +12,10 @@ Design choices (README, "Batching"):
 - Workers are threads: onnxruntime releases the GIL while it computes.
 - Inline at low load. Handing a request to a worker thread and its answer back costs two thread wake-ups
   (~0.1-0.15 ms on 2 vCPUs, more than a small model's compute). When the version has been idle for the last
-  ``QUIET_BEFORE_INLINE`` submissions and its single-request runs take under ``inline_below_ns``, a request
-  runs on the caller's thread (the event loop) instead. Running inline hides concurrency (the loop is busy,
-  so nothing else arrives), so every ``PROBE_EVERY``-th quiet request still goes through a worker: requests
-  arriving meanwhile find it busy, the quiet streak ends, and batching resumes.
+  ``QUIET_BEFORE_INLINE`` submissions and single-request runs of the request's shape took under
+  ``inline_below_ns``, a request runs on the caller's thread (the event loop) instead. Running inline hides
+  concurrency (the loop is busy, so nothing else arrives), so every ``PROBE_EVERY``-th quiet request still
+  goes through a worker: requests arriving meanwhile find it busy, the quiet streak ends, and batching resumes.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ QUIET_BEFORE_INLINE = 8
 """Submissions in a row that found the version idle before requests may run inline."""
 PROBE_EVERY = 4
 """While quiet, every PROBE_EVERY-th request still takes a worker, so that concurrency can show."""
+MAX_SHAPES = 256
+"""Request shapes whose single-request run times a batcher keeps for its inline decisions."""
 
 
 class BatcherClosed(ServerUnavailable):
@@ -170,8 +172,9 @@ class Batcher:
         """Held while an instance runs, by its worker or by an inline run: one execution per instance at a time."""
         self._runners = list(runners)
         self._inline_below_ns = inline_below_ns
-        self._single_run_ns = float("inf")
-        """Moving average of single-request runs; unknown (never inline) until one ran through a worker."""
+        self._single_run_ns: dict[tuple[Hashable, int], float] = {}
+        """Moving average of single-request runs per (shape key, samples): a request runs inline only when requests
+        of its own shape were measured fast (a large input of a dynamic-shape model must not block the loop)."""
         self._quiet = 0
         workers = zip(runners, stagers or [_no_staging] * count, preparers or [_nothing] * count, strict=True)
         self._threads = [
@@ -224,7 +227,7 @@ class Batcher:
                     f"model {self.name!r}: queue is full ({queue_policy.max_queue_size} requests); retry later",
                     retry_after_s=1,
                 )
-            inline = self._claim_inline()
+            inline = self._claim_inline(item)
             if not inline:
                 queue.append(item)
                 self._queued += 1
@@ -244,8 +247,8 @@ class Batcher:
                         item.dispatched = True
                         self._forget(item)
 
-    def _claim_inline(self) -> bool:
-        """Under the lock: whether this request runs inline (then it counts as busy until it has run)."""
+    def _claim_inline(self, item: WorkItem) -> bool:
+        """Under the lock: whether ``item`` runs inline (then it counts as busy until it has run)."""
         if self._queued or self._busy:
             self._quiet = 0
             return False
@@ -253,7 +256,7 @@ class Batcher:
         inline = (
             self._quiet >= QUIET_BEFORE_INLINE
             and self._quiet % PROBE_EVERY != 0
-            and self._single_run_ns < self._inline_below_ns
+            and self._single_run_ns.get((item.key, item.samples), self._inline_below_ns) < self._inline_below_ns
         )
         if inline:
             self._busy += 1
@@ -454,10 +457,18 @@ class Batcher:
         outputs = runner(inputs)
         done = time.monotonic_ns()
         results = [outputs] if len(batch) == 1 else _split(outputs, [item.samples for item in batch])
-        if len(batch) == 1:
-            previous = self._single_run_ns
-            self._single_run_ns = done - ran if previous == float("inf") else 0.8 * previous + 0.2 * (done - ran)
+        if len(batch) == 1 and self._inline_below_ns:
+            self._note_single_run((batch[0].key, batch[0].samples), done - ran)
         return results, (start, ran, done, time.monotonic_ns())
+
+    def _note_single_run(self, shape: tuple[Hashable, int], ns: int) -> None:
+        """Fold one single-request run into its shape's moving average (a bounded table: shapes beyond
+        MAX_SHAPES start it afresh)."""
+        averages = self._single_run_ns
+        previous = averages.get(shape)
+        if previous is None and len(averages) >= MAX_SHAPES:
+            averages.clear()
+        averages[shape] = ns if previous is None else 0.8 * previous + 0.2 * ns
 
     def _account(self, batch: list[WorkItem], times: tuple[int, int, int, int]) -> None:
         """Statistics and the requests' span phases (before delivery: the loop reads them)."""

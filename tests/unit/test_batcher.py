@@ -870,3 +870,25 @@ def test_an_inline_failure_reaches_its_caller_and_the_version_serves_on() -> Non
         _run(scenario)
     finally:
         batcher.close(1)
+
+
+def test_a_request_of_a_shape_never_timed_takes_a_worker_even_when_quiet() -> None:
+    """The run-time estimate is per shape: a large input of a dynamic-shape model must not run on the loop because
+    small ones were fast. Once its own shape has run fast through a worker, it may run inline too."""
+    runner = ThreadRecordingRunner()
+    batcher = _inline_batcher(runner)
+
+    async def scenario() -> None:
+        for i in range(QUIET_BEFORE_INLINE + 1):
+            await _submit(batcher, _rows(i, 1))
+        assert runner.threads[-1] == runner.caller.name  # narrow requests run inline by now
+        wide = _rows(50, 1, width=6)
+        _check(await _submit(batcher, wide), wide)
+        assert runner.threads[-1] != runner.caller.name  # its first request of this shape: a worker
+        _check(await _submit(batcher, wide), wide)
+        assert runner.threads[-1] == runner.caller.name
+
+    try:
+        _run(scenario)
+    finally:
+        batcher.close(1)
