@@ -818,10 +818,16 @@ def test_concurrent_requests_still_batch_when_inline_runs_are_allowed() -> None:
     assert runner.sizes()[-1] == 6  # the burst left as one batch, not inline one by one
 
 
-def test_a_slow_model_never_runs_inline() -> None:
-    runner = ThreadRecordingRunner(delay_s=0.002)
-    batcher = _inline_batcher(runner, inline_below_ns=1_000_000)  # 1 ms: under the runner's 2 ms
-    loop_thread = threading.current_thread().name
+@pytest.mark.parametrize(
+    ("delay_s", "inline_below_ns"),
+    [(0.002, 1_000_000), (0.0, 0)],
+    ids=["slower-than-the-bound", "bound-0-turns-it-off"],
+)
+def test_requests_never_run_inline(delay_s: float, inline_below_ns: int) -> None:
+    """A model slower than the bound (2 ms runs, 1 ms bound), or a bound of 0 (--inline-compute-us 0), keeps every
+    request on its workers however quiet it is."""
+    runner = ThreadRecordingRunner(delay_s=delay_s)
+    batcher = _inline_batcher(runner, inline_below_ns=inline_below_ns)
 
     async def scenario() -> None:
         for i in range(3 * QUIET_BEFORE_INLINE):
@@ -832,23 +838,7 @@ def test_a_slow_model_never_runs_inline() -> None:
     finally:
         batcher.close(1)
     assert len(runner.threads) == 3 * QUIET_BEFORE_INLINE
-    assert loop_thread not in runner.threads
-
-
-def test_inline_runs_are_off_by_default() -> None:
-    runner = ThreadRecordingRunner()
-    batcher = _batcher([runner])
-    loop_thread = threading.current_thread().name
-
-    async def scenario() -> None:
-        for i in range(3 * QUIET_BEFORE_INLINE):
-            await _submit(batcher, _rows(i, 1))
-
-    try:
-        _run(scenario)
-    finally:
-        batcher.close(1)
-    assert loop_thread not in runner.threads
+    assert runner.caller.name not in runner.threads
 
 
 def test_an_inline_failure_reaches_its_caller_and_the_version_serves_on() -> None:
