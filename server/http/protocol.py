@@ -9,6 +9,8 @@
   headers must be complete ``header_timeout_s`` after their first byte (after connecting, for a connection's
   first request): 408 beyond (a silent close when nothing was sent), and the connection closes.
 
+It also writes each response's status line and headers together with its body (:class:`OneWriteResponse`).
+
 uvicorn[standard] always brings httptools, and the server picks it explicitly (server/app.py); h11, the
 pure-Python alternative, is several times slower on the inference path.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -95,6 +97,8 @@ class BoundedHeadersProtocol(HttpToolsProtocol):  # type: ignore[misc]
             self._refusal = (431, self._too_large())
             return  # no request cycle is started; data_received answers and closes
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = cast(asyncio.Transport, OneWriteResponse(self.transport, self.loop))  # duck-typed
 
     def on_body(self, body: bytes) -> None:
         if self._refusal is None:
@@ -154,6 +158,45 @@ class BoundedHeadersProtocol(HttpToolsProtocol):  # type: ignore[misc]
                 self._header_timer = self.loop.call_later(LINGER_S, self.transport.close)
                 return
         self.transport.close()
+
+
+class OneWriteResponse:
+    """One request cycle's view of its connection: the response's first write (its status line and headers) waits
+    for the next, its body, and both leave in one ``writelines``. uvicorn writes them apart, which costs two send
+    calls and two TCP segments per small response (on loopback each send took ~35-60 µs of the event loop at c=1,
+    the kernel delivering to the client inside it). A held write is flushed before a close and at the end of the
+    loop's current iteration, so nothing waits for a body that comes later (a streamed response) or never."""
+
+    __slots__ = ("_first", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._first = True
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            self._held = data
+            self._loop.call_soon(self._flush)
+        elif self._held is not None:
+            held, self._held = self._held, None
+            self._transport.writelines((held, data))
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def bounded_headers_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asyncio.Protocol]:

@@ -237,3 +237,21 @@ def _statuses(sock: socket.socket, count: int) -> list[int]:
         assert chunk, f"closed after {statuses}"
         data += chunk
     return statuses
+
+
+def test_a_client_that_expects_100_continue_gets_it_and_then_its_answer(bounded: ServerProcess) -> None:
+    """The interim response is the first write of the request's cycle, which server/http/protocol.py holds for a
+    body: it must still leave at once (the client waits for it before sending its body)."""
+    body = b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1,2,3,4,5,6,7,8]}]}'
+    head = b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+    with _connect(bounded) as sock:
+        sock.sendall(head % len(body))
+        assert select.select([sock], [], [], 5)[0], "no 100 Continue within 5 s"
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        sock.sendall(body)
+        rest = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+        if rest:  # the server may have sent more already; it is the final answer's start
+            pytest.fail(f"an answer before the body was sent: {rest!r}")
+        response = _response(sock)
+        assert response.status == 200
