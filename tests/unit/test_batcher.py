@@ -65,7 +65,11 @@ async def _entered(runner: FakeRunner) -> None:
 
 
 def _batcher(
-    runners: list[Any], max_batch_size: int = 8, max_queue_size: int = 0, stagers: list[Any] | None = None
+    runners: list[Any],
+    max_batch_size: int = 8,
+    max_queue_size: int = 0,
+    stagers: list[Any] | None = None,
+    inline_below_ns: int = 0,
 ) -> Batcher:
     batcher = Batcher(
         "m",
@@ -74,6 +78,7 @@ def _batcher(
         max_queue_size=max_queue_size,
         stats=ModelStats(),
         stagers=stagers,
+        inline_below_ns=inline_below_ns,
     )
     batcher.start()
     return batcher
@@ -741,24 +746,15 @@ class ThreadRecordingRunner(FakeRunner):
         return super().__call__(inputs)
 
 
-def _inline_batcher(runner: FakeRunner, inline_below_ns: int = 1_000_000_000, max_batch_size: int = 8) -> Batcher:
-    batcher = Batcher(
-        "m",
-        [runner],
-        max_batch_size=max_batch_size,
-        max_queue_size=0,
-        stats=ModelStats(),
-        inline_below_ns=inline_below_ns,
-    )
-    batcher.start()
-    return batcher
+INLINE_BOUND_NS = 1_000_000_000
+"""An inline bound every fake runner is under."""
 
 
 def test_an_idle_version_runs_requests_inline_after_a_quiet_streak_and_still_probes_its_workers() -> None:
     """One request at a time: the first QUIET_BEFORE_INLINE go through the worker, then the caller's thread runs
     them, except every PROBE_EVERY-th quiet one, which still takes a worker; answers and statistics are the same."""
     runner = ThreadRecordingRunner()
-    batcher = _inline_batcher(runner)
+    batcher = _batcher([runner], inline_below_ns=INLINE_BOUND_NS)
     loop_thread = runner.caller.name
     count = 24
 
@@ -786,7 +782,7 @@ def test_concurrent_requests_still_batch_when_inline_runs_are_allowed() -> None:
     """Once the version is quiet enough to run inline, a burst still leaves as batches: the probe request holds the
     worker while the burst arrives, which ends the quiet streak."""
     runner = ThreadRecordingRunner()
-    batcher = _inline_batcher(runner)
+    batcher = _batcher([runner], inline_below_ns=INLINE_BOUND_NS)
 
     async def scenario() -> None:
         for i in range(QUIET_BEFORE_INLINE + 1):  # quiet: the last one ran inline
@@ -827,7 +823,7 @@ def test_requests_never_run_inline(delay_s: float, inline_below_ns: int) -> None
     """A model slower than the bound (2 ms runs, 1 ms bound), or a bound of 0 (--inline-compute-us 0), keeps every
     request on its workers however quiet it is."""
     runner = ThreadRecordingRunner(delay_s=delay_s)
-    batcher = _inline_batcher(runner, inline_below_ns=inline_below_ns)
+    batcher = _batcher([runner], inline_below_ns=inline_below_ns)
 
     async def scenario() -> None:
         for i in range(3 * QUIET_BEFORE_INLINE):
@@ -843,7 +839,7 @@ def test_requests_never_run_inline(delay_s: float, inline_below_ns: int) -> None
 
 def test_an_inline_failure_reaches_its_caller_and_the_version_serves_on() -> None:
     runner = ThreadRecordingRunner(fail_on_negative=True)
-    batcher = _inline_batcher(runner)
+    batcher = _batcher([runner], inline_below_ns=INLINE_BOUND_NS)
     loop_thread = threading.current_thread().name
 
     async def scenario() -> None:
@@ -866,7 +862,7 @@ def test_a_request_of_a_shape_never_timed_takes_a_worker_even_when_quiet() -> No
     """The run-time estimate is per shape: a large input of a dynamic-shape model must not run on the loop because
     small ones were fast. Once its own shape has run fast through a worker, it may run inline too."""
     runner = ThreadRecordingRunner()
-    batcher = _inline_batcher(runner)
+    batcher = _batcher([runner], inline_below_ns=INLINE_BOUND_NS)
 
     async def scenario() -> None:
         for i in range(QUIET_BEFORE_INLINE + 1):

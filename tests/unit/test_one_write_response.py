@@ -37,10 +37,15 @@ def _in_a_loop(scenario: Any) -> None:
     asyncio.run(scenario())
 
 
+def _writer() -> tuple[RecordingTransport, OneWriteResponse]:
+    """A recording transport and the response writer in front of it, on the running loop."""
+    transport = RecordingTransport()
+    return transport, OneWriteResponse(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+
+
 def test_the_head_and_the_body_leave_in_one_call() -> None:
     async def scenario() -> None:
-        transport = RecordingTransport()
-        writer = OneWriteResponse(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport, writer = _writer()
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
         assert transport.calls == []  # held for the body
         writer.write(b"{}")
@@ -54,8 +59,7 @@ def test_the_head_and_the_body_leave_in_one_call() -> None:
 
 def test_a_head_without_a_body_in_the_same_iteration_is_flushed_at_its_end() -> None:
     async def scenario() -> None:
-        transport = RecordingTransport()
-        writer = OneWriteResponse(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport, writer = _writer()
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         await asyncio.sleep(0)
         assert transport.calls == [("write", b"HTTP/1.1 100 Continue\r\n\r\n")]
@@ -67,8 +71,7 @@ def test_a_head_without_a_body_in_the_same_iteration_is_flushed_at_its_end() -> 
 
 def test_a_close_sends_what_is_held_first_and_other_calls_reach_the_transport() -> None:
     async def scenario() -> None:
-        transport = RecordingTransport()
-        writer = OneWriteResponse(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport, writer = _writer()
         writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
         writer.close()
         assert transport.calls == [("write", b"HTTP/1.1 204 No Content\r\n\r\n"), ("close", None)]
