@@ -35,7 +35,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, InternalError, InvalidInput, ServerUnavailable
 from server.models.stats import ModelStats
 from server.repository.config import ModelConfig
-from server.tracing import CURRENT, RequestTrace
+from server.tracing import CURRENT, BatchTimes, RequestTrace
 
 log = logging.getLogger("optiserve.batching")
 Tensors = dict[str, np.ndarray]
@@ -435,7 +435,7 @@ class Batcher:
 
     def _run(
         self, runner: Runner, batch: list[WorkItem], stager: Stager, instance_lock: threading.Lock
-    ) -> tuple[list[Tensors], tuple[int, int, int, int]] | None:
+    ) -> tuple[list[Tensors], BatchTimes] | None:
         """Execute one batch: each request's slice of the outputs and the batch's times, for the caller to
         deliver; None when it failed (the requests already have the error)."""
         try:
@@ -447,9 +447,7 @@ class Batcher:
         self._account(batch, times)
         return results, times
 
-    def _execute(
-        self, runner: Runner, batch: list[WorkItem], stager: Stager
-    ) -> tuple[list[Tensors], tuple[int, int, int, int]]:
+    def _execute(self, runner: Runner, batch: list[WorkItem], stager: Stager) -> tuple[list[Tensors], BatchTimes]:
         """Run ``batch``: each request's outputs, and the batch's (start, inputs ready, computed, split) times."""
         start = time.monotonic_ns()
         inputs = batch[0].inputs if len(batch) == 1 else _concat(batch, stager)
@@ -470,7 +468,7 @@ class Batcher:
             averages.clear()
         averages[shape] = ns if previous is None else 0.8 * previous + 0.2 * ns
 
-    def _account(self, batch: list[WorkItem], times: tuple[int, int, int, int]) -> None:
+    def _account(self, batch: list[WorkItem], times: BatchTimes) -> None:
         """Statistics and the requests' span phases (before delivery: the loop reads them)."""
         start, ran, done, finished = times
         samples = sum(item.samples for item in batch)
@@ -484,7 +482,7 @@ class Batcher:
         except Exception:  # the answers are computed: bookkeeping must not cost the clients them
             log.exception("model %r: recording the statistics of a batch failed", self.name)
 
-    def _trace_batch(self, batch: list[WorkItem], times: tuple[int, int, int, int]) -> None:
+    def _trace_batch(self, batch: list[WorkItem], times: BatchTimes) -> None:
         """The batch's own span, linking the traced requests it served."""
         traced = [item.trace for item in batch if item.trace is not None]
         if not traced:

@@ -54,6 +54,10 @@ def wanted(flag: bool, environ: Mapping[str, str] = os.environ) -> bool:
     return flag or environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() not in ("", "none")
 
 
+BatchTimes = tuple[int, int, int, int]
+"""A batch's (start, inputs ready, computed, outputs split) times, in monotonic nanoseconds."""
+
+
 class Tracer:
     """The server's tracer: built once by the composition root, handed to both edges."""
 
@@ -197,7 +201,7 @@ class Tracer:
         """A time.monotonic_ns() reading as wall-clock nanoseconds."""
         return monotonic_ns + self._offset_ns
 
-    def record_batch(self, traces: Sequence[RequestTrace], times: tuple[int, int, int, int], samples: int) -> None:
+    def record_batch(self, traces: Sequence[RequestTrace], times: BatchTimes, samples: int) -> None:
         """Worker thread, after a batch ran: a ``batch`` span linking the traced requests it served (written
         with them, by the span writer)."""
         sampled = [t for t in traces if t.sampled]
@@ -273,7 +277,7 @@ class RequestTrace:
     sequence: int | None = None
     """Its number in the export process's stream (batches name their requests by it)."""
 
-    def ran(self, queued_ns: int, times: tuple[int, int, int, int], batch_size: int) -> None:
+    def ran(self, queued_ns: int, times: BatchTimes, batch_size: int) -> None:
         """Worker thread: the request ran in a batch of ``batch_size`` samples at these times."""
         if not self.sampled:
             return
